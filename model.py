@@ -1,0 +1,319 @@
+"""A Llama-family GPT in one file: config, model, RoPE, static KV cache and TinyLlama's weight init.
+
+Lit-gpt conventions (`Config.from_name`, `transformer.wte / h / ln_f`, `lm_head`), Hugging Face numerics
+(rotate-half RoPE, so HF weights load without permutation). Imports torch, and flash_attn only if installed.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+@dataclass
+class Config:
+    name: str = ""
+    block_size: int = 2048
+    vocab_size: int = 32000
+    padding_multiple: int = 64
+    padded_vocab_size: Optional[int] = None
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_query_groups: Optional[int] = None
+    head_size: Optional[int] = None
+    rotary_percentage: float = 1.0
+    rope_base: int = 10000
+    rope_condense_ratio: int = 1
+    intermediate_size: Optional[int] = None
+    norm_eps: float = 1e-5
+    bias: bool = False
+
+    def __post_init__(self):
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = find_multiple(self.vocab_size, self.padding_multiple)
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.head_size is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            self.head_size = self.n_embd // self.n_head
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_query_groups={self.n_query_groups}")
+        if self.intermediate_size is None:
+            raise ValueError(f"Config {self.name!r}: intermediate_size is required for the SwiGLU MLP")
+        self.rope_n_elem = int(self.rotary_percentage * self.head_size)
+        if self.rope_n_elem % 2:
+            raise ValueError(f"rotary_percentage * head_size = {self.rope_n_elem} must be even")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        if name not in configs:
+            raise ValueError(f"Unknown config name {name!r}; known names: {', '.join(cls.names())}")
+        return cls(**{**configs[name], **overrides})
+
+    @classmethod
+    def names(cls) -> list:
+        return sorted(configs)
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path], **overrides: Any) -> "Config":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"Model config {str(path)!r} does not exist")
+        values = {**json.loads(path.read_text()), **overrides}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**values)
+
+    def save(self, path: Union[str, Path]) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model_config.json"
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+configs = {
+    # TinyLlama-1.1B: 1,100,048,384 parameters
+    "tiny_LLaMA_1b": dict(
+        block_size=2048, vocab_size=32000, n_layer=22, n_head=32, n_embd=2048, n_query_groups=4,
+        intermediate_size=5632,
+    ),
+    # TinyLlama's code continuation: 8k context through 4x position interpolation
+    "code_tiny_LLaMA_1b": dict(
+        block_size=8192, vocab_size=32000, n_layer=22, n_head=32, n_embd=2048, n_query_groups=4,
+        intermediate_size=5632, rope_condense_ratio=4,
+    ),
+    "tiny_LLaMA_120M": dict(
+        block_size=2048, vocab_size=32000, n_layer=12, n_head=12, n_embd=768, n_query_groups=1,
+        intermediate_size=2048,
+    ),
+    # AMD-Llama-135m: 134,105,856 parameters
+    "AMD-Llama-135m": dict(
+        block_size=2048, vocab_size=32000, n_layer=12, n_head=12, n_embd=768, intermediate_size=2048,
+    ),
+    "Llama-2-7b-hf": dict(
+        block_size=4096, vocab_size=32000, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008,
+    ),
+    "CodeLlama-7b-hf": dict(
+        block_size=16384, vocab_size=32016, padded_vocab_size=32016, n_layer=32, n_head=32, n_embd=4096,
+        intermediate_size=11008, rope_base=1000000,
+    ),
+    "open_llama_3b": dict(
+        block_size=2048, vocab_size=32000, n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640,
+        norm_eps=1e-6,
+    ),
+    # Small configs for the CPU demo and the tests
+    "demo": dict(
+        block_size=256, vocab_size=4096, n_layer=4, n_head=4, n_embd=256, n_query_groups=2,
+        intermediate_size=704,
+    ),
+    "micro": dict(
+        block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64, n_query_groups=2, intermediate_size=176,
+    ),
+}
+for _name, _values in configs.items():
+    _values["name"] = _name
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=RMSNorm(config.n_embd, eps=config.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        cos, sin = build_rope_cache(config)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("mask_cache", None, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """TinyLlama's init; also the way to materialise a model built on the meta device (after `to_empty`)."""
+        cos, sin = build_rope_cache(self.config, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        std = math.sqrt(2.0 / (5 * self.config.n_embd))
+        out_std = 1.0 / (math.sqrt(self.config.n_embd) * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual_out = name.endswith("attn.proj") or name.endswith("mlp.proj")
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_residual_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None,
+                     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """Preallocate a static KV cache of fixed shape, so decoding can be compiled or graph-captured."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
+        device = device or self.lm_head.weight.device
+        dtype = dtype or self.lm_head.weight.dtype
+        shape = (batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size)
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(shape, device=device, dtype=dtype)
+        causal = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril()
+        self.register_buffer("mask_cache", causal, persistent=False)
+
+    def reset_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache.reset()
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+        self.mask_cache = None
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. input_pos: (T,) positions, only with a KV cache. Returns (B, T, vocab) logits."""
+        T = idx.size(1)
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"Sequence length {T} exceeds block_size={self.config.block_size}")
+            cos, sin, mask = self.cos[:T], self.sin[:T], None
+        else:
+            if self.mask_cache is None:
+                raise RuntimeError("input_pos needs a KV cache: call model.set_kv_cache(batch_size) first")
+            cos, sin = self.cos.index_select(0, input_pos), self.sin.index_select(0, input_pos)
+            mask = self.mask_cache.index_select(0, input_pos)[None, None]
+        x = self.transformer.wte(idx)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, mask, input_pos)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = LLaMAMLP(config)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.norm_2(x))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        # q, k and v projections fused in one matrix, laid out [all q heads; all k groups; all v groups]
+        qkv_size = (config.n_head + 2 * config.n_query_groups) * config.head_size
+        self.qkv = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
+        self.kv_cache: Optional[KVCache] = None
+        self.config = config
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        B, T, _ = x.shape
+        cfg = self.config
+        q, k, v = self.qkv(x).split(
+            (cfg.n_head * cfg.head_size, cfg.n_query_groups * cfg.head_size, cfg.n_query_groups * cfg.head_size),
+            dim=-1,
+        )
+        q = apply_rope(q.view(B, T, cfg.n_head, cfg.head_size), cos, sin, cfg.rope_n_elem)
+        k = apply_rope(k.view(B, T, cfg.n_query_groups, cfg.head_size), cos, sin, cfg.rope_n_elem)
+        v = v.view(B, T, cfg.n_query_groups, cfg.head_size)
+
+        if input_pos is None and flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            # flash-attn takes (B, T, heads, hs) and handles grouped K/V natively
+            y = flash_attn_func(q, k, v, causal=True, softmax_scale=1.0 / math.sqrt(cfg.head_size))
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if input_pos is not None:
+                k, v = self.kv_cache.update(input_pos, k, v)
+            gqa = cfg.n_query_groups != cfg.n_head
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(cfg.head_size), enable_gqa=gqa
+            ).transpose(1, 2)
+        return self.proj(y.reshape(B, T, cfg.n_head * cfg.head_size))
+
+
+class LLaMAMLP(nn.Module):
+    """SwiGLU: proj(silu(fc_1(x)) * fc_2(x)); fc_1, fc_2, proj are HF's gate_proj, up_proj, down_proj."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.fc_2 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+class RMSNorm(nn.Module):
+    """Normalises in fp32 whatever the input dtype, as Llama does."""
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, shape: tuple, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, groups, T, hs) at input_pos in place; return the whole cache (fixed shape)."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
+def build_rope_cache(config: Config, device: Optional[torch.device] = None):
+    """cos and sin of shape (block_size, rope_n_elem) in fp32; positions divided by rope_condense_ratio."""
+    n_elem = config.rope_n_elem
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.float32) / n_elem))
+    positions = torch.arange(config.block_size, device=device, dtype=torch.float32) / config.rope_condense_ratio
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: int) -> torch.Tensor:
+    """Rotate-half RoPE (HF / NeoX) on the first n_elem channels of x: (B, T, heads, hs); cos, sin: (T, n_elem)."""
+    cos = cos[:, None, :].to(x.dtype)
+    sin = sin[:, None, :].to(x.dtype)
+    rot, rest = x[..., :n_elem], x[..., n_elem:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated, rest), dim=-1) if rest.numel() else rotated

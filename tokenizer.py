@@ -1,0 +1,70 @@
+"""Tokenizer for a checkpoint directory: sentencepiece `tokenizer.model` (Llama-2 style) or HF `tokenizer.json`."""
+
+import json
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+
+
+class Tokenizer:
+    def __init__(self, checkpoint_dir: Union[str, Path]) -> None:
+        checkpoint_dir = Path(checkpoint_dir)
+        if checkpoint_dir.is_file():  # a path to the tokenizer file itself
+            checkpoint_dir, files = checkpoint_dir.parent, [checkpoint_dir]
+        else:
+            files = [checkpoint_dir / "tokenizer.model", checkpoint_dir / "tokenizer.json"]
+        path = next((f for f in files if f.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"No tokenizer.model or tokenizer.json in {str(checkpoint_dir)!r}")
+        self.path = path
+        if path.suffix == ".model":
+            import sentencepiece as spm
+
+            self.backend = "sentencepiece"
+            self.processor = spm.SentencePieceProcessor(model_file=str(path))
+            self.bos_id = self.processor.bos_id()
+            self.eos_id = self.processor.eos_id()
+            self.vocab_size = self.processor.vocab_size()
+        else:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self.backend = "huggingface"
+            self.processor = HFTokenizer.from_file(str(path))
+            self.vocab_size = self.processor.get_vocab_size(with_added_tokens=True)
+            self.bos_id, self.eos_id = self._special_ids_from_config(checkpoint_dir)
+
+    def _special_ids_from_config(self, checkpoint_dir: Path):
+        config_path = checkpoint_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+        def token_id(key: str, default: str) -> Optional[int]:
+            token = config.get(key, default)
+            if isinstance(token, dict):  # {"content": "<s>", ...}
+                token = token["content"]
+            return None if token is None else self.processor.token_to_id(token)
+
+        return token_id("bos_token", "<s>"), token_id("eos_token", "</s>")
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False, device: Optional[torch.device] = None) -> torch.Tensor:
+        return torch.tensor(self.encode_ids(text, bos=bos, eos=eos), dtype=torch.int, device=device)
+
+    def encode_ids(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
+        """The ids as a plain list, without building a tensor: what the data preparers use."""
+        if self.backend == "sentencepiece":
+            ids = self.processor.encode(text)
+        else:
+            ids = self.processor.encode(text, add_special_tokens=False).ids
+        if bos:
+            if self.bos_id is None:
+                raise ValueError(f"{self.path} defines no BOS token")
+            ids = [self.bos_id] + ids
+        if eos:
+            if self.eos_id is None:
+                raise ValueError(f"{self.path} defines no EOS token")
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Union[torch.Tensor, List[int]]) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self.processor.decode(ids)
