@@ -1,0 +1,74 @@
+"""Small helpers shared by the scripts: checkpoint save/load with clear errors, parameter counts."""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from model import GPT, Config, build_rope_cache
+
+
+def save_atomic(obj: Any, path: Union[str, Path]) -> None:
+    """torch.save to a temporary file in the same directory, then rename: a crash never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise an error naming the key (and both shapes) where `state_dict` does not fit `model`."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{source} does not match the model: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+    for key, value in state_dict.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{source}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+
+
+def load_state_dict(path: Union[str, Path]) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist")
+    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return state_dict.get("model", state_dict)
+
+
+def load_checkpoint(model: torch.nn.Module, path: Union[str, Path]) -> None:
+    state_dict = load_state_dict(path)
+    check_state_dict(model, state_dict, str(path))
+    model.load_state_dict(state_dict)
+
+
+def load_model(checkpoint_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
+               dtype: Optional[torch.dtype] = None) -> GPT:
+    """Build the GPT of `checkpoint_dir/model_config.json` and load `checkpoint_dir/lit_model.pth` into it."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = Config.from_file(checkpoint_dir / "model_config.json")
+    with torch.device("meta"):
+        model = GPT(config)
+    state_dict = load_state_dict(checkpoint_dir / "lit_model.pth")
+    check_state_dict(model, state_dict, str(checkpoint_dir / "lit_model.pth"))
+    model.load_state_dict(state_dict, assign=True)
+    # the rope caches are not in the checkpoint: compute them, still on meta, before moving the model
+    model.cos, model.sin = build_rope_cache(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def num_parameters(module: torch.nn.Module, requires_grad: Optional[bool] = None) -> int:
+    return sum(p.numel() for p in module.parameters() if requires_grad is None or p.requires_grad == requires_grad)
