@@ -23,8 +23,9 @@ class Tokenizer:
 
             self.backend = "sentencepiece"
             self.processor = spm.SentencePieceProcessor(model_file=str(path))
-            self.bos_id = self.processor.bos_id()
-            self.eos_id = self.processor.eos_id()
+            # sentencepiece says -1 for a disabled special token
+            self.bos_id = self.processor.bos_id() if self.processor.bos_id() >= 0 else None
+            self.eos_id = self.processor.eos_id() if self.processor.eos_id() >= 0 else None
             self.vocab_size = self.processor.vocab_size()
         else:
             from tokenizers import Tokenizer as HFTokenizer
