@@ -1,9 +1,13 @@
-"""Small helpers shared by the scripts: checkpoint save/load with clear errors, parameter counts."""
+"""Small helpers shared by the scripts: checkpoint save/load with clear errors, parameter counts, the CLI."""
 
+import argparse
+import inspect
 import os
+import re
 import tempfile
+import typing
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import torch
 
@@ -72,3 +76,49 @@ def load_model(checkpoint_dir: Union[str, Path], device: Union[str, torch.device
 
 def num_parameters(module: torch.nn.Module, requires_grad: Optional[bool] = None) -> int:
     return sum(p.numel() for p in module.parameters() if requires_grad is None or p.requires_grad == requires_grad)
+
+
+def cli(fn: Callable, argv: Optional[list] = None) -> Any:
+    """Call `fn` with arguments parsed from the command line: its typed signature is the CLI.
+
+    `--name value` for each parameter (a bool is a flag: `--name` / `--no-name`), `None` spelled `none`;
+    Optional[X], Literal[...] and list[X] are understood. Help comes from the docstring's `Args:` section.
+    """
+    doc = inspect.getdoc(fn) or ""
+    arg_help = dict(re.findall(r"^\s{4}(\w+): (.+)$", doc.split("Args:", 1)[1], re.M)) if "Args:" in doc else {}
+    parser = argparse.ArgumentParser(description=doc.split("Args:", 1)[0].strip())
+    hints = typing.get_type_hints(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        kind = hints.get(name, str)
+        kwargs = dict(help=arg_help.get(name, ""))
+        if param.default is inspect.Parameter.empty:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = param.default
+            kwargs["help"] += f" (default: {param.default})"
+        optional = typing.get_origin(kind) is Union and type(None) in typing.get_args(kind)
+        if optional:
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is Literal:
+            kwargs["choices"] = list(typing.get_args(kind)) + ([None] if optional else [])
+            kwargs["type"] = _none_or(type(typing.get_args(kind)[0]), optional)
+        elif typing.get_origin(kind) in (list, tuple):
+            kwargs["nargs"] = "+"
+            kwargs["type"] = typing.get_args(kind)[0]
+        else:
+            kwargs["type"] = _none_or(kind, optional)
+        parser.add_argument(f"--{name}", **kwargs)
+    return fn(**vars(parser.parse_args(argv)))
+
+
+def _none_or(kind: Callable, optional: bool) -> Callable:
+    if not optional:
+        return kind
+
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse

@@ -7,11 +7,10 @@ so the decode step can later be compiled or captured in a CUDA graph.
     python generate/base.py --checkpoint_dir out/demo --prompt "def fibonacci(n):" --max_new_tokens 100
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import GPT
 from tokenizer import Tokenizer
-from utils import load_model
+from utils import cli, load_model
 
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 # A per-token `.item()` makes the host wait for the device after every step, so it can no longer queue the next
@@ -129,10 +128,20 @@ def main(
     top_k: Optional[int] = 200,
     top_p: float = 1.0,
     seed: int = 1234,
-    precision: Optional[str] = None,
+    precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
 ) -> None:
-    """Print the prompt and its continuation; the speed goes to stderr. precision: 32-true, bf16-true or 16-true
-    (default bf16-true on CUDA, 32-true on CPU). top_k None (or larger than the vocabulary) disables top-k."""
+    """Print the prompt and its continuation; the speed goes to stderr.
+
+    Args:
+        checkpoint_dir: directory with lit_model.pth, model_config.json and the tokenizer
+        prompt: the text to continue
+        max_new_tokens: how many tokens to generate at most (fewer at EOS or at the block size)
+        temperature: sampling temperature; 0 is greedy decoding
+        top_k: sample among the k most likely tokens only; none disables it
+        top_p: nucleus sampling: the smallest set of tokens whose probability reaches top_p
+        seed: random seed for sampling
+        precision: 32-true, bf16-true or 16-true; default bf16-true on CUDA, 32-true on CPU
+    """
     check_generation_args(max_new_tokens, temperature, top_k, top_p)
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -176,13 +185,4 @@ def main(
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--checkpoint_dir", type=Path, required=True)
-    parser.add_argument("--prompt", type=str, default="Hello, my name is")
-    parser.add_argument("--max_new_tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top_k", type=int, default=200)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--precision", type=str, default=None, choices=list(PRECISIONS))
-    main(**vars(parser.parse_args()))
+    cli(main)

@@ -1,0 +1,50 @@
+from pathlib import Path
+from typing import List, Literal, Optional
+
+import pytest
+import torch
+
+from model import GPT, Config
+from utils import check_state_dict, cli, load_checkpoint, save_atomic
+
+
+def test_save_atomic_leaves_no_temporary_file(tmp_path):
+    save_atomic({"x": torch.arange(3)}, tmp_path / "a" / "ckpt.pth")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["ckpt.pth"]
+    assert torch.equal(torch.load(tmp_path / "a" / "ckpt.pth", weights_only=True)["x"], torch.arange(3))
+
+
+def test_save_atomic_keeps_the_old_file_when_saving_fails(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    save_atomic({"x": 1}, path)
+    with pytest.raises(Exception):
+        save_atomic({"x": lambda: None}, path)  # a lambda cannot be pickled
+    assert torch.load(path, weights_only=True) == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_mismatched_checkpoint_names_key_and_both_shapes(tmp_path):
+    small = GPT(Config.from_name("micro"))
+    big = GPT(Config.from_name("micro", n_embd=128))
+    save_atomic(big.state_dict(), tmp_path / "lit_model.pth")
+    with pytest.raises(ValueError, match=r"'transformer.wte.weight' has shape \(256, 128\).*expects \(256, 64\)"):
+        load_checkpoint(small, tmp_path / "lit_model.pth")
+    state = small.state_dict()
+    state["extra.weight"] = state.pop("lm_head.weight")
+    with pytest.raises(KeyError, match=r"missing keys \['lm_head.weight'\].*unexpected keys \['extra.weight'\]"):
+        check_state_dict(small, state, "test")
+
+
+def test_cli_parses_the_typed_signature():
+    def main(path: Path, k: Optional[int] = 3, flag: bool = False, mode: Literal["a", "b"] = "a",
+             names: List[str] = ["x"], rate: float = 0.5):
+        return path, k, flag, mode, names, rate
+
+    assert cli(main, ["--path", "p"]) == (Path("p"), 3, False, "a", ["x"], 0.5)
+    assert cli(main, ["--path", "p", "--k", "none", "--flag", "--mode", "b", "--names", "u", "v", "--rate", "2"]) == (
+        Path("p"), None, True, "b", ["u", "v"], 2.0)
+    assert cli(main, ["--path", "p", "--no-flag"])[2] is False
+    with pytest.raises(SystemExit):
+        cli(main, ["--path", "p", "--mode", "c"])
+    with pytest.raises(SystemExit):
+        cli(main, [])  # --path is required
