@@ -32,6 +32,7 @@ class Tokenizer:
 
             self.backend = "huggingface"
             self.processor = HFTokenizer.from_file(str(path))
+            self.processor.encode_special_tokens = True  # "</s>" in a text is text, as with sentencepiece
             self.vocab_size = self.processor.get_vocab_size(with_added_tokens=True)
             self.bos_id, self.eos_id = self._special_ids_from_config(checkpoint_dir)
 

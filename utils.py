@@ -6,29 +6,38 @@ import os
 import re
 import tempfile
 import typing
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
 
 import torch
 
 from model import GPT, Config, build_rope_cache
 
 
-def save_atomic(obj: Any, path: Union[str, Path]) -> None:
-    """torch.save to a temporary file in the same directory, then rename: a crash never leaves a partial file."""
+@contextmanager
+def atomic_write(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; once the block has written it, flush it to disk and rename it to
+    `path`. A crash never leaves a partial file under the final name; on an error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj: Any, path: Union[str, Path]) -> None:
+    """torch.save through `atomic_write`."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

@@ -1,0 +1,175 @@
+"""Convert a checkpoint of this repository into a Hugging Face `LlamaForCausalLM` directory.
+
+Reads `lit_model.pth` and `model_config.json` (and the tokenizer, if any) from `checkpoint_dir` and writes
+`config.json`, `model.safetensors`, `generation_config.json` and the tokenizer files into `output_dir`, loadable with
+`transformers.LlamaForCausalLM.from_pretrained(output_dir)` and `LlamaTokenizer.from_pretrained(output_dir)`:
+
+    python scripts/convert_lit_checkpoint.py --checkpoint_dir out/pretrain/final --output_dir out/hf
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import GPT, Config
+from tokenizer import Tokenizer
+from utils import atomic_write, check_state_dict, cli, load_state_dict
+
+# lit module name -> HF module name; "{}" is the layer index. Both ".weight" and ".bias" follow the same map.
+# The fused qkv ([all q heads; all k groups; all v groups]) splits into q_proj, k_proj and v_proj.
+LIT_TO_HF = {
+    "transformer.wte": "model.embed_tokens",
+    "transformer.h.{}.norm_1": "model.layers.{}.input_layernorm",
+    "transformer.h.{}.attn.qkv": (
+        "model.layers.{}.self_attn.q_proj",
+        "model.layers.{}.self_attn.k_proj",
+        "model.layers.{}.self_attn.v_proj",
+    ),
+    "transformer.h.{}.attn.proj": "model.layers.{}.self_attn.o_proj",
+    "transformer.h.{}.norm_2": "model.layers.{}.post_attention_layernorm",
+    "transformer.h.{}.mlp.fc_1": "model.layers.{}.mlp.gate_proj",
+    "transformer.h.{}.mlp.fc_2": "model.layers.{}.mlp.up_proj",
+    "transformer.h.{}.mlp.proj": "model.layers.{}.mlp.down_proj",
+    "transformer.ln_f": "model.norm",
+    "lm_head": "lm_head",
+}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def hf_state_dict(state_dict: Dict[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
+    qkv_sizes = [n * config.head_size for n in (config.n_head, config.n_query_groups, config.n_query_groups)]
+    converted = {}
+    for key, tensor in state_dict.items():
+        module, _, param = key.rpartition(".")
+        parts = module.split(".")
+        layer = parts[2] if module.startswith("transformer.h.") else None
+        template = ".".join(parts[:2] + ["{}"] + parts[3:]) if layer is not None else module
+        target = LIT_TO_HF[template]  # check_state_dict has vetted every key
+        if isinstance(target, tuple):
+            # clone: safetensors refuses tensors that share memory, as the views of one qkv matrix do
+            for name, piece in zip(target, tensor.split(qkv_sizes)):
+                converted[f"{name.format(layer)}.{param}"] = piece.clone()
+        else:
+            converted[f"{target.format(layer)}.{param}"] = tensor.contiguous()
+    return converted
+
+
+def hf_config(config: Config, dtype: str, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_query_groups,
+        "head_dim": config.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": float(config.rope_base),
+        # the 4.x spelling, which transformers 5 still reads (into `rope_parameters`)
+        "rope_scaling": (
+            {"type": "linear", "rope_type": "linear", "factor": float(config.rope_condense_ratio)}
+            if config.rope_condense_ratio > 1 else None
+        ),
+        "vocab_size": config.padded_vocab_size,
+        "attention_bias": config.bias,
+        "mlp_bias": config.bias,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": dtype,
+        "use_cache": True,
+    }
+
+
+def sentencepiece_tokenizer_config(tokenizer_model: Path, config: Config) -> dict:
+    """Llama-2's tokenizer_config.json, for a directory that has only `tokenizer.model`."""
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    # transformers' LlamaTokenizer ignores sentencepiece's normalizer and assumes Llama-2's (none): say so if it matters
+    probe = "Text:\n  two spaces,\ta tab, \ufb01 ligature "
+    if processor.normalize(probe) != "\u2581" + probe.replace(" ", "\u2581"):
+        print(
+            f"WARNING: {tokenizer_model} normalizes text (e.g. NFKC, newlines to spaces, collapsed spaces) where "
+            "Llama-2's does not, and transformers' LlamaTokenizer skips that step: its ids will differ from "
+            "sentencepiece's on such text. Train with normalization_rule_name='identity', remove_extra_whitespaces=False."
+        )
+
+    def piece(token_id: int):
+        return processor.id_to_piece(token_id) if token_id >= 0 else None
+
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": piece(processor.bos_id()),
+        "eos_token": piece(processor.eos_id()),
+        "unk_token": piece(processor.unk_id()),
+        "pad_token": piece(processor.pad_id()),
+        # sentencepiece's own prefix-space handling, which the model was trained with
+        "legacy": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.block_size,
+    }
+
+
+def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> None:
+    """Write a Hugging Face LlamaForCausalLM directory from a checkpoint of this repository.
+
+    Args:
+        checkpoint_dir: directory with lit_model.pth, model_config.json and the tokenizer files
+        output_dir: where config.json, model.safetensors and the tokenizer files go
+    """
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    if output_dir.resolve() == checkpoint_dir.resolve():
+        raise ValueError(f"output_dir must differ from checkpoint_dir ({str(checkpoint_dir)!r})")
+    config = Config.from_file(checkpoint_dir / "model_config.json")
+    if config.rotary_percentage != 1.0:
+        raise ValueError(f"rotary_percentage={config.rotary_percentage}: HF's Llama applies RoPE to every channel")
+    checkpoint = checkpoint_dir / "lit_model.pth"
+    state_dict = load_state_dict(checkpoint)
+    with torch.device("meta"):
+        model = GPT(config)
+    check_state_dict(model, state_dict, source=str(checkpoint))
+
+    tokenizer_present = [name for name in TOKENIZER_FILES if (checkpoint_dir / name).is_file()]
+    if {"tokenizer.model", "tokenizer.json"} & set(tokenizer_present):
+        tokenizer = Tokenizer(checkpoint_dir)
+        bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
+    else:
+        bos_id, eos_id = 1, 2
+        print(f"No tokenizer in {checkpoint_dir}: bos_token_id=1 and eos_token_id=2 (Llama's) go into config.json")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dtype = str(state_dict["transformer.wte.weight"].dtype).removeprefix("torch.")
+    with atomic_write(output_dir / "model.safetensors") as tmp:
+        save_file(hf_state_dict(state_dict, config), tmp, metadata={"format": "pt"})
+    (output_dir / "config.json").write_text(json.dumps(hf_config(config, dtype, bos_id, eos_id), indent=2) + "\n")
+    generation_config = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+    (output_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    for name in tokenizer_present:
+        shutil.copyfile(checkpoint_dir / name, output_dir / name)
+    if "tokenizer.model" in tokenizer_present and "tokenizer_config.json" not in tokenizer_present:
+        tokenizer_config = sentencepiece_tokenizer_config(checkpoint_dir / "tokenizer.model", config)
+        (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        tokenizer_present.append("tokenizer_config.json (written)")
+
+    print(f"Wrote {output_dir}: model.safetensors ({dtype}), config.json, generation_config.json, tokenizer files "
+          f"{tokenizer_present}")
+    if config.padded_vocab_size != config.vocab_size:
+        print(f"HF vocab_size is the padded {config.padded_vocab_size} (the model's rows); ids >= {config.vocab_size} "
+              "are padding that no token maps to")
+
+
+if __name__ == "__main__":
+    cli(convert_lit_checkpoint)
