@@ -1,6 +1,7 @@
 """Small helpers shared by the scripts: checkpoint save/load with clear errors, parameter counts, the CLI."""
 
 import argparse
+import collections.abc
 import inspect
 import os
 import re
@@ -91,7 +92,7 @@ def cli(fn: Callable, argv: Optional[list] = None) -> Any:
     """Call `fn` with arguments parsed from the command line: its typed signature is the CLI.
 
     `--name value` for each parameter (a bool is a flag: `--name` / `--no-name`), `None` spelled `none`;
-    Optional[X], Literal[...] and list[X] are understood. Help comes from the docstring's `Args:` section.
+    Optional[X], Literal[...] and lists (`--name a b` or `--name a,b`) are understood. Help comes from the docstring's `Args:` section.
     """
     doc = inspect.getdoc(fn) or ""
     arg_help = dict(re.findall(r"^\s{4}(\w+): (.+)$", doc.split("Args:", 1)[1], re.M)) if "Args:" in doc else {}
@@ -113,13 +114,21 @@ def cli(fn: Callable, argv: Optional[list] = None) -> Any:
         elif typing.get_origin(kind) is Literal:
             kwargs["choices"] = list(typing.get_args(kind)) + ([None] if optional else [])
             kwargs["type"] = _none_or(type(typing.get_args(kind)[0]), optional)
-        elif typing.get_origin(kind) in (list, tuple):
-            kwargs["nargs"] = "+"
+        elif typing.get_origin(kind) in (list, tuple, collections.abc.Sequence):
+            kwargs["nargs"] = "*"
             kwargs["type"] = typing.get_args(kind)[0]
+            kwargs["action"] = _CommaSeparated
         else:
             kwargs["type"] = _none_or(kind, optional)
         parser.add_argument(f"--{name}", **kwargs)
     return fn(**vars(parser.parse_args(argv)))
+
+
+class _CommaSeparated(argparse.Action):
+    """`--names a b`, `--names a,b` and `--names ""` (none) all work for a list parameter."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [self.type(v) for value in values for v in str(value).split(",") if v])
 
 
 def _none_or(kind: Callable, optional: bool) -> Callable:

@@ -44,6 +44,8 @@ def test_cli_parses_the_typed_signature():
     assert cli(main, ["--path", "p", "--k", "none", "--flag", "--mode", "b", "--names", "u", "v", "--rate", "2"]) == (
         Path("p"), None, True, "b", ["u", "v"], 2.0)
     assert cli(main, ["--path", "p", "--no-flag"])[2] is False
+    assert cli(main, ["--path", "p", "--names", "a,b", "c"])[4] == ["a", "b", "c"]
+    assert cli(main, ["--path", "p", "--names", ""])[4] == []
     with pytest.raises(SystemExit):
         cli(main, ["--path", "p", "--mode", "c"])
     with pytest.raises(SystemExit):

@@ -1,0 +1,399 @@
+"""The data preparers against independent references: shards decoded by a hand-written LITPKDS parser (struct +
+np.fromfile) compared with sentencepiece's own encoding of every kept document; inputs built in the test."""
+
+import hashlib
+import io
+import json
+import random
+import re
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+import zstandard
+
+from prepare_data import prepare_demo, prepare_slimpajama, prepare_starcoder, prepare_text
+from prepare_data import train_tokenizer as train_tokenizer_script
+from prepare_data.common import BadInputError, Report, find_files, load_tokenizer
+from prepare_data.train_tokenizer import read_any, sample_documents, train_tokenizer
+
+BOS, EOS = 1, 2
+WORDS = "the a of to and in is was for on that with as by from data model token train 12 345 (x) [y] {z}".split()
+
+
+def sentences(n, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice(".!?") for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(sentences(2000, seed=0), directory, vocab_size=320)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sp(tokenizer_dir):
+    return spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+
+
+def read_shard(path):
+    """Hand-written LITPKDS reader: 7-byte magic, uint64 version, uint8 dtype code, uint64 chunk size, tokens."""
+    with open(path, "rb") as f:
+        magic, version, code, chunk_size = struct.unpack("<7sQBQ", f.read(24))
+    assert (magic, version) == (b"LITPKDS", 1)
+    tokens = np.fromfile(path, dtype={8: np.uint16, 4: np.int32}[code], offset=24)
+    assert len(tokens) == chunk_size
+    return chunk_size, tokens
+
+
+def read_prefix(directory, prefix, chunk_size=None):
+    """All tokens of the shards `{prefix}_*.bin` in file order; every file but the last holds exactly chunk_size."""
+    paths = sorted(Path(directory).glob(f"{prefix}_*.bin"))
+    chunks = [read_shard(p) for p in paths]
+    if chunk_size is not None:
+        assert [size for size, _ in chunks[:-1]] == [chunk_size] * (len(chunks) - 1)
+        assert 0 < chunks[-1][0] <= chunk_size
+    return np.concatenate([tokens for _, tokens in chunks]).tolist() if chunks else []
+
+
+def split_documents(tokens):
+    """Split a BOS ... EOS stream back into documents (the tokenizer never emits BOS or EOS for text)."""
+    documents, current = [], None
+    for token in tokens:
+        if token == BOS:
+            assert current is None
+            current = []
+        elif token == EOS:
+            documents.append(tuple(current))
+            current = None
+        else:
+            current.append(token)
+    assert current is None
+    return documents
+
+
+def write_zst(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"".join(line + b"\n" for line in lines)))
+
+
+def record(text, set_name):
+    return json.dumps({"text": text, "meta": {"redpajama_set_name": set_name}}).encode()
+
+
+@pytest.fixture
+def slimpajama(tmp_path):
+    """A SlimPajama tree; returns (source_path, the kept texts in file and line order)."""
+    source, kept = tmp_path / "SlimPajama", []
+    sets = ["RedPajamaCommonCrawl", "RedPajamaGithub", "RedPajamaBook", "RedPajamaC4", "RedPajamaWikipedia"]
+    for chunk in (1, 2):
+        for number in range(3):
+            texts = sentences(15, seed=chunk * 10 + number)
+            lines = []
+            for i, text in enumerate(texts):
+                lines.append(record(text, sets[i % len(sets)]))
+                if sets[i % len(sets)] != "RedPajamaGithub":
+                    kept.append(text)
+            lines.insert(3, b'{"text": "broken json')  # line 4
+            lines.insert(5, b'{"text": "invalid \xff utf-8", "meta": {}}')  # line 6
+            lines.insert(7, record("", "RedPajamaC4"))
+            lines.insert(8, record("   \n", "RedPajamaC4"))
+            write_zst(source / "train" / f"chunk{chunk}" / f"example_train_{number}.jsonl.zst", lines)
+    return source, kept
+
+
+def test_slimpajama_tokens_in_order_and_counters(slimpajama, tokenizer_dir, sp, tmp_path):
+    source, kept = slimpajama
+    report = prepare_slimpajama.main(source, tokenizer_dir, tmp_path / "out", chunk_size=64, num_processes=1)
+    expected = [t for text in kept for t in [BOS] + sp.encode(text) + [EOS]]
+    assert read_prefix(tmp_path / "out", "train_slimpajama_0", chunk_size=64) == expected
+    assert report.documents == {"train": len(kept)}
+    assert report.tokens == {"train": len(expected)}
+    assert report.excluded == {"RedPajamaGithub": 6 * 3}
+    assert (report.empty_documents, report.skipped, report.unreadable_files) == (12, 12, 0)
+    first = source / "train" / "chunk1" / "example_train_0.jsonl.zst"
+    assert f"{first}:4: malformed JSON" in "\n".join(report.problems)
+    assert f"{first}:6: invalid UTF-8" in "\n".join(report.problems)
+    summary = json.loads((tmp_path / "out" / "summary_train_slimpajama.json").read_text())
+    assert summary["documents"] == {"train": len(kept)} and summary["skipped"] == 12
+    assert len(summary["shards"]) == -(-len(expected) // 64)
+
+
+def test_slimpajama_exclude_sets_and_no_separators(slimpajama, tokenizer_dir, sp, tmp_path):
+    source, _ = slimpajama
+    report = prepare_slimpajama.main(
+        source, tokenizer_dir, tmp_path / "out", chunk_size=50, num_processes=1,
+        exclude_sets=("RedPajamaGithub", "RedPajamaBook"), bos=False, eos=False,
+    )
+    assert report.excluded == {"RedPajamaGithub": 18, "RedPajamaBook": 18}
+    kept = []
+    for path in sorted(source.glob("train/chunk*/*.jsonl.zst")):
+        for line in zstandard.ZstdDecompressor().decompress(path.read_bytes(), max_output_size=1 << 20).splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            excluded = item["meta"].get("redpajama_set_name") in {"RedPajamaGithub", "RedPajamaBook"}
+            if item["text"].strip() and not excluded:
+                kept.append(item["text"])
+    expected = [t for text in kept for t in sp.encode(text)]
+    assert read_prefix(tmp_path / "out", "train_slimpajama_0", chunk_size=50) == expected
+    with pytest.raises(ValueError, match="RedPajamaGitHub"):
+        prepare_slimpajama.main(source, tokenizer_dir, tmp_path / "other", exclude_sets=("RedPajamaGitHub",))
+
+
+def test_slimpajama_several_processes_keep_every_document(slimpajama, tokenizer_dir, sp, tmp_path):
+    source, kept = slimpajama
+    report = prepare_slimpajama.main(source, tokenizer_dir, tmp_path / "out", chunk_size=64, num_processes=2)
+    documents = []
+    for rank in (0, 1):
+        documents += split_documents(read_prefix(tmp_path / "out", f"train_slimpajama_{rank}", chunk_size=64))
+    assert Counter(documents) == Counter(tuple(sp.encode(text)) for text in kept)
+    assert report.skipped == 12 and report.excluded == {"RedPajamaGithub": 18}
+
+
+def test_slimpajama_strict_refuses_and_leaves_no_shards(slimpajama, tokenizer_dir, tmp_path):
+    source, _ = slimpajama
+    first = source / "train" / "chunk1" / "example_train_0.jsonl.zst"
+    with pytest.raises(BadInputError, match=f"{first}:4: malformed JSON"):
+        prepare_slimpajama.main(source, tokenizer_dir, tmp_path / "out", chunk_size=16, num_processes=1, strict=True)
+    assert not list((tmp_path / "out").glob("*.bin"))
+
+
+def test_corrupt_and_truncated_zst_are_reported(tmp_path, tokenizer_dir, sp):
+    source = tmp_path / "SlimPajama"
+    texts = sentences(30, seed=5)
+    write_zst(source / "train" / "chunk1" / "a.jsonl.zst", [record(t, "RedPajamaC4") for t in texts[:10]])
+    corrupt = source / "train" / "chunk1" / "b.jsonl.zst"
+    corrupt.write_bytes(b"this is not zstd data at all")
+    truncated = source / "train" / "chunk1" / "c.jsonl.zst"
+    write_zst(truncated, [record(t, "RedPajamaC4") for t in texts[10:20]])
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    write_zst(source / "train" / "chunk2" / "d.jsonl.zst", [record(t, "RedPajamaC4") for t in texts[20:]])
+    report = prepare_slimpajama.main(source, tokenizer_dir, tmp_path / "out", num_processes=1)
+    assert report.unreadable_files == 2
+    problems = "\n".join(report.problems)
+    assert f"{corrupt}: unreadable after line 0" in problems and f"{truncated}: unreadable" in problems
+    documents = split_documents(read_prefix(tmp_path / "out", "train_slimpajama_0"))
+    # every document of the good files is kept, and at most the truncated file's last lines are lost
+    good = [tuple(sp.encode(t)) for t in texts[:10] + texts[20:]]
+    assert documents[:10] == good[:10] and documents[-10:] == good[10:]
+    assert documents[10:-10] == [tuple(sp.encode(t)) for t in texts[10 : 10 + len(documents) - 20]]
+    with pytest.raises(BadInputError, match=str(corrupt)):
+        prepare_slimpajama.main(source, tokenizer_dir, tmp_path / "strict", num_processes=1, strict=True)
+
+
+def write_parquet(path, columns, row_group_size=3):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+
+
+def test_starcoder_languages_row_groups_and_unreadable_files(tmp_path, tokenizer_dir, sp):
+    source = tmp_path / "starcoderdata"
+    python = sentences(10, seed=1) + [None, ""]
+    write_parquet(source / "python" / "train-00000-of-00002.parquet", {"content": python, "id": list(range(12))})
+    write_parquet(source / "java" / "train-00000-of-00001.parquet", {"content": sentences(7, seed=2)})
+    mixed, languages = sentences(9, seed=3), ["python", "java", "c"] * 3
+    write_parquet(source / "train-00000-of-00001.parquet", {"content": mixed, "lang": languages}, row_group_size=2)
+    broken = source / "python" / "train-00001-of-00002.parquet"
+    broken.write_bytes(b"PAR1 this is not a parquet file")
+
+    report = prepare_starcoder.main(source, tokenizer_dir, tmp_path / "out", num_processes=1, languages=("python",))
+    # files in sorted order: python/, then the flat file (rows selected by its lang column)
+    kept = python[:10] + [t for t, lang in zip(mixed, languages) if lang == "python"]
+    expected = [t for text in kept for t in [BOS] + sp.encode(text) + [EOS]]
+    assert read_prefix(tmp_path / "out", "train_starcoder_0") == expected
+    assert report.excluded == {"java": 3, "c": 3}
+    assert (report.empty_documents, report.unreadable_files) == (2, 1)
+    assert any(p.startswith(f"{broken}: not a readable parquet file") for p in report.problems)
+
+    everything = prepare_starcoder.main(source, tokenizer_dir, tmp_path / "all", num_processes=1)
+    assert everything.documents == {"train": 10 + 7 + 9}
+    only_directories = tmp_path / "by_language"
+    write_parquet(only_directories / "python" / "train-0.parquet", {"content": ["x = 1"]})
+    with pytest.raises(FileNotFoundError, match=r"\['rust'\].*languages found: \['python'\]"):
+        prepare_starcoder.main(only_directories, tokenizer_dir, tmp_path / "none", languages=("rust",))
+    with pytest.raises(BadInputError, match=str(broken)):
+        prepare_starcoder.main(source, tokenizer_dir, tmp_path / "strict", num_processes=1, strict=True)
+
+
+def test_starcoder_reads_one_row_group_at_a_time(tmp_path, tokenizer_dir, monkeypatch):
+    path = tmp_path / "src" / "python" / "train-0.parquet"
+    write_parquet(path, {"content": sentences(20, seed=4)}, row_group_size=4)
+    reads = []
+    original = pq.ParquetFile.read_row_group
+    def read_row_group(self, i, **kwargs):
+        reads.append(i)
+        return original(self, i, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_row_group)
+    monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **kw: pytest.fail("whole-file read"))
+    report = prepare_starcoder.main(tmp_path / "src", tokenizer_dir, tmp_path / "out", num_processes=1)
+    assert reads == [0, 1, 2, 3, 4] and report.documents == {"train": 20}
+
+
+def expected_split(text, fraction):
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return "validation" if int.from_bytes(digest, "little") / 2**64 < fraction else "train"
+
+
+def test_prepare_text_split_is_complete_and_deterministic(tmp_path, tokenizer_dir, sp):
+    source = tmp_path / "corpus"
+    (source / "books").mkdir(parents=True)
+    documents = sentences(60, seed=7)
+    for i, text in enumerate(documents[:20]):
+        (source / "books" / f"book{i:02d}.txt").write_text(text)
+    (source / "code.py").write_text(documents[20])
+    lines = [json.dumps({"body": t}) for t in documents[21:]] + ['{"other": 1}', "not json"]
+    (source / "more.jsonl").write_text("\n".join(lines) + "\n")
+    (source / "latin1.txt").write_bytes("line one\ncaf\xe9".encode("latin-1"))
+    (source / "notes.csv").write_text("ignored: not a text suffix")
+
+    by_dir = prepare_text.main(str(source), tokenizer_dir, tmp_path / "a", name="mine", validation_fraction=0.3,
+                               text_key="body", num_processes=1)
+    by_glob = prepare_text.main(f"{source}/**/*.*", tokenizer_dir, tmp_path / "b", name="mine", validation_fraction=0.3,
+                                text_key="body", num_processes=2)
+    assert by_dir.skipped == 3  # the line without "body", the malformed line, the latin-1 file
+    assert f"{source / 'latin1.txt'}:2: invalid UTF-8" in "\n".join(by_dir.problems)
+    assert by_glob.skipped == 3 and by_glob.unreadable_files == 0
+    results = {}
+    for out, processes in ((tmp_path / "a", 1), (tmp_path / "b", 2)):
+        for split in ("train", "validation"):
+            found = []
+            for rank in range(processes):
+                found += split_documents(read_prefix(out, f"{split}_mine_{rank}"))
+            results[out.name, split] = Counter(found)
+    csv = "ignored: not a text suffix"  # a directory is searched by suffix; a glob takes what it matches
+    for split in ("train", "validation"):
+        wanted = Counter(tuple(sp.encode(t)) for t in documents if expected_split(t, 0.3) == split)
+        assert results["a", split] == wanted
+        wanted[tuple(sp.encode(csv))] += expected_split(csv, 0.3) == split
+        assert results["b", split] == wanted
+    assert 0 < sum(results["a", "validation"].values()) < len(documents)
+
+
+def test_train_tokenizer_llama2_conventions(tokenizer_dir, sp):
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert (sp.id_to_piece(0), sp.id_to_piece(1), sp.id_to_piece(2)) == ("<unk>", "<s>", "</s>")
+    unseen = "naïve 漢字 🙂"  # none of these characters is in the training text
+    ids = sp.encode(unseen)
+    assert 0 not in ids and sp.decode(ids) == unseen  # byte fallback, no <unk>
+    assert sp.id_to_piece(ids[-1]).startswith("<0x")
+    assert sp.decode(sp.encode("a  b   c")) == "a  b   c"  # extra whitespace kept
+    assert sp.encode("Hello", out_type=str)[0].startswith("▁")  # dummy prefix
+    assert all(sum(c.isdigit() for c in piece) <= 1 for piece in sp.encode("12 345 1234512345", out_type=str))
+    from tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_dir)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size) == (1, 2, 320)
+
+
+def test_train_tokenizer_samples_every_format_within_its_budget(tmp_path):
+    source = tmp_path / "mixed"
+    write_zst(source / "a.jsonl.zst", [json.dumps({"text": t}).encode() for t in sentences(200, seed=11)])
+    write_parquet(source / "b.parquet", {"content": sentences(200, seed=12)})
+    (source / "c.txt").write_text("\n".join(sentences(200, seed=13)))
+    files = find_files(source, ["*"])
+    sample = list(sample_documents(files, read_any, 3000, Report()))
+    # an equal share of 1000 characters per file, in file order, the last document of each cut to fit
+    assert sample == [text for f in files for text in sample_documents([f], read_any, 1000, Report())]
+    assert sum(map(len, sample)) == 3000
+    path = train_tokenizer_script.main(str(source), tmp_path / "tokenizer", vocab_size=300, max_characters=100_000)
+    assert path == tmp_path / "tokenizer" / "tokenizer.model"
+    assert spm.SentencePieceProcessor(model_file=str(path)).vocab_size() == 300
+
+
+def test_prepare_demo_four_prefixes_and_idempotent(tmp_path):
+    destination = prepare_demo.prepare_demo(
+        tmp_path / "demo", vocab_size=512, chunk_size=257 * 4, validation_fraction=0.5, max_files=12,
+        num_processes=1, quiet=True,
+    )
+    for split in ("train", "validation"):
+        for kind in ("code", "prose"):
+            assert list((destination / split).glob(f"{split}_{kind}_*.bin")), f"no {split}_{kind} shards"
+    sp = spm.SentencePieceProcessor(model_file=str(destination / "tokenizer.model"))
+    code = [f.read_text() for f in prepare_demo.stdlib_files(12)]
+    found = Counter()
+    for split in ("train", "validation"):
+        found += Counter(split_documents(read_prefix(destination / split, f"{split}_code_0", chunk_size=257 * 4)))
+    assert found == Counter(tuple(sp.encode(text)) for text in code if text.strip())
+    assert all("test" not in f.parts for f in prepare_demo.stdlib_files())
+
+    files = sorted(p for p in destination.rglob("*") if p.is_file())
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    assert prepare_demo.prepare_demo(tmp_path / "demo", vocab_size=512, chunk_size=257 * 4, validation_fraction=0.5,
+                                     max_files=12, num_processes=1, quiet=True) == destination
+    assert sorted(p for p in destination.rglob("*") if p.is_file()) == files
+    assert [p.stat().st_mtime_ns for p in files] == mtimes
+    with pytest.raises(ValueError, match="vocab_size"):
+        prepare_demo.prepare_demo(tmp_path / "demo", vocab_size=1024, max_files=12, quiet=True)
+
+
+def test_extract_prose_takes_docstrings_and_comments_not_code():
+    source = (
+        '"""Module doc."""\nx = 1  # trailing\n# First line\n# second line.\n'
+        'def f():\n    """Function doc."""\n    s = """\n# inside a string\n"""\n'
+    )
+    assert prepare_demo.extract_prose(source) == "Module doc.\n\nFirst line second line.\n\nFunction doc."
+
+
+def test_missing_inputs_are_named(tmp_path, tokenizer_dir):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing / "train"))):
+        prepare_slimpajama.main(missing, tokenizer_dir, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        prepare_text.main(str(missing), tokenizer_dir, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        prepare_starcoder.main(missing, tokenizer_dir, tmp_path / "out")
+    pattern = str(tmp_path / "*.jsonl")
+    with pytest.raises(FileNotFoundError, match=re.escape(repr(pattern))):
+        prepare_text.main(pattern, tokenizer_dir, tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        find_files(tmp_path / "empty", ["**/*.txt"])
+
+
+def test_vocabulary_that_does_not_fit_the_dtype_is_refused(tmp_path, tokenizer_dir):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+
+    big = tmp_path / "big"
+    big.mkdir()
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(70_000)}}
+    HFTokenizer(WordLevel(vocab, unk_token="<unk>")).save(str(big / "tokenizer.json"))
+    with pytest.raises(ValueError, match=re.escape(str(big / "tokenizer.json")) + ".*70003 tokens.*uint16"):
+        load_tokenizer(big, bos=True, eos=True, dtype="uint16")
+    assert load_tokenizer(big, bos=True, eos=True, dtype=None)[1] == np.int32
+
+
+def test_tokenizer_without_bos_is_refused_unless_no_bos(tmp_path, slimpajama):
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences(300, seed=9)), model_writer=model, vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, bos_id=-1, minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    source, kept = slimpajama
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "tokenizer.model")) + " defines no BOS.*--no-bos"):
+        prepare_slimpajama.main(source, tmp_path, tmp_path / "out")
+    report = prepare_slimpajama.main(source, tmp_path, tmp_path / "out", bos=False, num_processes=1)
+    assert report.documents == {"train": len(kept)}
+
+
+def test_lone_surrogates_and_missing_text_are_skipped(tmp_path, tokenizer_dir, sp):
+    source = tmp_path / "src" / "train" / "chunk1"
+    lines = [record("good one", "RedPajamaC4"), b'{"text": "bad \\ud800 surrogate"}', b'{"meta": {}}', b"[1, 2]",
+             record("good two", "RedPajamaC4")]
+    write_zst(source / "x.jsonl.zst", lines)
+    report = prepare_slimpajama.main(tmp_path / "src", tokenizer_dir, tmp_path / "out", num_processes=1)
+    assert report.skipped == 3 and report.documents == {"train": 2}
+    problems = "\n".join(report.problems)
+    assert ":2: text is not valid Unicode" in problems and ":3: no string 'text'" in problems
+    assert ":4: expected a JSON object" in problems
+    expected = [t for text in ("good one", "good two") for t in [BOS] + sp.encode(text) + [EOS]]
+    assert read_prefix(tmp_path / "out", "train_slimpajama_0") == expected
