@@ -1,0 +1,400 @@
+"""What the data preparers share: finding input files, reading JSON lines with bad input counted, documents -> token
+ids with BOS/EOS separators, and the process pool that packs shards with one PackedDatasetBuilder per process.
+
+A preparer supplies a `read_documents(path, report)` generator that yields `(line, text)` for each document of one
+input file (line: the line or row number, for messages) and records what it skips in `report`. `prepare` does the
+rest: it splits the sorted files across processes, encodes and packs every document, shows progress, prints a
+summary and writes it as JSON next to the shards.
+"""
+
+import glob
+import hashlib
+import io
+import json
+import os
+import queue
+import resource
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, fields
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import zstandard
+from tqdm import tqdm
+
+from packed_dataset import PackedDatasetBuilder, dtype_for_vocab
+from tokenizer import Tokenizer
+
+DEFAULT_CHUNK_SIZE = (2048 + 1) * 1024  # tokens per shard, as TinyLlama
+FLUSH_TOKENS = 1 << 18  # ids are handed to the builder in arrays of about this many tokens
+MAX_LISTED_PROBLEMS = 20  # skipped lines listed in the summary per process (all are counted)
+DTYPE_CHOICES = ("uint16", "int32")
+
+ReadDocuments = Callable[[Path, "Report"], Iterator[Tuple[int, str]]]
+
+
+class BadInputError(ValueError):
+    """Bad input seen with --strict: the run is refused."""
+
+
+@dataclass
+class Report:
+    """What one run (or one process of it) read, kept, skipped and wrote. Bad input is recorded with `skip` (a line
+    or document) or `unreadable` (a whole file, or its rest); with strict=True both raise BadInputError instead."""
+
+    strict: bool = False
+    documents: Dict[str, int] = field(default_factory=Counter)  # kept, by split
+    tokens: Dict[str, int] = field(default_factory=Counter)  # written, separators included, by split
+    characters: int = 0  # of the kept documents
+    excluded: Dict[str, int] = field(default_factory=Counter)  # documents dropped on purpose, by set or language
+    empty_documents: int = 0  # no non-whitespace character: not written
+    skipped: int = 0  # malformed lines, invalid UTF-8, missing text field
+    unreadable_files: int = 0
+    problems: List[str] = field(default_factory=list)  # "file:line: reason", every unreadable file, the first skips
+    input_files: int = 0
+    input_bytes: int = 0
+    shards: List[str] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the run
+    cpu_seconds: float = 0.0  # CPU time of the packing, all processes together (start-up and imports excluded)
+    peak_memory_mb: float = 0.0  # the largest resident set of any process that packed
+
+    def skip(self, path: Path, line: int, reason: str) -> None:
+        message = f"{path}:{line}: {reason}"
+        if self.strict:
+            raise BadInputError(f"{message} (refused because of --strict)")
+        self.skipped += 1
+        if self.skipped <= MAX_LISTED_PROBLEMS:
+            self.problems.append(message)
+
+    def unreadable(self, path: Path, reason: str) -> None:
+        message = f"{path}: {reason}"
+        if self.strict:
+            raise BadInputError(f"{message} (refused because of --strict)")
+        self.unreadable_files += 1
+        self.problems.append(message)
+
+    def merge(self, other: "Report") -> None:
+        for name in ("documents", "tokens", "excluded"):
+            getattr(self, name).update(getattr(other, name))
+        for name in ("characters", "empty_documents", "skipped", "unreadable_files", "input_files", "input_bytes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.cpu_seconds += other.cpu_seconds
+        self.problems += other.problems
+        self.shards += other.shards
+        self.peak_memory_mb = max(self.peak_memory_mb, other.peak_memory_mb)
+
+    def to_json(self) -> dict:
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "strict"}
+        return {name: dict(value) if isinstance(value, Counter) else value for name, value in values.items()}
+
+
+def find_files(source: Union[str, Path], patterns: Sequence[str]) -> List[Path]:
+    """Sorted input files. `source` is a file, a glob (`data/**/*.txt`), or a directory searched with `patterns`."""
+    source = str(source)
+    if any(char in source for char in "*?["):
+        files = {Path(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)}
+        if not files:
+            raise FileNotFoundError(f"No files match {source!r}")
+        return sorted(files)
+    root = Path(source)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{str(root)!r} does not exist")
+    files = {p for pattern in patterns for p in root.glob(pattern) if p.is_file()}
+    if not files:
+        raise FileNotFoundError(f"No files matching {' or '.join(patterns)} in {str(root)!r}")
+    return sorted(files)
+
+
+def comma_list(value: str) -> Tuple[str, ...]:
+    """argparse type for `--languages python,java`; an empty string gives an empty tuple."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+class ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file, all frames, streamed. Unlike zstandard's stream_reader, which returns a
+    short stream without complaint, a file that ends inside a frame (an interrupted download) raises ZstdError."""
+
+    read_size = 1 << 18
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.frame = None  # decompressobj of the frame being read; None between frames
+        self.pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            leftover = b""
+            if self.frame is not None and self.frame.eof:
+                leftover, self.frame = self.frame.unused_data, None
+            data = leftover or self.raw.read(self.read_size)
+            if not data:
+                if self.frame is not None:
+                    raise zstandard.ZstdError("the file ends inside a zstd frame (truncated?)")
+                return 0
+            if self.frame is None:
+                self.frame = self.decompressor.decompressobj()
+            self.pending = memoryview(self.frame.decompress(data))
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+
+def read_jsonl(path: Path, report: Report) -> Iterator[Tuple[int, dict]]:
+    """(line number, object) for every well-formed line of a `.jsonl` or `.jsonl.zst` file, streamed line by line.
+    Lines are parsed from bytes, so invalid UTF-8 costs only its own line; blank lines are ignored."""
+    line_number = 0
+    try:
+        with open(path, "rb") as raw:
+            lines = io.BufferedReader(ZstdReader(raw), 1 << 20) if path.name.endswith(".zst") else raw
+            for line_number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except UnicodeDecodeError as error:
+                    report.skip(path, line_number, f"invalid UTF-8 (byte {error.start} of the line)")
+                    continue
+                except json.JSONDecodeError as error:
+                    report.skip(path, line_number, f"malformed JSON ({error.msg} at column {error.colno})")
+                    continue
+                if not isinstance(record, dict):
+                    report.skip(path, line_number, f"expected a JSON object, got {type(record).__name__}")
+                    continue
+                yield line_number, record
+    except (OSError, zstandard.ZstdError) as error:
+        report.unreadable(path, f"unreadable after line {line_number} ({error}); the lines before it were used")
+
+
+def read_text_file(path: Path, report: Report) -> Optional[str]:
+    """The whole file as one document; None (recorded in `report`) if it cannot be read or is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        report.unreadable(path, str(error))
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        report.skip(path, line, f"invalid UTF-8 at byte {error.start} of the file; document skipped")
+        return None
+
+
+def hashed_split(text: str, validation_fraction: float) -> str:
+    """'validation' for a stable `validation_fraction` of documents, chosen by a hash of the text (so duplicates
+    land in the same split and the split does not depend on file order or process count), else 'train'."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return "validation" if int.from_bytes(digest, "little") < validation_fraction * 2**64 else "train"
+
+
+def load_tokenizer(tokenizer_path: Path, bos: bool, eos: bool, dtype: Optional[str]) -> Tuple[Tokenizer, np.dtype]:
+    """The tokenizer, checked to have the separators asked for and a vocabulary that fits the token dtype."""
+    tokenizer = Tokenizer(tokenizer_path)
+    for wanted, name, token_id in ((bos, "bos", tokenizer.bos_id), (eos, "eos", tokenizer.eos_id)):
+        if wanted and (token_id is None or token_id < 0):
+            raise ValueError(f"{tokenizer.path} defines no {name.upper()} token; pass --no-{name} to pack without it")
+    if dtype is not None and dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    token_dtype = np.dtype(dtype) if dtype else np.dtype(dtype_for_vocab(tokenizer.vocab_size))
+    if tokenizer.vocab_size - 1 > np.iinfo(token_dtype).max:
+        raise ValueError(
+            f"{tokenizer.path} has {tokenizer.vocab_size} tokens: ids up to {tokenizer.vocab_size - 1} do not fit"
+            f" {token_dtype} (at most {np.iinfo(token_dtype).max}); choose a larger dtype"
+        )
+    return tokenizer, token_dtype
+
+
+def is_encodable(text: str) -> bool:
+    """False for text with lone surrogates ("\\ud800", possible in JSON), which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def document_ids(tokenizer: Tokenizer, text: str, bos: bool, eos: bool) -> List[int]:
+    """The document boundary used everywhere: BOS, the text's ids, EOS (each optional)."""
+    return tokenizer.encode_ids(text, bos=bos, eos=eos)
+
+
+@dataclass
+class Job:
+    """Everything a packing process needs (picklable, sent to each process)."""
+
+    read_documents: ReadDocuments
+    tokenizer_path: Path
+    destination: Path
+    name: str  # shards are {split}_{name}_{process}_{counter}.bin
+    split: Optional[str]  # every document goes to this split; None: hashed_split with validation_fraction
+    validation_fraction: float = 0.0
+    split_subdirs: bool = False  # shards in destination/{split}/ instead of destination/
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    bos: bool = True
+    eos: bool = True
+    strict: bool = False
+    dtype: Optional[str] = None
+
+    @property
+    def splits(self) -> Tuple[str, ...]:
+        return (self.split,) if self.split else ("train", "validation")
+
+    @property
+    def label(self) -> str:
+        return f"{self.split}_{self.name}" if self.split else self.name
+
+    def outdir(self, split: str) -> Path:
+        return self.destination / split if self.split_subdirs else self.destination
+
+    def shards_on_disk(self) -> List[Path]:
+        return sorted(p for s in self.splits for p in self.outdir(s).glob(f"{s}_{self.name}_[0-9]*.bin"))
+
+
+_progress_queue = None  # set in each worker process by _init_worker
+_stop_event = None
+
+
+def _init_worker(progress_queue, stop_event) -> None:
+    global _progress_queue, _stop_event
+    _progress_queue, _stop_event = progress_queue, stop_event
+
+
+def _pack(job: Job, rank: int, files: List[Path], progress: Optional[Callable[[int], None]] = None) -> Report:
+    """One process: read, encode and pack `files` in order, with one builder per split."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    tokenizer, token_dtype = load_tokenizer(job.tokenizer_path, job.bos, job.eos, job.dtype)
+    report = Report(strict=job.strict)
+    builders: Dict[str, PackedDatasetBuilder] = {}
+    pending: Dict[str, List[int]] = {split: [] for split in job.splits}
+
+    def flush(split: str) -> None:
+        if split not in builders:
+            builders[split] = PackedDatasetBuilder(
+                job.outdir(split), f"{split}_{job.name}_{rank}", job.chunk_size, tokenizer.vocab_size, token_dtype
+            )
+        builders[split].add_array(np.array(pending[split], dtype=token_dtype))
+        pending[split] = []
+
+    for path in files:
+        for line, text in job.read_documents(path, report):
+            if not text or text.isspace():  # (text.strip() would copy every document)
+                report.empty_documents += 1
+                continue
+            try:
+                ids = document_ids(tokenizer, text, job.bos, job.eos)
+            except (UnicodeEncodeError, RuntimeError):
+                if is_encodable(text):
+                    raise
+                report.skip(path, line, "text is not valid Unicode (a lone surrogate); document skipped")
+                continue
+            split = job.split or hashed_split(text, job.validation_fraction)
+            report.documents[split] += 1
+            report.tokens[split] += len(ids)
+            report.characters += len(text)
+            pending[split].extend(ids)
+            if len(pending[split]) >= FLUSH_TOKENS:
+                flush(split)
+        size = path.stat().st_size
+        report.input_files += 1
+        report.input_bytes += size
+        if _progress_queue is not None:
+            _progress_queue.put(size)
+        elif progress is not None:
+            progress(size)
+        if _stop_event is not None and _stop_event.is_set():  # another process failed: stop early
+            break
+    for split in job.splits:
+        if pending[split]:
+            flush(split)
+        if split in builders:
+            report.shards += [str(f) for f in builders[split].finish()]
+    report.seconds = time.perf_counter() - start
+    report.cpu_seconds = time.process_time() - cpu_start
+    report.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return report
+
+
+def prepare(job: Job, files: List[Path], num_processes: Optional[int] = None, quiet: bool = False) -> Report:
+    """Pack `files` into shards with `num_processes` processes (default: all cores; file i goes to process
+    i mod n); print a summary and write it to `{destination}/summary_{label}.json`. Refuses to mix with shards of an
+    earlier run, and removes this run's shards if it fails (bad input under --strict, or an error)."""
+    start = time.perf_counter()
+    load_tokenizer(job.tokenizer_path, job.bos, job.eos, job.dtype)  # fail here, not in every process
+    existing = job.shards_on_disk()
+    if existing:
+        raise FileExistsError(
+            f"{len(existing)} shards from an earlier run are in the destination (e.g. {existing[0]}); "
+            f"remove them or choose another destination_path"
+        )
+    job.destination.mkdir(parents=True, exist_ok=True)
+    n = max(1, min(num_processes or os.cpu_count() or 1, len(files)))
+    bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=job.label, disable=quiet)
+    try:
+        if n == 1:
+            reports = [_pack(job, 0, files, bar.update)]
+        else:
+            reports = _pack_in_processes(job, files, n, bar)
+    except Exception:
+        for shard in job.shards_on_disk():
+            shard.unlink()
+        raise
+    finally:
+        bar.close()
+    report = Report()
+    for process_report in reports:
+        report.merge(process_report)
+    report.seconds = time.perf_counter() - start
+    summary = {"name": job.name, "split": job.split, "processes": n, **report.to_json()}
+    summary["shards"] = [os.path.relpath(s, job.destination) for s in report.shards]
+    (job.destination / f"summary_{job.label}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not quiet:
+        print_summary(job, report, n)
+    return report
+
+
+def _pack_in_processes(job: Job, files: List[Path], n: int, bar: tqdm) -> List[Report]:
+    context = get_context("spawn")  # a fresh interpreter per process: no inherited threads or memory
+    progress_queue, stop_event = context.Queue(), context.Event()
+    with ProcessPoolExecutor(n, context, initializer=_init_worker, initargs=(progress_queue, stop_event)) as pool:
+        futures = [pool.submit(_pack, job, rank, files[rank::n]) for rank in range(n)]
+        while not all(f.done() for f in futures) or not progress_queue.empty():
+            try:
+                bar.update(progress_queue.get(timeout=0.1))
+            except queue.Empty:
+                pass
+            if any(f.done() and f.exception() is not None for f in futures):
+                stop_event.set()
+                break
+        return [f.result() for f in futures]  # raises the first failure, after every process has stopped
+
+
+def print_summary(job: Job, report: Report, processes: int) -> None:
+    where = f"{job.destination}/{{{','.join(job.splits)}}}" if job.split_subdirs else str(job.destination)
+    by_set = f" {dict(report.excluded)}" if report.excluded else ""
+    lines = [
+        f"{job.label}: {report.input_files} files ({report.input_bytes / 1e6:,.1f} MB) in {report.seconds:.1f} s"
+        f" ({report.cpu_seconds:.1f} CPU s) with {processes} process{'es' if processes > 1 else ''},"
+        f" peak memory {report.peak_memory_mb:,.0f} MB per process",
+        *(f"  {split:<10} {report.documents[split]:>14,} documents {report.tokens[split]:>16,} tokens"
+          for split in job.splits),
+        f"  excluded   {sum(report.excluded.values()):>14,} documents{by_set}",
+        f"  empty      {report.empty_documents:>14,} documents (not written)",
+        f"  skipped    {report.skipped:>14,} malformed lines or undecodable documents",
+        f"  unreadable {report.unreadable_files:>14,} files",
+        f"  wrote {len(report.shards):,} shards to {where}",
+    ]
+    if report.problems:
+        lines.append(f"  problems (first {MAX_LISTED_PROBLEMS} skipped lines per process, every unreadable file):")
+        lines += [f"    {problem}" for problem in report.problems]
+    print("\n".join(lines))

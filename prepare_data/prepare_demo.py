@@ -1,0 +1,180 @@
+"""The built-in demo corpus, made at run time from text every Python installation has (no download):
+
+- code: the standard library's .py files (tests and site-packages left out), one document per file;
+- prose: their docstrings and whole-line comments in source order (one document per file), plus the Python
+  documentation's reST sources when the python3-doc package is installed (/usr/share/doc/python3*/html/_sources).
+
+    python prepare_data/prepare_demo.py --destination_path data/demo
+
+Writes `tokenizer.model` (trained here unless present), shards `train/train_{code,prose}_*.bin` and
+`validation/validation_{code,prose}_*.bin` (each document to validation with probability validation_fraction, by a
+hash of its text), and last `summary.json`, which makes a later call return at once.
+"""
+
+import ast
+import glob
+import json
+import os
+import sys
+import sysconfig
+from functools import partial
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prepare_data.common import Job, Report, hashed_split, prepare, read_text_file
+from prepare_data.train_tokenizer import sample_documents, train_tokenizer
+
+VOCAB_SIZE = 4096
+CHUNK_SIZE = (256 + 1) * 64  # per shard: 64 blocks of the demo model's 256 tokens + 1 (the last target)
+VALIDATION_FRACTION = 0.05
+TOKENIZER_SAMPLE_CHARACTERS = 8_000_000
+EXCLUDED_DIRECTORIES = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
+DOCS_SOURCES = "/usr/share/doc/python3*/html/_sources"
+
+
+def stdlib_files(max_files: Optional[int] = None) -> List[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        path
+        for path in root.rglob("*.py")
+        if not EXCLUDED_DIRECTORIES & set(path.relative_to(root).parts[:-1]) and not path.name.startswith("test_")
+    )
+    if not files:
+        raise FileNotFoundError(f"No standard library .py files in {str(root)!r}")
+    return files[:max_files]
+
+
+def docs_files(max_files: Optional[int] = None) -> List[Path]:
+    return sorted(p for d in glob.glob(DOCS_SOURCES) for p in Path(d).rglob("*.txt"))[:max_files]
+
+
+def extract_prose(source: str) -> str:
+    """The docstrings and whole-line comments of Python source, in source order; consecutive comment lines become one
+    paragraph. (One ast pass: lines inside multi-line strings are not comments; tokenize would be twice as slow.)"""
+    pieces: List[Tuple[int, str]] = []  # (line, text)
+    inside_strings = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            docstring = ast.get_docstring(node)
+            if docstring:
+                pieces.append((node.body[0].lineno, docstring))
+        elif isinstance(node, (ast.Constant, ast.JoinedStr)) and node.end_lineno > node.lineno:
+            inside_strings.update(range(node.lineno + 1, node.end_lineno + 1))
+    paragraph: List[str] = []
+    start = 0
+    for row, line in enumerate(source.splitlines(), 1):
+        line = line.strip()
+        is_comment = line.startswith("#") and row not in inside_strings
+        text = line.lstrip("#").strip() if is_comment else ""
+        if is_comment and (text.startswith("!") or "-*- coding" in text):
+            continue
+        if text:
+            if not paragraph:
+                start = row
+            paragraph.append(text)
+        elif paragraph and not is_comment:
+            pieces.append((start, " ".join(paragraph)))
+            paragraph = []
+    if paragraph:
+        pieces.append((start, " ".join(paragraph)))
+    return "\n\n".join(text for _, text in sorted(pieces))
+
+
+def read_code(path: Path, report: Report) -> Iterator[Tuple[int, str]]:
+    text = read_text_file(path, report)
+    if text is not None:
+        yield 1, text
+
+
+def read_prose(path: Path, report: Report) -> Iterator[Tuple[int, str]]:
+    text = read_text_file(path, report)
+    if text is None:
+        return
+    if path.suffix == ".py":
+        try:
+            text = extract_prose(text)
+        except (SyntaxError, ValueError) as error:
+            report.unreadable(path, f"not parseable as Python ({error})")
+            return
+    yield 1, text
+
+
+def read_train_documents(path: Path, report: Report, read, validation_fraction: float) -> Iterator[Tuple[int, str]]:
+    """The documents of the train split only: the tokenizer sees no validation document."""
+    for line, text in read(path, report):
+        if hashed_split(text, validation_fraction) == "train":
+            yield line, text
+
+
+def prepare_demo(
+    destination_path: Path = Path("data/demo"),
+    vocab_size: int = VOCAB_SIZE,
+    chunk_size: int = CHUNK_SIZE,
+    validation_fraction: float = VALIDATION_FRACTION,
+    max_files: Optional[int] = None,
+    num_processes: Optional[int] = None,
+    quiet: bool = False,
+) -> Path:
+    """Build the demo corpus in destination_path unless it is complete already; return destination_path.
+    max_files: use only the first max_files files of each source (for tests)."""
+    destination_path = Path(destination_path)
+    marker = destination_path / "summary.json"
+    settings = dict(
+        vocab_size=vocab_size, chunk_size=chunk_size, validation_fraction=validation_fraction, max_files=max_files
+    )
+    if marker.is_file():
+        built = json.loads(marker.read_text())["settings"]
+        if built != settings:
+            raise ValueError(
+                f"{destination_path} holds a demo corpus built with {built}; remove it to build one with {settings}"
+            )
+        return destination_path
+
+    code_files = stdlib_files(max_files)
+    sources = {"code": (read_code, code_files), "prose": (read_prose, code_files + docs_files(max_files))}
+    tokenizer_path = destination_path / "tokenizer.model"
+    if not tokenizer_path.is_file():  # trained on whole files: the code's docstrings and comments are the prose
+        sample = sample_documents(
+            code_files + docs_files(max_files),
+            partial(read_train_documents, read=read_code, validation_fraction=validation_fraction),
+            TOKENIZER_SAMPLE_CHARACTERS,
+            Report(),  # problems are reported when the same files are packed below
+        )
+        train_tokenizer(sample, destination_path, vocab_size)
+
+    reports = {}
+    for name, (read, files) in sources.items():
+        job = Job(
+            read_documents=read,
+            tokenizer_path=tokenizer_path,
+            destination=destination_path,
+            name=name,
+            split=None,
+            validation_fraction=validation_fraction,
+            split_subdirs=True,
+            chunk_size=chunk_size,
+        )
+        for stale in job.shards_on_disk():  # from a build that was interrupted
+            stale.unlink()
+        reports[name] = prepare(job, files, num_processes, quiet=quiet).to_json()
+    tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"settings": settings, **reports}, indent=2) + "\n")
+    os.replace(tmp, marker)
+    return destination_path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    # flags left out take prepare_demo()'s defaults
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    parser.add_argument("--destination_path", type=Path)
+    parser.add_argument("--vocab_size", type=int)
+    parser.add_argument("--chunk_size", type=int, help="tokens per shard")
+    parser.add_argument("--validation_fraction", type=float)
+    parser.add_argument("--max_files", type=int, help="use only the first max_files files of each source")
+    parser.add_argument("--num_processes", type=int, help="default: all cores")
+    parser.add_argument("--quiet", action="store_true")
+    prepare_demo(**vars(parser.parse_args()))

@@ -1,0 +1,96 @@
+"""Tokenize SlimPajama (`{source_path}/{split}/chunk*/*.jsonl.zst`) into shards `{split}_slimpajama_{process}_*.bin`.
+
+    python prepare_data/prepare_slimpajama.py --source_path data/SlimPajama-627B \
+        --tokenizer_path checkpoints/TinyLlama-1.1B --destination_path data/slim_star_combined --split train
+
+TinyLlama leaves out SlimPajama's GitHub subset (its code comes from StarCoder); AMD-Llama-135m also leaves out the
+books: `--exclude_sets RedPajamaGithub,RedPajamaBook`.
+"""
+
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prepare_data.common import (
+    DEFAULT_CHUNK_SIZE, DTYPE_CHOICES, Job, Report, comma_list, find_files, prepare, read_jsonl,
+)  # fmt: skip
+
+REDPAJAMA_SETS = (
+    "RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaBook",
+    "RedPajamaArXiv", "RedPajamaWikipedia", "RedPajamaStackExchange",
+)  # fmt: skip
+DEFAULT_EXCLUDE_SETS = ("RedPajamaGithub",)
+
+
+def read_documents(path: Path, report: Report, exclude_sets: Sequence[str]) -> Iterator[Tuple[int, str]]:
+    """The `text` of each line of a SlimPajama file, unless its `meta.redpajama_set_name` is excluded."""
+    for line, record in read_jsonl(path, report):
+        text = record.get("text")
+        if not isinstance(text, str):
+            report.skip(path, line, "no string 'text' field")
+            continue
+        meta = record.get("meta")
+        set_name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
+        if set_name in exclude_sets:
+            report.excluded[set_name] += 1
+            continue
+        yield line, text
+
+
+def main(
+    source_path: Path = Path("data/SlimPajama-627B"),
+    tokenizer_path: Path = Path("checkpoints/TinyLlama-1.1B"),
+    destination_path: Path = Path("data/slim_star_combined"),
+    split: str = "train",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    num_processes: Optional[int] = None,
+    exclude_sets: Sequence[str] = DEFAULT_EXCLUDE_SETS,
+    strict: bool = False,
+    bos: bool = True,
+    eos: bool = True,
+    dtype: Optional[str] = None,
+) -> Report:
+    unknown = sorted(set(exclude_sets) - set(REDPAJAMA_SETS))
+    if unknown:
+        raise ValueError(f"exclude_sets: unknown set names {unknown}; SlimPajama's sets are {list(REDPAJAMA_SETS)}")
+    split_dir = Path(source_path) / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(
+            f"{str(split_dir)!r} does not exist (expected {source_path}/{split}/chunk*/*.jsonl.zst)"
+        )
+    files = find_files(split_dir, ["chunk*/*.jsonl.zst"])
+    job = Job(
+        read_documents=partial(read_documents, exclude_sets=tuple(exclude_sets)),
+        tokenizer_path=Path(tokenizer_path),
+        destination=Path(destination_path),
+        name="slimpajama",
+        split=split,
+        chunk_size=chunk_size,
+        bos=bos,
+        eos=eos,
+        strict=strict,
+        dtype=dtype,
+    )
+    return prepare(job, files, num_processes)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    # flags left out take main()'s defaults
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    parser.add_argument("--source_path", type=Path)
+    parser.add_argument("--tokenizer_path", type=Path, help="directory with tokenizer.model, or the file itself")
+    parser.add_argument("--destination_path", type=Path)
+    parser.add_argument("--split", choices=("train", "validation"))
+    parser.add_argument("--chunk_size", type=int, help="tokens per shard")
+    parser.add_argument("--num_processes", type=int, help="default: all cores")
+    parser.add_argument("--exclude_sets", type=comma_list, help="comma-separated, default: RedPajamaGithub")
+    parser.add_argument("--strict", action="store_true", help="refuse the run at the first bad line or file")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, help="BOS before each document (default)")
+    parser.add_argument("--eos", action=argparse.BooleanOptionalAction, help="EOS after each document (default)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: uint16 when the vocabulary fits, else int32")
+    main(**vars(parser.parse_args()))

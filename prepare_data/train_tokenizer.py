@@ -1,0 +1,131 @@
+"""Train a sentencepiece BPE tokenizer like Llama-2's on a sample of a corpus: `{destination_path}/tokenizer.model`
+(where tokenizer.Tokenizer finds it).
+
+    python prepare_data/train_tokenizer.py --source_path "data/gutenberg/**/*.txt" \
+        --destination_path checkpoints/my-model --vocab_size 32000
+
+source_path is anything the preparers read: a directory or glob of .jsonl.zst / .jsonl (the `text` field), .parquet
+(the `content` column), or plain text and .py files (one document per file). Training reads at most max_characters of
+text, spread evenly over the files in sorted order, and trains on its lines.
+"""
+
+import io
+import os
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, List
+
+import sentencepiece as spm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prepare_data.common import Report, find_files
+from prepare_data.prepare_starcoder import read_documents as read_parquet_documents
+from prepare_data.prepare_text import DIRECTORY_PATTERNS
+from prepare_data.prepare_text import read_documents as read_text_documents
+
+VOCAB_SIZE = 32000
+MAX_CHARACTERS = 100_000_000  # of text sampled for training; sentencepiece keeps it all in memory
+# Llama-2's trainer_spec and normalizer_spec (read from its tokenizer.model), apart from input and vocabulary size:
+# byte fallback (no <unk> for unseen characters), digits split one by one, runs of spaces kept as pieces (code
+# indentation), no normalization, and a dummy prefix space, so "Hello" at the start encodes like " Hello" inside text.
+LLAMA2_SPEC = dict(
+    model_type="bpe",
+    character_coverage=0.99995,
+    byte_fallback=True,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=True,
+    normalization_rule_name="identity",
+    max_sentence_length=4192,  # bytes; longer lines are left out of training
+    max_sentencepiece_length=16,
+    split_by_unicode_script=True,
+    split_by_number=True,
+    split_by_whitespace=True,
+    treat_whitespace_as_suffix=False,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+)
+
+
+def sample_documents(
+    files: List[Path], read_documents: Callable[[Path, Report], Iterator], max_characters: int, report: Report
+) -> Iterator[str]:
+    """Documents from every file in turn, each file given an equal share of what is left of max_characters (so the
+    sample covers the whole corpus, deterministically); a document is cut where its file's share runs out."""
+    used = 0
+    for i, path in enumerate(files):
+        budget = (max_characters - used) // (len(files) - i)
+        taken = 0
+        for _, text in read_documents(path, report):
+            text = text[: budget - taken]
+            taken += len(text)
+            yield text
+            if taken >= budget:
+                break
+        used += taken
+
+
+def train_tokenizer(documents: Iterable[str], destination_path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
+    """Train on the non-blank lines of `documents`; write `{destination_path}/tokenizer.model` atomically."""
+    max_bytes = LLAMA2_SPEC["max_sentence_length"]  # sentencepiece would skip longer lines with a warning each
+    lines = (line for text in documents for line in text.split("\n"))
+    sentences = (line for line in lines if line.strip() and len(line.encode()) <= max_bytes)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences,
+        model_writer=model,
+        vocab_size=vocab_size,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=1,
+        **LLAMA2_SPEC,
+    )
+    destination_path = Path(destination_path)
+    destination_path.mkdir(parents=True, exist_ok=True)
+    path = destination_path / "tokenizer.model"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def read_any(path: Path, report: Report, text_key: str = "text") -> Iterator:
+    """The documents of a file of any input format the preparers know, by its suffix."""
+    if path.suffix == ".parquet":
+        return read_parquet_documents(path, report)
+    return read_text_documents(path, report, text_key=text_key)
+
+
+def main(
+    source_path: str = "data/text",
+    destination_path: Path = Path("checkpoints/my-tokenizer"),
+    vocab_size: int = VOCAB_SIZE,
+    max_characters: int = MAX_CHARACTERS,
+    text_key: str = "text",
+) -> Path:
+    files = find_files(source_path, [*DIRECTORY_PATTERNS, "**/*.parquet"])
+    report = Report()
+    documents = sample_documents(files, partial(read_any, text_key=text_key), max_characters, report)
+    path = train_tokenizer(documents, destination_path, vocab_size)
+    print(f"Wrote {path} ({vocab_size} tokens) from {len(files)} files")
+    if report.skipped or report.unreadable_files:
+        print(f"Skipped {report.skipped} bad lines or documents and {report.unreadable_files} unreadable files:")
+        print("\n".join(f"  {problem}" for problem in report.problems))
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    # flags left out take main()'s defaults
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    parser.add_argument("--source_path", help="a directory, a glob (quote it) or a file")
+    parser.add_argument("--destination_path", type=Path, help="tokenizer.model is written here")
+    parser.add_argument("--vocab_size", type=int)
+    parser.add_argument("--max_characters", type=int, help="text sampled for training")
+    parser.add_argument("--text_key", help="the field of a JSON line that holds the document")
+    main(**vars(parser.parse_args()))
