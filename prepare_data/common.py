@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union, get_args
 
 import numpy as np
 import zstandard
@@ -32,7 +32,8 @@ from tokenizer import Tokenizer
 DEFAULT_CHUNK_SIZE = (2048 + 1) * 1024  # tokens per shard, as TinyLlama
 FLUSH_TOKENS = 1 << 18  # ids are handed to the builder in arrays of about this many tokens
 MAX_LISTED_PROBLEMS = 20  # skipped lines listed in the summary per process (all are counted)
-DTYPE_CHOICES = ("uint16", "int32")
+TokenDtype = Literal["uint16", "int32"]  # of the shards' token ids: the preparers' `dtype` parameter
+DTYPE_CHOICES = get_args(TokenDtype)  # checked at run time too, for callers from Python
 
 ReadDocuments = Callable[[Path, "Report"], Iterator[Tuple[int, str]]]
 
@@ -109,11 +110,6 @@ def find_files(source: Union[str, Path], patterns: Sequence[str]) -> List[Path]:
     if not files:
         raise FileNotFoundError(f"No files matching {' or '.join(patterns)} in {str(root)!r}")
     return sorted(files)
-
-
-def comma_list(value: str) -> Tuple[str, ...]:
-    """argparse type for `--languages python,java`; an empty string gives an empty tuple."""
-    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 class ZstdReader(io.RawIOBase):
@@ -198,7 +194,9 @@ def hashed_split(text: str, validation_fraction: float) -> str:
     return "validation" if int.from_bytes(digest, "little") < validation_fraction * 2**64 else "train"
 
 
-def load_tokenizer(tokenizer_path: Path, bos: bool, eos: bool, dtype: Optional[str]) -> Tuple[Tokenizer, np.dtype]:
+def load_tokenizer(
+    tokenizer_path: Path, bos: bool, eos: bool, dtype: Optional[TokenDtype]
+) -> Tuple[Tokenizer, np.dtype]:
     """The tokenizer, checked to have the separators asked for and a vocabulary that fits the token dtype."""
     tokenizer = Tokenizer(tokenizer_path)
     for wanted, name, token_id in ((bos, "bos", tokenizer.bos_id), (eos, "eos", tokenizer.eos_id)):
@@ -244,7 +242,7 @@ class Job:
     bos: bool = True
     eos: bool = True
     strict: bool = False
-    dtype: Optional[str] = None
+    dtype: Optional[TokenDtype] = None
 
     @property
     def splits(self) -> Tuple[str, ...]:

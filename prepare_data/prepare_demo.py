@@ -14,7 +14,6 @@ hash of its text), and last `summary.json`, which makes a later call return at o
 import ast
 import glob
 import json
-import os
 import sys
 import sysconfig
 from functools import partial
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prepare_data.common import Job, Report, hashed_split, prepare, read_text_file
 from prepare_data.train_tokenizer import sample_documents, train_tokenizer
+from utils import atomic_write, cli
 
 VOCAB_SIZE = 4096
 CHUNK_SIZE = (256 + 1) * 64  # per shard: 64 blocks of the demo model's 256 tokens + 1 (the last target)
@@ -118,7 +118,16 @@ def prepare_demo(
     quiet: bool = False,
 ) -> Path:
     """Build the demo corpus in destination_path unless it is complete already; return destination_path.
-    max_files: use only the first max_files files of each source (for tests)."""
+
+    Args:
+        destination_path: where tokenizer.model, the train/ and validation/ shards and summary.json are written
+        vocab_size: the number of tokens of the tokenizer trained here
+        chunk_size: tokens per shard
+        validation_fraction: the share of documents that go to the validation split (chosen by a hash of the text)
+        max_files: use only the first max_files files of each source (for tests); none: all
+        num_processes: processes that pack the files; none: all cores
+        quiet: no progress bars or summaries
+    """
     destination_path = Path(destination_path)
     marker = destination_path / "summary.json"
     settings = dict(
@@ -159,22 +168,10 @@ def prepare_demo(
         for stale in job.shards_on_disk():  # from a build that was interrupted
             stale.unlink()
         reports[name] = prepare(job, files, num_processes, quiet=quiet).to_json()
-    tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"settings": settings, **reports}, indent=2) + "\n")
-    os.replace(tmp, marker)
+    with atomic_write(marker) as tmp:
+        tmp.write_text(json.dumps({"settings": settings, **reports}, indent=2) + "\n")
     return destination_path
 
 
 if __name__ == "__main__":
-    import argparse
-
-    # flags left out take prepare_demo()'s defaults
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    parser.add_argument("--destination_path", type=Path)
-    parser.add_argument("--vocab_size", type=int)
-    parser.add_argument("--chunk_size", type=int, help="tokens per shard")
-    parser.add_argument("--validation_fraction", type=float)
-    parser.add_argument("--max_files", type=int, help="use only the first max_files files of each source")
-    parser.add_argument("--num_processes", type=int, help="default: all cores")
-    parser.add_argument("--quiet", action="store_true")
-    prepare_demo(**vars(parser.parse_args()))
+    cli(prepare_demo)

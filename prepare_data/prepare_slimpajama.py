@@ -10,13 +10,12 @@ books: `--exclude_sets RedPajamaGithub,RedPajamaBook`.
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, Literal, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import (
-    DEFAULT_CHUNK_SIZE, DTYPE_CHOICES, Job, Report, comma_list, find_files, prepare, read_jsonl,
-)  # fmt: skip
+from prepare_data.common import DEFAULT_CHUNK_SIZE, Job, Report, TokenDtype, find_files, prepare, read_jsonl
+from utils import cli
 
 REDPAJAMA_SETS = (
     "RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaBook",
@@ -44,15 +43,30 @@ def main(
     source_path: Path = Path("data/SlimPajama-627B"),
     tokenizer_path: Path = Path("checkpoints/TinyLlama-1.1B"),
     destination_path: Path = Path("data/slim_star_combined"),
-    split: str = "train",
+    split: Literal["train", "validation"] = "train",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     num_processes: Optional[int] = None,
     exclude_sets: Sequence[str] = DEFAULT_EXCLUDE_SETS,
     strict: bool = False,
     bos: bool = True,
     eos: bool = True,
-    dtype: Optional[str] = None,
+    dtype: Optional[TokenDtype] = None,
 ) -> Report:
+    """Tokenize one split of SlimPajama into shards {split}_slimpajama_{process}_*.bin in destination_path.
+
+    Args:
+        source_path: the SlimPajama download, with {split}/chunk*/*.jsonl.zst
+        tokenizer_path: directory with tokenizer.model, or the file itself
+        destination_path: where the shards and summary_{split}_slimpajama.json are written
+        split: which split of source_path to tokenize
+        chunk_size: tokens per shard
+        num_processes: processes that pack the files; none: all cores
+        exclude_sets: RedPajama sets left out, e.g. RedPajamaGithub,RedPajamaBook; "" for none
+        strict: refuse the run at the first bad line or file (else skip it, counted and reported)
+        bos: BOS before each document
+        eos: EOS after each document
+        dtype: token dtype of the shards; none: uint16 when the vocabulary fits, else int32
+    """
     unknown = sorted(set(exclude_sets) - set(REDPAJAMA_SETS))
     if unknown:
         raise ValueError(f"exclude_sets: unknown set names {unknown}; SlimPajama's sets are {list(REDPAJAMA_SETS)}")
@@ -78,19 +92,4 @@ def main(
 
 
 if __name__ == "__main__":
-    import argparse
-
-    # flags left out take main()'s defaults
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    parser.add_argument("--source_path", type=Path)
-    parser.add_argument("--tokenizer_path", type=Path, help="directory with tokenizer.model, or the file itself")
-    parser.add_argument("--destination_path", type=Path)
-    parser.add_argument("--split", choices=("train", "validation"))
-    parser.add_argument("--chunk_size", type=int, help="tokens per shard")
-    parser.add_argument("--num_processes", type=int, help="default: all cores")
-    parser.add_argument("--exclude_sets", type=comma_list, help="comma-separated, default: RedPajamaGithub")
-    parser.add_argument("--strict", action="store_true", help="refuse the run at the first bad line or file")
-    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, help="BOS before each document (default)")
-    parser.add_argument("--eos", action=argparse.BooleanOptionalAction, help="EOS after each document (default)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: uint16 when the vocabulary fits, else int32")
-    main(**vars(parser.parse_args()))
+    cli(main)

@@ -11,14 +11,15 @@ the language is the directory's name. Files directly in source_path instead are 
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, Literal, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import DEFAULT_CHUNK_SIZE, DTYPE_CHOICES, Job, Report, comma_list, find_files, prepare
+from prepare_data.common import DEFAULT_CHUNK_SIZE, Job, Report, TokenDtype, find_files, prepare
+from utils import cli
 
 TEXT_COLUMN = "content"
 LANGUAGE_COLUMN = "lang"
@@ -83,15 +84,30 @@ def main(
     source_path: Path = Path("data/starcoderdata"),
     tokenizer_path: Path = Path("checkpoints/TinyLlama-1.1B"),
     destination_path: Path = Path("data/slim_star_combined"),
-    split: str = "train",
+    split: Literal["train", "validation"] = "train",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     num_processes: Optional[int] = None,
     languages: Sequence[str] = (),
     strict: bool = False,
     bos: bool = True,
     eos: bool = True,
-    dtype: Optional[str] = None,
+    dtype: Optional[TokenDtype] = None,
 ) -> Report:
+    """Tokenize one split of StarCoder into shards {split}_starcoder_{process}_*.bin in destination_path.
+
+    Args:
+        source_path: the StarCoder download, with {language}/{split}-*.parquet (or {split}-*.parquet with a lang column)
+        tokenizer_path: directory with tokenizer.model, or the file itself
+        destination_path: where the shards and summary_{split}_starcoder.json are written
+        split: which split of source_path to tokenize
+        chunk_size: tokens per shard
+        num_processes: processes that pack the files; none: all cores
+        languages: languages to keep, e.g. python or python,java; empty: all
+        strict: refuse the run at the first bad line or file (else skip it, counted and reported)
+        bos: BOS before each document
+        eos: EOS after each document
+        dtype: token dtype of the shards; none: uint16 when the vocabulary fits, else int32
+    """
     files = select_files(Path(source_path), split, languages)
     job = Job(
         read_documents=partial(read_documents, languages=tuple(languages)),
@@ -109,19 +125,4 @@ def main(
 
 
 if __name__ == "__main__":
-    import argparse
-
-    # flags left out take main()'s defaults
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    parser.add_argument("--source_path", type=Path)
-    parser.add_argument("--tokenizer_path", type=Path, help="directory with tokenizer.model, or the file itself")
-    parser.add_argument("--destination_path", type=Path)
-    parser.add_argument("--split", choices=("train", "validation"))
-    parser.add_argument("--chunk_size", type=int, help="tokens per shard")
-    parser.add_argument("--num_processes", type=int, help="default: all cores")
-    parser.add_argument("--languages", type=comma_list, help="comma-separated, e.g. python; default: all")
-    parser.add_argument("--strict", action="store_true", help="refuse the run at the first bad line or file")
-    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, help="BOS before each document (default)")
-    parser.add_argument("--eos", action=argparse.BooleanOptionalAction, help="EOS after each document (default)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: uint16 when the vocabulary fits, else int32")
-    main(**vars(parser.parse_args()))
+    cli(main)

@@ -17,8 +17,9 @@ from typing import Iterator, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prepare_data.common import (
-    DEFAULT_CHUNK_SIZE, DTYPE_CHOICES, Job, Report, find_files, prepare, read_jsonl, read_text_file,
+    DEFAULT_CHUNK_SIZE, Job, Report, TokenDtype, find_files, prepare, read_jsonl, read_text_file,
 )  # fmt: skip
+from utils import cli
 
 DIRECTORY_PATTERNS = ("**/*.txt", "**/*.py", "**/*.md", "**/*.rst", "**/*.jsonl", "**/*.jsonl.zst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.zst")
@@ -51,9 +52,24 @@ def main(
     strict: bool = False,
     bos: bool = True,
     eos: bool = True,
-    dtype: Optional[str] = None,
+    dtype: Optional[TokenDtype] = None,
 ) -> Report:
-    """source_path: a directory (searched for .txt, .py, .md, .rst, .jsonl, .jsonl.zst), a glob, or one file."""
+    """Tokenize your own corpus into train and validation shards {split}_{name}_{process}_*.bin in destination_path.
+
+    Args:
+        source_path: a directory (searched for .txt, .py, .md, .rst, .jsonl, .jsonl.zst), a glob (quote it), or a file
+        tokenizer_path: directory with tokenizer.model, or the file itself
+        destination_path: where the shards and summary_{name}.json are written
+        name: shards are {split}_{name}_*.bin
+        validation_fraction: the share of documents that go to the validation split (chosen by a hash of the text)
+        text_key: the field of a JSON line that holds the document
+        chunk_size: tokens per shard
+        num_processes: processes that pack the files; none: all cores
+        strict: refuse the run at the first bad line or file (else skip it, counted and reported)
+        bos: BOS before each document
+        eos: EOS after each document
+        dtype: token dtype of the shards; none: uint16 when the vocabulary fits, else int32
+    """
     if not 0 <= validation_fraction <= 1:
         raise ValueError(f"validation_fraction must be in [0, 1], got {validation_fraction}")
     if not name or "/" in name:
@@ -76,20 +92,4 @@ def main(
 
 
 if __name__ == "__main__":
-    import argparse
-
-    # flags left out take main()'s defaults
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    parser.add_argument("--source_path", help="a directory, a glob (quote it) or a file")
-    parser.add_argument("--tokenizer_path", type=Path, help="directory with tokenizer.model, or the file itself")
-    parser.add_argument("--destination_path", type=Path)
-    parser.add_argument("--name", help="shards are {split}_{name}_*.bin")
-    parser.add_argument("--validation_fraction", type=float)
-    parser.add_argument("--text_key", help="the field of a JSON line that holds the document")
-    parser.add_argument("--chunk_size", type=int, help="tokens per shard")
-    parser.add_argument("--num_processes", type=int, help="default: all cores")
-    parser.add_argument("--strict", action="store_true", help="refuse the run at the first bad line or file")
-    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, help="BOS before each document (default)")
-    parser.add_argument("--eos", action=argparse.BooleanOptionalAction, help="EOS after each document (default)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: uint16 when the vocabulary fits, else int32")
-    main(**vars(parser.parse_args()))
+    cli(main)

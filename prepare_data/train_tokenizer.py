@@ -24,6 +24,7 @@ from prepare_data.common import Report, find_files
 from prepare_data.prepare_starcoder import read_documents as read_parquet_documents
 from prepare_data.prepare_text import DIRECTORY_PATTERNS
 from prepare_data.prepare_text import read_documents as read_text_documents
+from utils import atomic_write, cli
 
 VOCAB_SIZE = 32000
 MAX_CHARACTERS = 100_000_000  # of text sampled for training; sentencepiece keeps it all in memory
@@ -84,12 +85,9 @@ def train_tokenizer(documents: Iterable[str], destination_path: Path, vocab_size
         minloglevel=1,
         **LLAMA2_SPEC,
     )
-    destination_path = Path(destination_path)
-    destination_path.mkdir(parents=True, exist_ok=True)
-    path = destination_path / "tokenizer.model"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
+    path = Path(destination_path) / "tokenizer.model"
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(model.getvalue())
     return path
 
 
@@ -107,6 +105,15 @@ def main(
     max_characters: int = MAX_CHARACTERS,
     text_key: str = "text",
 ) -> Path:
+    """Train a Llama-2-style BPE tokenizer on a sample of source_path; write destination_path/tokenizer.model.
+
+    Args:
+        source_path: a directory, a glob (quote it) or a file: .jsonl(.zst), .parquet, plain text or .py
+        destination_path: tokenizer.model is written here
+        vocab_size: the number of tokens
+        max_characters: text sampled for training, spread evenly over the files (sentencepiece keeps it in memory)
+        text_key: the field of a JSON line that holds the document
+    """
     files = find_files(source_path, [*DIRECTORY_PATTERNS, "**/*.parquet"])
     report = Report()
     documents = sample_documents(files, partial(read_any, text_key=text_key), max_characters, report)
@@ -119,13 +126,4 @@ def main(
 
 
 if __name__ == "__main__":
-    import argparse
-
-    # flags left out take main()'s defaults
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    parser.add_argument("--source_path", help="a directory, a glob (quote it) or a file")
-    parser.add_argument("--destination_path", type=Path, help="tokenizer.model is written here")
-    parser.add_argument("--vocab_size", type=int)
-    parser.add_argument("--max_characters", type=int, help="text sampled for training")
-    parser.add_argument("--text_key", help="the field of a JSON line that holds the document")
-    main(**vars(parser.parse_args()))
+    cli(main)

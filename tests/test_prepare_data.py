@@ -21,6 +21,7 @@ from prepare_data import prepare_demo, prepare_slimpajama, prepare_starcoder, pr
 from prepare_data import train_tokenizer as train_tokenizer_script
 from prepare_data.common import BadInputError, Report, find_files, load_tokenizer
 from prepare_data.train_tokenizer import read_any, sample_documents, train_tokenizer
+from utils import cli
 
 BOS, EOS = 1, 2
 WORDS = "the a of to and in is was for on that with as by from data model token train 12 345 (x) [y] {z}".split()
@@ -126,12 +127,13 @@ def test_slimpajama_tokens_in_order_and_counters(slimpajama, tokenizer_dir, sp, 
     assert len(summary["shards"]) == -(-len(expected) // 64)
 
 
-def test_slimpajama_exclude_sets_and_no_separators(slimpajama, tokenizer_dir, sp, tmp_path):
+def test_slimpajama_exclude_sets_and_no_separators_from_the_command_line(slimpajama, tokenizer_dir, sp, tmp_path):
     source, _ = slimpajama
-    report = prepare_slimpajama.main(
-        source, tokenizer_dir, tmp_path / "out", chunk_size=50, num_processes=1,
-        exclude_sets=("RedPajamaGithub", "RedPajamaBook"), bos=False, eos=False,
-    )
+    flags = ["--source_path", str(source), "--tokenizer_path", str(tokenizer_dir), "--num_processes", "1"]
+    report = cli(prepare_slimpajama.main, [
+        *flags, "--destination_path", str(tmp_path / "out"), "--chunk_size", "50",
+        "--exclude_sets", "RedPajamaGithub,RedPajamaBook", "--no-bos", "--no-eos",
+    ])  # fmt: skip
     assert report.excluded == {"RedPajamaGithub": 18, "RedPajamaBook": 18}
     kept = []
     for path in sorted(source.glob("train/chunk*/*.jsonl.zst")):
@@ -147,6 +149,9 @@ def test_slimpajama_exclude_sets_and_no_separators(slimpajama, tokenizer_dir, sp
     assert read_prefix(tmp_path / "out", "train_slimpajama_0", chunk_size=50) == expected
     with pytest.raises(ValueError, match="RedPajamaGitHub"):
         prepare_slimpajama.main(source, tokenizer_dir, tmp_path / "other", exclude_sets=("RedPajamaGitHub",))
+    for bad in (["--split", "test"], ["--dtype", "int64"]):
+        with pytest.raises(SystemExit):  # argparse: invalid choice
+            cli(prepare_slimpajama.main, [*flags, "--destination_path", str(tmp_path / "other"), *bad])
 
 
 def test_slimpajama_several_processes_keep_every_document(slimpajama, tokenizer_dir, sp, tmp_path):
