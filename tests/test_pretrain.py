@@ -1,0 +1,497 @@
+"""pretrain/tinyllama.py (and the AMD recipes that reuse its loop) on tiny models and data made here, on the CPU.
+
+Single-process runs call setup() in this process; multi-process runs launch the script itself (--devices 2
+--accelerator cpu), which exercises fabric.launch() and gloo. References are independent of the code under test:
+an uninterrupted run for resume, one process for DDP/FSDP, closed-form values for the schedule and the batch
+arithmetic, names and counts taken from the model or the files for parameter groups and epochs.
+"""
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from model import GPT, Config
+from packed_dataset import PackedDatasetBuilder
+from pretrain.tinyllama import (
+    gradient_accumulation_steps, get_lr, latest_checkpoint, parameter_groups, parse_data_mix, peak_flops, setup,
+    training_data, training_flops_per_token,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ_LEN = 16
+TOKENS_PER_STEP = 8 * SEQ_LEN  # global batch 8
+# one thread per process: two processes share the 2 cores, and every run being compared uses the same setting
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def write_shards(directory: Path, prefix: str, n_blocks: int, blocks_per_file: int = 4, seed: int = 0) -> None:
+    """Exactly n_blocks blocks of SEQ_LEN + 1 tokens (no tail), learnable: arithmetic progressions mod 256."""
+    rng = np.random.default_rng(seed)
+    block = SEQ_LEN + 1
+    builder = PackedDatasetBuilder(directory, prefix, chunk_size=block * blocks_per_file, vocab_size=256)
+    remaining = n_blocks * block
+    while remaining:
+        document = (rng.integers(256) + rng.integers(1, 7) * np.arange(rng.integers(10, 60))) % 256
+        document = document[:remaining]
+        builder.add_array(document.astype(np.uint16))
+        remaining -= len(document)
+    builder.finish()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("data")
+    write_shards(directory, "train_a", n_blocks=64, seed=1)
+    write_shards(directory, "train_b", n_blocks=40, seed=2)
+    write_shards(directory, "validation_a", n_blocks=16, seed=3)
+    return directory
+
+
+def run_args(out_dir: Path, data_dir: Path, **overrides) -> dict:
+    args = dict(
+        model_name="micro", out_dir=out_dir, train_data_dir=data_dir, val_data_dir=data_dir,
+        train_data_mix="train_a:0.7,train_b:0.3", tokenizer_dir=None, accelerator="cpu", devices=1,
+        precision="32-true", seq_len=SEQ_LEN, global_batch_size=8, micro_batch_size=2, max_steps=6,
+        learning_rate=1e-2, min_lr=1e-3, warmup_steps=2, log_interval=1, eval_interval=3, eval_iters=8,
+        save_interval=3,
+    )
+    return {**args, **overrides}
+
+
+def train_here(out_dir: Path, data_dir: Path, **overrides):
+    """One process, in this process."""
+    return setup(**run_args(out_dir, data_dir, **overrides))
+
+
+def command_line(script: str, args: dict) -> list:
+    flags = []
+    for name, value in args.items():
+        if value is True:
+            flags.append(f"--{name}")
+        elif value is not False:
+            flags += [f"--{name}", "none" if value is None else str(value)]
+    return [sys.executable, str(ROOT / script), *flags]
+
+
+def run_script(script: str, args: dict, timeout: float = 240) -> str:
+    """Run a script as a user would; return its output, fail with it on a non-zero exit."""
+    process = subprocess.Popen(command_line(script, args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher's children too: a hung gloo peer would stay
+        output, _ = process.communicate()
+        pytest.fail(f"{script} timed out after {timeout} s:\n{output[-5000:]}")
+    assert process.returncode == 0, f"{script} failed:\n{output[-5000:]}"
+    return output
+
+
+def metrics(out_dir: Path) -> dict:
+    """{step: {metric: value}} from the CSV logs of every run that wrote to out_dir, in order."""
+    rows = {}
+    versions = sorted((out_dir / "logs").glob("version_*"), key=lambda path: int(path.name.split("_")[1]))
+    for version in versions:
+        with open(version / "metrics.csv") as f:
+            for row in csv.DictReader(f):
+                values = {key: float(value) for key, value in row.items() if value and key != "step"}
+                rows.setdefault(int(row["step"]), {}).update(values)
+    return rows
+
+
+def losses(out_dir: Path) -> dict:
+    return {step: row["loss"] for step, row in metrics(out_dir).items() if "loss" in row}
+
+
+def final_weights(out_dir: Path) -> dict:
+    return torch.load(out_dir / "final" / "lit_model.pth", weights_only=True)
+
+
+# ---- the pieces, against closed forms -------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_cosine_then_flat():
+    lr, min_lr, warmup, max_steps = 4e-4, 4e-5, 10, 110
+    schedule = [get_lr(step, lr, min_lr, warmup, max_steps) for step in range(130)]
+    # linear warmup: step i (0-based) trains at lr * (i + 1) / warmup, reaching lr at the last warmup step
+    assert schedule[:warmup] == pytest.approx([lr * (i + 1) / warmup for i in range(warmup)])
+    # cosine from lr at the end of warmup to min_lr at max_steps, (lr + min_lr) / 2 halfway
+    assert schedule[warmup] == pytest.approx(lr)
+    assert schedule[warmup + 50] == pytest.approx((lr + min_lr) / 2)
+    assert schedule[warmup + 25] == pytest.approx(min_lr + (lr - min_lr) * (1 + math.cos(math.pi / 4)) / 2)
+    assert all(a >= b for a, b in zip(schedule[warmup:], schedule[warmup + 1:]))
+    # constant min_lr from max_steps on
+    assert schedule[max_steps:] == pytest.approx([min_lr] * (130 - max_steps))
+    assert get_lr(0, lr, min_lr, 0, max_steps) == pytest.approx(lr)  # no warmup
+
+
+@pytest.mark.parametrize("devices, num_nodes, expected", [(1, 1, 128), (2, 1, 64), (16, 1, 8), (8, 2, 8)])
+def test_global_batch_is_global_whatever_the_devices(devices, num_nodes, expected):
+    accumulation = gradient_accumulation_steps(1024, 8, devices * num_nodes)
+    assert accumulation == expected
+    assert accumulation * 8 * devices * num_nodes == 1024  # TinyLlama's 1024 sequences, not 1024 per node
+
+
+def test_global_batch_not_divisible_is_a_clear_error(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="--global_batch_size 1024 is not a multiple of --micro_batch_size 8 x 3"):
+        gradient_accumulation_steps(1024, 8, 3)
+    with pytest.raises(ValueError, match="--global_batch_size 10"):
+        train_here(tmp_path / "out", data_dir, global_batch_size=10, micro_batch_size=4)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parameter_groups_decay_matrices_only():
+    model = GPT(Config.from_name("micro", bias=True))
+    names = {id(param): name for name, param in model.named_parameters()}
+    decay, no_decay = parameter_groups(model, weight_decay=0.1, decay_all_params=False)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    expected = {name for name, p in model.named_parameters() if name.endswith(".weight") and p.ndim == 2}
+    expected.discard("transformer.wte.weight")
+    assert decayed == expected
+    assert "lm_head.weight" in decayed and "transformer.h.0.attn.qkv.weight" in decayed
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert not_decayed == set(names.values()) - expected
+    assert {"transformer.wte.weight", "transformer.ln_f.weight", "transformer.h.0.norm_1.weight",
+            "transformer.h.0.attn.qkv.bias"} <= not_decayed
+
+    (everything,) = parameter_groups(model, weight_decay=0.1, decay_all_params=True)  # the original TinyLlama
+    assert {names[id(p)] for p in everything["params"]} == set(names.values())
+    assert everything["weight_decay"] == 0.1
+
+
+def test_flops_per_token_leaves_out_the_embedding_and_counts_causal_attention():
+    config = Config.from_name("micro")
+    model = GPT(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    non_embedding = sum(p.numel() for name, p in model.named_parameters() if name != "transformer.wte.weight")
+    expected = 6 * non_embedding + 6 * config.n_layer * config.n_embd * 32
+    assert training_flops_per_token(config, n_params, seq_len=32) == expected
+    # TinyLlama-1.1B: 1,100,048,384 parameters of which 32000 x 2048 embedding
+    tiny = Config.from_name("tiny_LLaMA_1b")
+    assert training_flops_per_token(tiny, 1_100_048_384, 2048) == 6 * (1_100_048_384 - 65_536_000) + 6 * 22 * 2048**2
+
+
+def test_peak_flops_known_gpus_in_bf16_only():
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989e12
+    assert peak_flops("NVIDIA H200", "bf16-true") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16-mixed") == 312e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "32-true") is None
+    assert peak_flops("Tesla T4", "bf16-mixed") is None
+    assert peak_flops(None, "bf16-mixed") is None
+
+
+def test_data_mix_parsing_and_size_weights(data_dir):
+    assert parse_data_mix("train_slimpajama:0.693584,train_starcoder:0.306416") == [
+        ("train_slimpajama", 0.693584), ("train_starcoder", 0.306416)]
+    assert parse_data_mix("a,b") == [("a", None), ("b", None)]
+    for bad, message in [("a:1,b", "to every prefix or to none"), ("a:x", "not a number"), ("a:0", "positive"),
+                         ("a,,b", "expected")]:
+        with pytest.raises(ValueError, match=message):
+            parse_data_mix(bad)
+    # without weights, every block of every source is equally likely: weights = blocks, counted from the files
+    one_process = SimpleNamespace(world_size=1, global_rank=0)
+    combined = training_data(one_process, data_dir, "train_a,train_b", SEQ_LEN + 1, seed=0)
+    assert combined.weights == [64, 40]
+    with pytest.raises(FileNotFoundError, match="train_c"):
+        training_data(one_process, data_dir, "train_a,train_c", SEQ_LEN + 1, seed=0)
+
+
+def test_resume_auto_picks_the_highest_step_number(tmp_path):
+    for name in ("step-9", "step-10", "step-00000002", ".step-00000011.tmp", "step-3.old", "final"):
+        (tmp_path / name).mkdir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-10"  # "step-9" sorts last as a string
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+# ---- single-process runs --------------------------------------------------------------------------------------
+
+
+def test_initial_weights_are_model_py_init(tmp_path, data_dir):
+    """What the loop trains from is GPT(config) after seeding: Fabric re-initialises nothing."""
+    train_here(tmp_path / "out", data_dir, max_steps=0, seed=1234)
+    torch.manual_seed(1234)
+    reference = GPT(Config.from_name("micro")).state_dict()
+    exported = final_weights(tmp_path / "out")
+    assert exported.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(exported[name], reference[name]), name
+    assert json.loads((tmp_path / "out" / "final" / "model_config.json").read_text())["name"] == "micro"
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
+    """Stopped at a checkpoint and resumed: the same losses and weights as never stopping, in fp32 on the CPU.
+    Two sources with weights, several epochs of the small one: the data position and the mix RNG both matter."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_here(straight, data_dir, max_steps=12, save_interval=5)
+    assert sorted(p.name for p in straight.glob("step-*")) == ["step-00000005", "step-00000010", "step-00000012"]
+
+    resumed.mkdir()
+    shutil.copy(straight / "step-00000005", resumed / "step-00000005")
+    train_here(resumed, data_dir, max_steps=12, save_interval=5, resume="auto")
+    expected, got = losses(straight), losses(resumed)
+    assert sorted(got) == list(range(6, 13))  # no step before the checkpoint was run again
+    assert {step: expected[step] for step in got} == got  # exactly
+    assert metrics(resumed)[12]["val_loss"] == metrics(straight)[12]["val_loss"]
+    assert metrics(resumed)[12]["tokens"] == 12 * TOKENS_PER_STEP
+    weights, reference = final_weights(resumed), final_weights(straight)
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
+
+    with pytest.raises(FileExistsError, match="--resume auto"):  # a fresh run would overwrite them
+        train_here(straight, data_dir, max_steps=12)
+
+    # an explicit path resumes too, and writes on from there
+    again = tmp_path / "again"
+    train_here(again, data_dir, max_steps=12, save_interval=5, resume=straight / "step-00000010")
+    assert losses(again) == {step: expected[step] for step in (11, 12)}
+
+    row = metrics(straight)[3]  # what is logged at a step
+    assert {"loss", "learning_rate", "grad_norm", "tokens", "tokens_per_sec", "peak_memory_gb"} <= row.keys()
+    assert row["learning_rate"] == pytest.approx(get_lr(2, 1e-2, 1e-3, 2, 12))
+    assert list((straight / "tensorboard").glob("version_0/events.out.tfevents.*"))
+
+
+def test_a_crash_while_saving_leaves_no_partial_checkpoint(tmp_path, data_dir, monkeypatch):
+    """The second checkpoint write dies halfway: no step-N name appears, resume auto takes the previous one and
+    the run then ends as if nothing happened."""
+    import lightning_fabric.plugins.io.torch_io as torch_io
+
+    class Killed(Exception):
+        pass
+
+    real_save, calls = torch_io._atomic_save, []
+
+    def dies_halfway(checkpoint, path):  # what fabric.save uses to write a file
+        calls.append(Path(path))
+        if len(calls) < 2:
+            return real_save(checkpoint, path)
+        Path(path).write_bytes(b"PK\x03\x04 half of a checkpoint")
+        raise Killed("killed while writing the checkpoint")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", dies_halfway)
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        train_here(out, data_dir, max_steps=6, save_interval=2)
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-00000002"]
+    assert calls[1].name != "step-00000004"  # written under another name, to be renamed once complete
+    monkeypatch.setattr(torch_io, "_atomic_save", real_save)
+
+    train_here(out, data_dir, max_steps=6, save_interval=2, resume="auto")
+    assert sorted(p.name for p in out.iterdir() if "step" in p.name) == [
+        "step-00000002", "step-00000004", "step-00000006"]  # and no leftover temporary
+    straight = tmp_path / "straight"
+    train_here(straight, data_dir, max_steps=6, save_interval=2)
+    assert losses(out) == losses(straight)
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, data_dir):
+    """An absurd learning rate blows the weights up to inf/NaN within a few steps."""
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step (\d+).*step-0000000") as error:
+        train_here(out, data_dir, max_steps=20, save_interval=1, learning_rate=1e30, min_lr=0.0, warmup_steps=0,
+                   grad_clip=1.0, val_data_dir=None)
+    bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+    checkpoints = sorted(out.glob("step-*"))
+    assert [p.name for p in checkpoints] == [f"step-{step:08d}" for step in range(1, bad_step)]
+    assert str(checkpoints[-1]) in str(error.value)
+    state = torch.load(checkpoints[-1], weights_only=True)  # complete and loadable
+    assert state["step"] == bad_step - 1
+    assert not (out / "final").exists()
+
+
+def test_max_tokens_sets_the_length_and_the_schedule(tmp_path, data_dir):
+    out = tmp_path / "out"
+    train_here(out, data_dir, max_steps=None, max_tokens=5 * TOKENS_PER_STEP + 100, warmup_steps=1,
+               save_interval=100, eval_interval=100)
+    logged = metrics(out)
+    assert max(losses(out)) == 5 and logged[5]["tokens"] == 5 * TOKENS_PER_STEP
+    assert [p.name for p in out.glob("step-*")] == ["step-00000005"]
+    # the cosine ends at the fifth step: step index 4 of 5 with 1 warmup step is 3/4 of the way down
+    assert logged[5]["learning_rate"] == pytest.approx(1e-3 + (1e-2 - 1e-3) * (1 + math.cos(3 * math.pi / 4)) / 2)
+
+
+def test_max_time_stops_early_with_a_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "out"
+    train_here(out, data_dir, max_steps=1_000_000, max_time=2.0, val_data_dir=None, log_interval=1000,
+               save_interval=1000)
+    (checkpoint,) = out.glob("step-*")
+    last_step = int(checkpoint.name.split("-")[1])
+    assert 0 < last_step < 1_000_000
+    assert max(losses(out)) == last_step  # the last step is logged and saved
+    assert (out / "final" / "lit_model.pth").is_file()
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_epochs_is_derived_from_the_data(tmp_path, epochs):
+    data = tmp_path / "data"
+    write_shards(data, "train_code", n_blocks=37)  # 4 global batches of 8 and 5 blocks left over
+    out = tmp_path / "out"
+    train_here(out, data, val_data_dir=None, train_data_mix="train_code", max_steps=None, epochs=epochs,
+               save_interval=100)
+    assert max(losses(out)) == epochs * (37 // 8)
+    with pytest.raises(ValueError, match="--epochs needs a single training source"):
+        train_here(tmp_path / "two", tmp_path / "data", val_data_dir=None, train_data_mix="train_code,train_code",
+                   max_steps=None, epochs=1)
+
+
+def test_compile_trains_like_eager(tmp_path, data_dir, monkeypatch):
+    """--compile goes through torch.compile (TorchDynamo + AOTAutograd; the aot_eager backend skips only the C++
+    code generation, which takes a minute on 2 cores)."""
+    real_compile, compiled = torch.compile, []
+
+    def compile_aot_eager(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    train_here(tmp_path / "compiled", data_dir, max_steps=2, compile=True, val_data_dir=None)
+    assert len(compiled) >= 1
+    train_here(tmp_path / "eager", data_dir, max_steps=2, val_data_dir=None)
+    got, expected = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
+    assert got.keys() == expected.keys() == {1, 2}
+    assert all(got[step] == pytest.approx(expected[step], abs=1e-5) for step in got)
+
+
+# ---- two processes: DDP and FSDP2 on gloo ---------------------------------------------------------------------
+
+DISTRIBUTED = dict(train_data_mix="train_a", max_steps=4, save_interval=2, eval_interval=4)
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory, data_dir) -> dict:
+    """The same run (one source, global batch 8) with 1 process, and with 2 processes under DDP and FSDP."""
+    root = tmp_path_factory.mktemp("distributed")
+    runs = {"single": {"devices": 1}, "ddp": {"devices": 2, "strategy": "ddp"},
+            "fsdp": {"devices": 2, "strategy": "fsdp"}}
+    for name, settings in runs.items():
+        run_script("pretrain/tinyllama.py", run_args(root / name, data_dir, **DISTRIBUTED, **settings))
+    return {name: root / name for name in runs}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(distributed_runs, strategy):
+    """Rank r reads blocks r, r + 2, ... of the global order, so 2 x 2 x 2 sequences per step are the very
+    sequences 1 x 2 x 4 reads: the same losses and weights up to the order of float sums."""
+    single, multi = metrics(distributed_runs["single"]), metrics(distributed_runs[strategy])
+    assert sorted(losses(distributed_runs[strategy])) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert multi[step]["loss"] == pytest.approx(single[step]["loss"], abs=1e-5)
+        assert multi[step]["tokens"] == single[step]["tokens"] == step * TOKENS_PER_STEP
+    # the whole validation set on both sides: the same initial weights, then the same trained ones
+    for step in (0, 4):
+        assert multi[step]["val_loss"] == pytest.approx(single[step]["val_loss"], abs=1e-5)
+    weights, reference = final_weights(distributed_runs[strategy]), final_weights(distributed_runs["single"])
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_checkpoint_is_sharded_and_resumes_exactly(distributed_runs, tmp_path, data_dir):
+    fsdp = distributed_runs["fsdp"]
+    checkpoint = fsdp / "step-00000002"
+    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per rank
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(checkpoint, resumed / checkpoint.name)
+    run_script("pretrain/tinyllama.py",
+               run_args(resumed, data_dir, **DISTRIBUTED, devices=2, strategy="fsdp", resume="auto"))
+    expected = losses(fsdp)
+    assert losses(resumed) == {3: expected[3], 4: expected[4]}
+    weights, reference = final_weights(resumed), final_weights(fsdp)
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
+
+    with pytest.raises(ValueError, match="is a sharded checkpoint written by FSDP"):
+        train_here(tmp_path / "one", data_dir, **DISTRIBUTED, strategy="fsdp", resume=checkpoint)
+    with pytest.raises(ValueError, match="written by 2 processes"):  # each rank's data position is in it
+        train_here(tmp_path / "one", data_dir, **DISTRIBUTED, resume=distributed_runs["ddp"] / "step-00000002")
+
+
+def test_bf16_precisions_train_close_to_fp32_and_fsdp_matches_one_process(tmp_path, data_dir):
+    args = dict(train_data_mix="train_a", max_steps=2, val_data_dir=None, save_interval=2)
+    train_here(tmp_path / "fp32", data_dir, **args)
+    reference = losses(tmp_path / "fp32")
+    for precision in ("bf16-mixed", "bf16-true"):
+        train_here(tmp_path / precision, data_dir, precision=precision, **args)
+        got = losses(tmp_path / precision)
+        assert got != reference  # bf16 really was used
+        assert all(got[step] == pytest.approx(reference[step], abs=0.05) for step in (1, 2))
+    run_script("pretrain/tinyllama.py", run_args(tmp_path / "fsdp", data_dir, precision="bf16-mixed", devices=2,
+                                                 strategy="fsdp", **args))
+    single, fsdp = losses(tmp_path / "bf16-mixed"), losses(tmp_path / "fsdp")
+    assert all(fsdp[step] == pytest.approx(single[step], abs=2e-3) for step in (1, 2))
+
+
+# ---- the recipe scripts ---------------------------------------------------------------------------------------
+
+
+def test_amd_llama_135m_recipe_runs_the_same_loop_with_its_defaults(tmp_path):
+    data = tmp_path / "data"
+    write_shards(data, "train_slimpajama", n_blocks=24, seed=4)
+    write_shards(data, "train_gutenberg", n_blocks=8, seed=5)
+    out = tmp_path / "out"
+    run_script("pretrain/amd_llama_135m.py", dict(
+        model_name="micro", out_dir=out, train_data_dir=data, val_data_dir=None, tokenizer_dir=None,
+        accelerator="cpu", devices=1, precision="32-true", seq_len=SEQ_LEN, global_batch_size=8,
+        micro_batch_size=4, max_steps=2, log_interval=1))
+    hparams = json.loads((out / "hyperparameters.json").read_text())
+    assert (hparams["learning_rate"], hparams["min_lr"], hparams["warmup_steps"]) == (6e-4, 6e-5, 2000)
+    assert (hparams["weight_decay"], hparams["eps"], hparams["grad_clip"]) == (0.1, 1e-8, 1.0)
+    assert hparams["train_data_mix"] == "train_slimpajama,train_gutenberg"
+    assert hparams["max_tokens"] == 670_000_000_000
+    logged = metrics(out)
+    assert logged[1]["learning_rate"] == pytest.approx(6e-4 / 2000)  # first warmup step
+    assert logged[2]["tokens"] == 2 * TOKENS_PER_STEP
+
+
+def test_code_finetune_starts_from_the_weights_and_runs_one_epoch(tmp_path, data_dir):
+    pretrained = tmp_path / "pretrained"
+    train_here(pretrained, data_dir, max_steps=3, eval_interval=3)
+    data = tmp_path / "code"
+    write_shards(data, "train_starcoder", n_blocks=29, seed=6)  # 3 global batches of 8, 5 blocks left out
+    out = tmp_path / "out"
+    run_script("finetune/amd_llama_135m_code.py", dict(
+        model_name="micro", initial_checkpoint_dir=pretrained / "final", tokenizer_dir=None, out_dir=out,
+        train_data_dir=data, val_data_dir=data_dir, eval_iters=8, accelerator="cpu", devices=1,
+        precision="32-true", seq_len=SEQ_LEN, global_batch_size=8, micro_batch_size=2, log_interval=1))
+    logged = metrics(out)
+    # the pretrained weights: the finetune's first validation is the pretraining's last (same data, same batches)
+    assert logged[0]["val_loss"] == pytest.approx(metrics(pretrained)[3]["val_loss"], abs=1e-6)
+    assert max(losses(out)) == 29 // 8  # one epoch
+    assert logged[1]["learning_rate"] == pytest.approx(3e-4 / 2000)  # a fresh schedule from step 0
+    hparams = json.loads((out / "hyperparameters.json").read_text())
+    assert (hparams["learning_rate"], hparams["min_lr"], hparams["epochs"]) == (3e-4, 3e-5, 1)
+    assert hparams["train_data_mix"] == "train_starcoder"
+
+    with pytest.raises(ValueError, match="is a 'micro' model, but --model_name is 'demo'"):
+        train_here(tmp_path / "wrong", data_dir, model_name="demo", initial_checkpoint_dir=pretrained / "final")
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """`--demo` on a corpus built from a few standard library files; the final weights load in generate/base.py."""
+    from prepare_data.prepare_demo import prepare_demo
+
+    corpus = prepare_demo(tmp_path / "demo", max_files=40, validation_fraction=0.3, quiet=True)
+    out = tmp_path / "out"
+    output = run_script("pretrain/tinyllama.py", {"demo": True, "data_dir": corpus, "max_steps": 3,
+                                                  "eval_interval": 3, "eval_iters": 2, "out_dir": out}, timeout=300)
+    assert re.search(r"validation loss: initial \d+\.\d+, final \d+\.\d+", output)
+    assert "Sample from" in output
+    final = out / "final"
+    assert {"lit_model.pth", "model_config.json", "tokenizer.model"} <= {p.name for p in final.iterdir()}
+    sample = subprocess.run([sys.executable, str(ROOT / "generate/base.py"), "--checkpoint_dir", str(final),
+                             "--max_new_tokens", "5", "--prompt", "def"], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("def")
