@@ -65,7 +65,7 @@ DEMO = dict(
     log_interval=20,
     eval_interval=100,
     eval_iters=16,
-    save_interval=100,
+    save_interval=250,  # each checkpoint holds the optimizer too: about 60 MB
     resume="auto",  # running the demo again continues it (or, if it is complete, samples again)
 )
 DEMO_PROMPT = "class Parser:"
