@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from utils import atomic_write
+
 HDR_MAGIC = b"LITPKDS"
 HDR_SIZE = 24  # bytes
 HDR_VERSION = 1
@@ -149,17 +151,9 @@ class PackedDatasetBuilder:
 
     def _write_chunk(self) -> None:
         path = self.outdir / f"{self.prefix}_{len(self.filenames):010d}.bin"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(_HEADER.pack(HDR_MAGIC, HDR_VERSION, self._code, self._filled))
-                f.write(self._buffer[:self._filled])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            f.write(_HEADER.pack(HDR_MAGIC, HDR_VERSION, self._code, self._filled))
+            f.write(self._buffer[:self._filled])
         self.filenames.append(str(path))
         self._filled = 0
 
