@@ -6,6 +6,7 @@ Lit-gpt conventions (`Config.from_name`, `transformer.wte / h / ln_f`, `lm_head`
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -81,10 +82,13 @@ class Config:
         return cls(**values)
 
     def save(self, path: Union[str, Path]) -> None:
+        """Write the config as JSON, atomically (a temporary file, then a rename)."""
         path = Path(path)
         if path.is_dir():
             path = path / "model_config.json"
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 def find_multiple(n: int, k: int) -> int:

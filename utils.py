@@ -79,13 +79,13 @@ def load_model(checkpoint_dir: Union[str, Path], device: Union[str, torch.device
     state_dict = load_state_dict(checkpoint_dir / "lit_model.pth")
     check_state_dict(model, state_dict, str(checkpoint_dir / "lit_model.pth"))
     model.load_state_dict(state_dict, assign=True)
-    # the rope caches are not in the checkpoint: compute them, still on meta, before moving the model
+    # the rope caches are not in the checkpoint: compute them on the CPU, then move the model
     model.cos, model.sin = build_rope_cache(config)
     return model.to(device=device, dtype=dtype).eval()
 
 
-def num_parameters(module: torch.nn.Module, requires_grad: Optional[bool] = None) -> int:
-    return sum(p.numel() for p in module.parameters() if requires_grad is None or p.requires_grad == requires_grad)
+def num_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def cli(fn: Callable, argv: Optional[list] = None) -> Any:
@@ -116,8 +116,8 @@ def cli(fn: Callable, argv: Optional[list] = None) -> Any:
             kwargs["type"] = _none_or(type(typing.get_args(kind)[0]), optional)
         elif typing.get_origin(kind) in (list, tuple, collections.abc.Sequence):
             kwargs["nargs"] = "*"
-            kwargs["type"] = typing.get_args(kind)[0]
             kwargs["action"] = _CommaSeparated
+            kwargs["const"] = typing.get_args(kind)[0]  # the item type, applied after splitting at commas
         else:
             kwargs["type"] = _none_or(kind, optional)
         parser.add_argument(f"--{name}", **kwargs)
@@ -128,7 +128,11 @@ class _CommaSeparated(argparse.Action):
     """`--names a b`, `--names a,b` and `--names ""` (none) all work for a list parameter."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, [self.type(v) for value in values for v in str(value).split(",") if v])
+        try:
+            items = [self.const(item) for value in values for item in value.split(",") if item]
+        except ValueError as error:
+            raise argparse.ArgumentError(self, f"invalid value: {error}") from None
+        setattr(namespace, self.dest, items)
 
 
 def _none_or(kind: Callable, optional: bool) -> Callable:

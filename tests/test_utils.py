@@ -23,6 +23,13 @@ def test_save_atomic_keeps_the_old_file_when_saving_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
+def test_config_save_is_atomic_and_round_trips(tmp_path):
+    config = Config.from_name("micro", n_layer=3)
+    config.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model_config.json"]
+    assert Config.from_file(tmp_path) == config
+
+
 def test_mismatched_checkpoint_names_key_and_both_shapes(tmp_path):
     small = GPT(Config.from_name("micro"))
     big = GPT(Config.from_name("micro", n_embd=128))
@@ -50,3 +57,12 @@ def test_cli_parses_the_typed_signature():
         cli(main, ["--path", "p", "--mode", "c"])
     with pytest.raises(SystemExit):
         cli(main, [])  # --path is required
+
+
+def test_cli_converts_list_items_after_splitting():
+    def main(sizes: List[int] = [1]):
+        return sizes
+
+    assert cli(main, ["--sizes", "1,2", "3"]) == [1, 2, 3]
+    with pytest.raises(SystemExit):
+        cli(main, ["--sizes", "1,x"])
