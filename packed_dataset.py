@@ -66,6 +66,18 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
 
 
+def token_dtype(vocab_size: int, dtype: Optional[np.dtype] = None) -> np.dtype:
+    """`dtype` checked to be a LITPKDS token dtype that holds every id of the vocabulary; None: dtype_for_vocab."""
+    if dtype is None:
+        return dtype_for_vocab(vocab_size)
+    dtype = np.dtype(dtype)
+    _dtype_code(dtype)
+    if vocab_size - 1 > np.iinfo(dtype).max:
+        raise ValueError(f"vocab_size {vocab_size} does not fit dtype {dtype.name} "
+                         f"(max id {np.iinfo(dtype).max}); use {dtype_for_vocab(vocab_size).name}")
+    return dtype
+
+
 def _dtype_code(dtype: np.dtype) -> int:
     for code in TOKEN_DTYPE_CODES:
         if np.dtype(DTYPES[code]) == dtype:
@@ -106,11 +118,8 @@ class PackedDatasetBuilder:
                  dtype: Optional[np.dtype] = None) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1 token, got {chunk_size}")
-        self.dtype = dtype_for_vocab(vocab_size) if dtype is None else np.dtype(dtype)
+        self.dtype = token_dtype(vocab_size, dtype)
         self._code = _dtype_code(self.dtype)
-        if vocab_size - 1 > np.iinfo(self.dtype).max:
-            raise ValueError(f"vocab_size {vocab_size} does not fit dtype {self.dtype.name} "
-                             f"(max id {np.iinfo(self.dtype).max}); use {dtype_for_vocab(vocab_size).name}")
         self.outdir = Path(outdir)
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix

@@ -26,7 +26,7 @@ import numpy as np
 import zstandard
 from tqdm import tqdm
 
-from packed_dataset import PackedDatasetBuilder, dtype_for_vocab
+from packed_dataset import PackedDatasetBuilder, token_dtype
 from tokenizer import Tokenizer
 
 DEFAULT_CHUNK_SIZE = (2048 + 1) * 1024  # tokens per shard, as TinyLlama
@@ -36,6 +36,7 @@ TokenDtype = Literal["uint16", "int32"]  # of the shards' token ids: the prepare
 DTYPE_CHOICES = get_args(TokenDtype)  # checked at run time too, for callers from Python
 
 ReadDocuments = Callable[[Path, "Report"], Iterator[Tuple[int, str]]]
+SplitKey = Callable[[Path, str], str]
 
 
 class BadInputError(ValueError):
@@ -172,25 +173,25 @@ def read_jsonl(path: Path, report: Report) -> Iterator[Tuple[int, dict]]:
         report.unreadable(path, f"unreadable after line {line_number} ({error}); the lines before it were used")
 
 
-def read_text_file(path: Path, report: Report) -> Optional[str]:
-    """The whole file as one document; None (recorded in `report`) if it cannot be read or is not UTF-8."""
+def read_whole_file(path: Path, report: Report) -> Iterator[Tuple[int, str]]:
+    """The whole file as one document `(1, text)`; nothing (recorded in `report`) if it is unreadable or not UTF-8."""
     try:
         data = path.read_bytes()
     except OSError as error:
         report.unreadable(path, str(error))
-        return None
+        return
     try:
-        return data.decode("utf-8")
+        yield 1, data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         report.skip(path, line, f"invalid UTF-8 at byte {error.start} of the file; document skipped")
-        return None
 
 
-def hashed_split(text: str, validation_fraction: float) -> str:
-    """'validation' for a stable `validation_fraction` of documents, chosen by a hash of the text (so duplicates
-    land in the same split and the split does not depend on file order or process count), else 'train'."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+def hashed_split(key: str, validation_fraction: float) -> str:
+    """'validation' for a stable `validation_fraction` of keys, else 'train', chosen by a hash of `key` (by default a
+    document's text: duplicates land in the same split, and the split depends on neither file order nor process
+    count)."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return "validation" if int.from_bytes(digest, "little") < validation_fraction * 2**64 else "train"
 
 
@@ -200,17 +201,14 @@ def load_tokenizer(
     """The tokenizer, checked to have the separators asked for and a vocabulary that fits the token dtype."""
     tokenizer = Tokenizer(tokenizer_path)
     for wanted, name, token_id in ((bos, "bos", tokenizer.bos_id), (eos, "eos", tokenizer.eos_id)):
-        if wanted and (token_id is None or token_id < 0):
+        if wanted and token_id is None:
             raise ValueError(f"{tokenizer.path} defines no {name.upper()} token; pass --no-{name} to pack without it")
     if dtype is not None and dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
-    token_dtype = np.dtype(dtype) if dtype else np.dtype(dtype_for_vocab(tokenizer.vocab_size))
-    if tokenizer.vocab_size - 1 > np.iinfo(token_dtype).max:
-        raise ValueError(
-            f"{tokenizer.path} has {tokenizer.vocab_size} tokens: ids up to {tokenizer.vocab_size - 1} do not fit"
-            f" {token_dtype} (at most {np.iinfo(token_dtype).max}); choose a larger dtype"
-        )
-    return tokenizer, token_dtype
+    try:  # the shard writer's own check, here to fail before any process starts and to name the file
+        return tokenizer, token_dtype(tokenizer.vocab_size, dtype)
+    except ValueError as error:
+        raise ValueError(f"{tokenizer.path}: {error}") from None
 
 
 def is_encodable(text: str) -> bool:
@@ -220,11 +218,6 @@ def is_encodable(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
-
-
-def document_ids(tokenizer: Tokenizer, text: str, bos: bool, eos: bool) -> List[int]:
-    """The document boundary used everywhere: BOS, the text's ids, EOS (each optional)."""
-    return tokenizer.encode_ids(text, bos=bos, eos=eos)
 
 
 @dataclass
@@ -237,6 +230,7 @@ class Job:
     name: str  # shards are {split}_{name}_{process}_{counter}.bin
     split: Optional[str]  # every document goes to this split; None: hashed_split with validation_fraction
     validation_fraction: float = 0.0
+    split_key: Optional[SplitKey] = None  # what hashed_split hashes, from (file, document); None: the document
     split_subdirs: bool = False  # shards in destination/{split}/ instead of destination/
     chunk_size: int = DEFAULT_CHUNK_SIZE
     bos: bool = True
@@ -271,7 +265,7 @@ def _init_worker(progress_queue, stop_event) -> None:
 def _pack(job: Job, rank: int, files: List[Path], progress: Optional[Callable[[int], None]] = None) -> Report:
     """One process: read, encode and pack `files` in order, with one builder per split."""
     start, cpu_start = time.perf_counter(), time.process_time()
-    tokenizer, token_dtype = load_tokenizer(job.tokenizer_path, job.bos, job.eos, job.dtype)
+    tokenizer, shard_dtype = load_tokenizer(job.tokenizer_path, job.bos, job.eos, job.dtype)
     report = Report(strict=job.strict)
     builders: Dict[str, PackedDatasetBuilder] = {}
     pending: Dict[str, List[int]] = {split: [] for split in job.splits}
@@ -279,9 +273,9 @@ def _pack(job: Job, rank: int, files: List[Path], progress: Optional[Callable[[i
     def flush(split: str) -> None:
         if split not in builders:
             builders[split] = PackedDatasetBuilder(
-                job.outdir(split), f"{split}_{job.name}_{rank}", job.chunk_size, tokenizer.vocab_size, token_dtype
+                job.outdir(split), f"{split}_{job.name}_{rank}", job.chunk_size, tokenizer.vocab_size, shard_dtype
             )
-        builders[split].add_array(np.array(pending[split], dtype=token_dtype))
+        builders[split].add_array(np.array(pending[split], dtype=shard_dtype))
         pending[split] = []
 
     for path in files:
@@ -290,13 +284,14 @@ def _pack(job: Job, rank: int, files: List[Path], progress: Optional[Callable[[i
                 report.empty_documents += 1
                 continue
             try:
-                ids = document_ids(tokenizer, text, job.bos, job.eos)
+                ids = tokenizer.encode_ids(text, bos=job.bos, eos=job.eos)  # the document boundary: BOS ... EOS
             except (UnicodeEncodeError, RuntimeError):
                 if is_encodable(text):
                     raise
                 report.skip(path, line, "text is not valid Unicode (a lone surrogate); document skipped")
                 continue
-            split = job.split or hashed_split(text, job.validation_fraction)
+            key = job.split_key(path, text) if job.split_key else text
+            split = job.split or hashed_split(key, job.validation_fraction)
             report.documents[split] += 1
             report.tokens[split] += len(ids)
             report.characters += len(text)
@@ -325,8 +320,10 @@ def _pack(job: Job, rank: int, files: List[Path], progress: Optional[Callable[[i
 
 def prepare(job: Job, files: List[Path], num_processes: Optional[int] = None, quiet: bool = False) -> Report:
     """Pack `files` into shards with `num_processes` processes (default: all cores; file i goes to process
-    i mod n); print a summary and write it to `{destination}/summary_{label}.json`. Refuses to mix with shards of an
-    earlier run, and removes this run's shards if it fails (bad input under --strict, or an error)."""
+    i mod n); print a summary and write it to `{destination}/summary_{label}.json`: summary_{name}.json for a run that
+    splits its documents itself, summary_{split}_{name}.json for a run of one split (so the train and validation runs
+    of a data set into one directory keep a summary each). Refuses to mix with shards of an earlier run, and removes
+    this run's shards if it fails (bad input under --strict, or an error)."""
     start = time.perf_counter()
     load_tokenizer(job.tokenizer_path, job.bos, job.eos, job.dtype)  # fail here, not in every process
     existing = job.shards_on_disk()

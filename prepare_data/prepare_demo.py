@@ -6,9 +6,13 @@
 
     python prepare_data/prepare_demo.py --destination_path data/demo
 
-Writes `tokenizer.model` (trained here unless present), shards `train/train_{code,prose}_*.bin` and
-`validation/validation_{code,prose}_*.bin` (each document to validation with probability validation_fraction, by a
-hash of its text), and last `summary.json`, which makes a later call return at once.
+Writes `tokenizer.model` (trained here on the train split unless present), shards `train/train_{code,prose}_*.bin`
+and `validation/validation_{code,prose}_*.bin`, `summary_code.json` and `summary_prose.json` (what each was packed
+from), and last `summary.json` (the settings and both summaries), which makes a later call return at once.
+
+A standard library file goes to validation with probability validation_fraction, by a hash of its path, and its code
+and its prose go there together: the prose is the code's own docstrings, so splitting them apart would put validation
+text in the training data. A documentation file goes by a hash of its text.
 """
 
 import ast
@@ -22,8 +26,8 @@ from typing import Iterator, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import Job, Report, hashed_split, prepare, read_text_file
-from prepare_data.train_tokenizer import sample_documents, train_tokenizer
+from prepare_data.common import Job, Report, hashed_split, prepare, read_whole_file
+from prepare_data.train_tokenizer import LineCounts, sample_documents, train_tokenizer
 from utils import atomic_write, cli
 
 VOCAB_SIZE = 4096
@@ -32,17 +36,17 @@ VALIDATION_FRACTION = 0.05
 TOKENIZER_SAMPLE_CHARACTERS = 8_000_000
 EXCLUDED_DIRECTORIES = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
 DOCS_SOURCES = "/usr/share/doc/python3*/html/_sources"
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def stdlib_files(max_files: Optional[int] = None) -> List[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
         path
-        for path in root.rglob("*.py")
-        if not EXCLUDED_DIRECTORIES & set(path.relative_to(root).parts[:-1]) and not path.name.startswith("test_")
+        for path in STDLIB.rglob("*.py")
+        if not EXCLUDED_DIRECTORIES & set(path.relative_to(STDLIB).parts[:-1]) and not path.name.startswith("test_")
     )
     if not files:
-        raise FileNotFoundError(f"No standard library .py files in {str(root)!r}")
+        raise FileNotFoundError(f"No standard library .py files in {str(STDLIB)!r}")
     return files[:max_files]
 
 
@@ -82,29 +86,27 @@ def extract_prose(source: str) -> str:
     return "\n\n".join(text for _, text in sorted(pieces))
 
 
-def read_code(path: Path, report: Report) -> Iterator[Tuple[int, str]]:
-    text = read_text_file(path, report)
-    if text is not None:
-        yield 1, text
-
-
 def read_prose(path: Path, report: Report) -> Iterator[Tuple[int, str]]:
-    text = read_text_file(path, report)
-    if text is None:
-        return
-    if path.suffix == ".py":
-        try:
-            text = extract_prose(text)
-        except (SyntaxError, ValueError) as error:
-            report.unreadable(path, f"not parseable as Python ({error})")
-            return
-    yield 1, text
+    for line, text in read_whole_file(path, report):
+        if path.suffix == ".py":
+            try:
+                text = extract_prose(text)
+            except (SyntaxError, ValueError) as error:
+                report.unreadable(path, f"not parseable as Python ({error})")
+                return
+        yield line, text
 
 
-def read_train_documents(path: Path, report: Report, read, validation_fraction: float) -> Iterator[Tuple[int, str]]:
-    """The documents of the train split only: the tokenizer sees no validation document."""
-    for line, text in read(path, report):
-        if hashed_split(text, validation_fraction) == "train":
+def split_key(path: Path, text: str) -> str:
+    """What decides the split of a document: the path of its standard library file, shared by the file's code and
+    prose documents; a documentation file's own text."""
+    return path.relative_to(STDLIB).as_posix() if path.is_relative_to(STDLIB) else text
+
+
+def read_train_documents(path: Path, report: Report, validation_fraction: float) -> Iterator[Tuple[int, str]]:
+    """The whole files of the train split only: the tokenizer sees no validation document."""
+    for line, text in read_whole_file(path, report):
+        if hashed_split(split_key(path, text), validation_fraction) == "train":
             yield line, text
 
 
@@ -120,10 +122,10 @@ def prepare_demo(
     """Build the demo corpus in destination_path unless it is complete already; return destination_path.
 
     Args:
-        destination_path: where tokenizer.model, the train/ and validation/ shards and summary.json are written
+        destination_path: where tokenizer.model, the train/ and validation/ shards and the summaries are written
         vocab_size: the number of tokens of the tokenizer trained here
         chunk_size: tokens per shard
-        validation_fraction: the share of documents that go to the validation split (chosen by a hash of the text)
+        validation_fraction: the share of source files whose documents go to the validation split (by a hash)
         max_files: use only the first max_files files of each source (for tests); none: all
         num_processes: processes that pack the files; none: all cores
         quiet: no progress bars or summaries
@@ -142,16 +144,20 @@ def prepare_demo(
         return destination_path
 
     code_files = stdlib_files(max_files)
-    sources = {"code": (read_code, code_files), "prose": (read_prose, code_files + docs_files(max_files))}
+    sources = {"code": (read_whole_file, code_files), "prose": (read_prose, code_files + docs_files(max_files))}
     tokenizer_path = destination_path / "tokenizer.model"
     if not tokenizer_path.is_file():  # trained on whole files: the code's docstrings and comments are the prose
         sample = sample_documents(
             code_files + docs_files(max_files),
-            partial(read_train_documents, read=read_code, validation_fraction=validation_fraction),
+            partial(read_train_documents, validation_fraction=validation_fraction),
             TOKENIZER_SAMPLE_CHARACTERS,
             Report(),  # problems are reported when the same files are packed below
         )
-        train_tokenizer(sample, destination_path, vocab_size)
+        counts = LineCounts()
+        train_tokenizer(sample, destination_path, vocab_size, counts)
+        if not quiet:
+            print(f"Wrote {tokenizer_path} ({vocab_size} tokens): trained on {counts.lines:,} lines, of which"
+                  f" {counts.cut_lines:,} long ones were cut into {counts.pieces:,} pieces")
 
     reports = {}
     for name, (read, files) in sources.items():
@@ -162,6 +168,7 @@ def prepare_demo(
             name=name,
             split=None,
             validation_fraction=validation_fraction,
+            split_key=split_key,
             split_subdirs=True,
             chunk_size=chunk_size,
         )

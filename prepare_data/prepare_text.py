@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prepare_data.common import (
-    DEFAULT_CHUNK_SIZE, Job, Report, TokenDtype, find_files, prepare, read_jsonl, read_text_file,
+    DEFAULT_CHUNK_SIZE, Job, Report, TokenDtype, find_files, prepare, read_jsonl, read_whole_file,
 )  # fmt: skip
 from utils import cli
 
@@ -35,9 +35,7 @@ def read_documents(path: Path, report: Report, text_key: str = "text") -> Iterat
                 continue
             yield line, text
     else:
-        text = read_text_file(path, report)
-        if text is not None:
-            yield 1, text
+        yield from read_whole_file(path, report)
 
 
 def main(

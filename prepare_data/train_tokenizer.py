@@ -6,7 +6,8 @@
 
 source_path is anything the preparers read: a directory or glob of .jsonl.zst / .jsonl (the `text` field), .parquet
 (the `content` column), or plain text and .py files (one document per file). Training reads at most max_characters of
-text, spread evenly over the files in sorted order, and trains on its lines.
+text, spread evenly over the files in sorted order, and trains on its lines; a line longer than sentencepiece's
+max_sentence_length is cut into pieces at spaces (sentencepiece would leave it out).
 """
 
 import io
@@ -14,7 +15,9 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List
+from dataclasses import dataclass
+from itertools import chain
+from typing import Callable, Iterable, Iterator, List, Optional
 
 import sentencepiece as spm
 
@@ -40,7 +43,7 @@ LLAMA2_SPEC = dict(
     remove_extra_whitespaces=False,
     add_dummy_prefix=True,
     normalization_rule_name="identity",
-    max_sentence_length=4192,  # bytes; longer lines are left out of training
+    max_sentence_length=4192,  # bytes; sentencepiece leaves longer lines out, so training_lines cuts them
     max_sentencepiece_length=16,
     split_by_unicode_script=True,
     split_by_number=True,
@@ -71,14 +74,75 @@ def sample_documents(
         used += taken
 
 
-def train_tokenizer(documents: Iterable[str], destination_path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
-    """Train on the non-blank lines of `documents`; write `{destination_path}/tokenizer.model` atomically."""
-    max_bytes = LLAMA2_SPEC["max_sentence_length"]  # sentencepiece would skip longer lines with a warning each
-    lines = (line for text in documents for line in text.split("\n"))
-    sentences = (line for line in lines if line.strip() and len(line.encode()) <= max_bytes)
+class NoTextError(ValueError):
+    """Nothing but blank lines to train on."""
+
+
+@dataclass
+class LineCounts:
+    """What train_tokenizer trained on."""
+
+    lines: int = 0  # non-blank lines trained on, each cut line counted once
+    cut_lines: int = 0  # longer than max_sentence_length, cut into pieces
+    pieces: int = 0  # the non-blank pieces of the cut lines
+    invalid_lines: int = 0  # with a lone surrogate (possible in JSON), which no tokenizer takes: left out
+
+
+def cut_line(line: str, max_bytes: int) -> List[str]:
+    """`line` in pieces of at most max_bytes UTF-8 bytes, each cut at its last space (which is dropped), or at the
+    last character that fits when the piece has no space."""
+    data = line.encode()
+    pieces = []
+    while len(data) > max_bytes:
+        cut = data.rfind(b" ", 1, max_bytes + 1)
+        if cut > 0:
+            pieces.append(data[:cut])
+            data = data[cut + 1 :]
+        else:
+            cut = max_bytes
+            while data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: move back to the character's start
+                cut -= 1
+            pieces.append(data[:cut])
+            data = data[cut:]
+    return [piece.decode() for piece in pieces + [data]]
+
+
+def training_lines(documents: Iterable[str], max_bytes: int, counts: LineCounts) -> Iterator[str]:
+    """The non-blank lines of `documents`, those longer than max_bytes cut into non-blank pieces."""
+    for text in documents:
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            try:
+                size = len(line.encode())
+            except UnicodeEncodeError:
+                counts.invalid_lines += 1
+                continue
+            counts.lines += 1
+            if size <= max_bytes:
+                yield line
+                continue
+            counts.cut_lines += 1
+            for piece in cut_line(line, max_bytes):
+                if piece.strip():
+                    counts.pieces += 1
+                    yield piece
+
+
+def train_tokenizer(
+    documents: Iterable[str], destination_path: Path, vocab_size: int = VOCAB_SIZE, counts: Optional[LineCounts] = None
+) -> Path:
+    """Train on the non-blank lines of `documents` (counted in `counts`); write `{destination_path}/tokenizer.model`
+    atomically."""
+    counts = LineCounts() if counts is None else counts
+    sentences = training_lines(documents, LLAMA2_SPEC["max_sentence_length"], counts)
+    first = next(sentences, None)
+    if first is None:  # sentencepiece would fail with "INTERNAL: ... [!sentences_.empty()]"
+        raise NoTextError(f"no text to train a tokenizer on: every line is blank or invalid ({counts.invalid_lines}"
+                          f" lines with a lone surrogate)")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences,
+        sentence_iterator=chain([first], sentences),
         model_writer=model,
         vocab_size=vocab_size,
         num_threads=os.cpu_count() or 1,
@@ -115,10 +179,21 @@ def main(
         text_key: the field of a JSON line that holds the document
     """
     files = find_files(source_path, [*DIRECTORY_PATTERNS, "**/*.parquet"])
-    report = Report()
+    report, counts = Report(), LineCounts()
     documents = sample_documents(files, partial(read_any, text_key=text_key), max_characters, report)
-    path = train_tokenizer(documents, destination_path, vocab_size)
-    print(f"Wrote {path} ({vocab_size} tokens) from {len(files)} files")
+    try:
+        path = train_tokenizer(documents, destination_path, vocab_size, counts)
+    except NoTextError:
+        raise NoTextError(
+            f"No text to train a tokenizer on in {source_path!r}: {len(files)} files, {report.skipped} bad lines or"
+            f" documents skipped, {report.unreadable_files} unreadable files, {counts.invalid_lines} lines with a lone"
+            f" surrogate, the rest empty or blank"
+            + "".join(f"\n  {problem}" for problem in report.problems)
+        ) from None
+    max_bytes = LLAMA2_SPEC["max_sentence_length"]
+    print(f"Wrote {path} ({vocab_size} tokens) from {len(files)} files: {counts.lines:,} lines, of which"
+          f" {counts.cut_lines:,} longer than {max_bytes} bytes were cut into {counts.pieces:,} pieces; left out"
+          f" {counts.invalid_lines:,} lines with a lone surrogate")
     if report.skipped or report.unreadable_files:
         print(f"Skipped {report.skipped} bad lines or documents and {report.unreadable_files} unreadable files:")
         print("\n".join(f"  {problem}" for problem in report.problems))

@@ -19,8 +19,9 @@ import zstandard
 
 from prepare_data import prepare_demo, prepare_slimpajama, prepare_starcoder, prepare_text
 from prepare_data import train_tokenizer as train_tokenizer_script
+from packed_dataset import PackedDatasetBuilder
 from prepare_data.common import BadInputError, Report, find_files, load_tokenizer
-from prepare_data.train_tokenizer import read_any, sample_documents, train_tokenizer
+from prepare_data.train_tokenizer import LLAMA2_SPEC, LineCounts, cut_line, read_any, sample_documents, train_tokenizer
 from utils import cli
 
 BOS, EOS = 1, 2
@@ -282,6 +283,8 @@ def test_prepare_text_split_is_complete_and_deterministic(tmp_path, tokenizer_di
         wanted[tuple(sp.encode(csv))] += expected_split(csv, 0.3) == split
         assert results["b", split] == wanted
     assert 0 < sum(results["a", "validation"].values()) < len(documents)
+    summary = json.loads((tmp_path / "a" / "summary_mine.json").read_text())  # one per run, both splits
+    assert summary["documents"] == {s: sum(results["a", s].values()) for s in ("train", "validation")}
 
 
 def test_train_tokenizer_llama2_conventions(tokenizer_dir, sp):
@@ -315,28 +318,89 @@ def test_train_tokenizer_samples_every_format_within_its_budget(tmp_path):
     assert spm.SentencePieceProcessor(model_file=str(path)).vocab_size() == 300
 
 
-def test_prepare_demo_four_prefixes_and_idempotent(tmp_path):
-    destination = prepare_demo.prepare_demo(
-        tmp_path / "demo", vocab_size=512, chunk_size=257 * 4, validation_fraction=0.5, max_files=12,
-        num_processes=1, quiet=True,
-    )
+def test_train_tokenizer_cuts_long_lines_instead_of_dropping_them(tmp_path, capsys):
+    rng = random.Random(21)
+    long_lines = [" ".join(rng.choice(WORDS) for _ in range(1200))[:6000] for _ in range(50)]  # 6 KB, one line each
+    source = tmp_path / "a.jsonl"
+    source.write_text("".join(json.dumps({"text": line}) + "\n" for line in long_lines))
+    path = train_tokenizer_script.main(str(source), tmp_path / "out", vocab_size=300)
+    assert spm.SentencePieceProcessor(model_file=str(path)).vocab_size() == 300
+    printed = capsys.readouterr().out
+    assert "50 lines, of which 50 longer than 4192 bytes were cut into 100 pieces" in printed
+
+    counts = LineCounts()
+    train_tokenizer(long_lines + ["short line", "\n  \n", "bad \ud800 line"], tmp_path / "again", 300, counts)
+    assert (counts.lines, counts.cut_lines, counts.pieces, counts.invalid_lines) == (51, 50, 100, 1)
+
+
+def test_cut_line_keeps_every_character_within_the_byte_limit():
+    max_bytes = LLAMA2_SPEC["max_sentence_length"]
+    words = " ".join(sentences(600, seed=3))
+    assert len(words.encode()) > 3 * max_bytes
+    pieces = cut_line(words, max_bytes)
+    assert " ".join(pieces) == words  # cut at spaces, each dropped
+    assert all(0 < len(p.encode()) <= max_bytes and not p.startswith(" ") for p in pieces)
+    no_spaces = "é€𝄞x" * 1000  # 2-, 3-, 4- and 1-byte characters, no space: cut between characters
+    pieces = cut_line(no_spaces, max_bytes)
+    assert "".join(pieces) == no_spaces and len(pieces) == 3
+    assert all(max_bytes - 3 <= len(p.encode()) <= max_bytes for p in pieces[:-1])
+    assert cut_line("a b", 1) == ["a", "b"] and cut_line("short", max_bytes) == ["short"]
+
+
+def test_train_tokenizer_without_text_names_the_source(tmp_path):
+    source = tmp_path / "blank.jsonl"
+    source.write_text('{"text": ""}\n{"text": "  \\n\\t "}\n{"text": "lone \\ud800"}\nnot json\n')
+    with pytest.raises(ValueError, match=re.escape(repr(str(source))) + ": 1 files, 1 bad lines.*1 lines with a lone"):
+        train_tokenizer_script.main(str(source), tmp_path / "out", vocab_size=300)
+    assert not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_prepare_demo_four_prefixes_and_idempotent(tmp_path, monkeypatch):
+    settings = dict(vocab_size=512, chunk_size=257 * 4, validation_fraction=0.5, max_files=12)
+    destination = prepare_demo.prepare_demo(tmp_path / "demo", **settings, num_processes=1, quiet=True)
     for split in ("train", "validation"):
         for kind in ("code", "prose"):
             assert list((destination / split).glob(f"{split}_{kind}_*.bin")), f"no {split}_{kind} shards"
     sp = spm.SentencePieceProcessor(model_file=str(destination / "tokenizer.model"))
-    code = [f.read_text() for f in prepare_demo.stdlib_files(12)]
-    found = Counter()
+    files = prepare_demo.stdlib_files(12)
+    found = {}
     for split in ("train", "validation"):
-        found += Counter(split_documents(read_prefix(destination / split, f"{split}_code_0", chunk_size=257 * 4)))
-    assert found == Counter(tuple(sp.encode(text)) for text in code if text.strip())
+        for kind in ("code", "prose"):
+            documents = split_documents(read_prefix(destination / split, f"{split}_{kind}_0", chunk_size=257 * 4))
+            found[split, kind] = Counter(documents)
+    code = {f: tuple(sp.encode(f.read_text())) for f in files}
+    prose = {f: tuple(sp.encode(prepare_demo.extract_prose(f.read_text()))) for f in files}
+    for kind, expected in (("code", code), ("prose", prose)):
+        written = found["train", kind] + found["validation", kind]
+        assert written == Counter(ids for ids in expected.values() if ids)  # every non-empty document, once
     assert all("test" not in f.parts for f in prepare_demo.stdlib_files())
 
-    files = sorted(p for p in destination.rglob("*") if p.is_file())
-    mtimes = [p.stat().st_mtime_ns for p in files]
-    assert prepare_demo.prepare_demo(tmp_path / "demo", vocab_size=512, chunk_size=257 * 4, validation_fraction=0.5,
-                                     max_files=12, num_processes=1, quiet=True) == destination
-    assert sorted(p for p in destination.rglob("*") if p.is_file()) == files
-    assert [p.stat().st_mtime_ns for p in files] == mtimes
+    # A file's code and its prose (the same docstrings) are in the same split, and the tokenizer saw only train files
+    split_of = {f: next(s for s in ("train", "validation") if code[f] in found[s, "code"]) for f in files}
+    assert set(split_of.values()) == {"train", "validation"}
+    for f in files:
+        if prose[f]:
+            assert prose[f] in found[split_of[f], "prose"], f"{f}: its code and prose are in different splits"
+    for f in files:
+        sampled = [text for _, text in prepare_demo.read_train_documents(f, Report(), validation_fraction=0.5)]
+        assert sampled == ([f.read_text()] if split_of[f] == "train" else [])
+
+    summaries = {kind: json.loads((destination / f"summary_{kind}.json").read_text()) for kind in ("code", "prose")}
+    for kind, summary in summaries.items():
+        assert summary["documents"] == {s: sum(found[s, kind].values()) for s in ("train", "validation")}
+    marker = json.loads((destination / "summary.json").read_text())
+    assert marker["settings"] == settings
+    assert all(marker[kind]["documents"] == summary["documents"] for kind, summary in summaries.items())
+
+    # A complete corpus: the same settings (here from the command line) return at once, touching nothing
+    paths = sorted(p for p in destination.rglob("*") if p.is_file())
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    for name in ("stdlib_files", "docs_files", "train_tokenizer", "prepare"):
+        monkeypatch.setattr(prepare_demo, name, lambda *args, **kwargs: pytest.fail("work on a complete corpus"))
+    flags = [f"--{key}={value}" for key, value in settings.items()]
+    assert cli(prepare_demo.prepare_demo, [f"--destination_path={destination}", *flags, "--quiet"]) == destination
+    assert sorted(p for p in destination.rglob("*") if p.is_file()) == paths
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes
     with pytest.raises(ValueError, match="vocab_size"):
         prepare_demo.prepare_demo(tmp_path / "demo", vocab_size=1024, max_files=12, quiet=True)
 
@@ -373,8 +437,12 @@ def test_vocabulary_that_does_not_fit_the_dtype_is_refused(tmp_path, tokenizer_d
     big.mkdir()
     vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(70_000)}}
     HFTokenizer(WordLevel(vocab, unk_token="<unk>")).save(str(big / "tokenizer.json"))
-    with pytest.raises(ValueError, match=re.escape(str(big / "tokenizer.json")) + ".*70003 tokens.*uint16"):
+    with pytest.raises(ValueError) as refused:
         load_tokenizer(big, bos=True, eos=True, dtype="uint16")
+    with pytest.raises(ValueError) as builder_refused:  # the one check, that of the shard writer
+        PackedDatasetBuilder(tmp_path / "shards", "x", chunk_size=8, vocab_size=70003, dtype=np.uint16)
+    assert str(refused.value) == f"{big / 'tokenizer.json'}: {builder_refused.value}"
+    assert "70003 does not fit dtype uint16" in str(refused.value)
     assert load_tokenizer(big, bos=True, eos=True, dtype=None)[1] == np.int32
 
 
