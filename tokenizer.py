@@ -6,6 +6,11 @@ from typing import List, Optional, Union
 
 import torch
 
+from model import Config
+
+# What a checkpoint directory holds of its tokenizer: copied next to exported weights by pretraining and conversion
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
 
 class Tokenizer:
     def __init__(self, checkpoint_dir: Union[str, Path]) -> None:
@@ -47,6 +52,12 @@ class Tokenizer:
             return None if token is None else self.processor.token_to_id(token)
 
         return token_id("bos_token", "<s>"), token_id("eos_token", "</s>")
+
+    def check_fits(self, config: Config, config_source: str) -> None:
+        """Every token id must be one of the model's `vocab_size` tokens; config_source names where config came from."""
+        if self.vocab_size > config.vocab_size:
+            raise ValueError(f"{self.path} has {self.vocab_size} tokens, more than the vocab_size={config.vocab_size} "
+                             f"of {config_source}")
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, device: Optional[torch.device] = None) -> torch.Tensor:
         return torch.tensor(self.encode_ids(text, bos=bos, eos=eos), dtype=torch.int, device=device)

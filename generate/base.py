@@ -156,11 +156,7 @@ def main(
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, device=device, dtype=PRECISIONS[precision])
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({precision} on {device})", file=sys.stderr)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"{tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's vocab_size="
-            f"{model.config.vocab_size} in {checkpoint_dir / 'model_config.json'}"
-        )
+    tokenizer.check_fits(model.config, str(checkpoint_dir / "model_config.json"))
 
     prompt_ids = tokenizer.encode(prompt, bos=tokenizer.bos_id is not None, device=device)
     room = model.config.block_size - len(prompt_ids)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import GPT, Config
 from packed_dataset import CombinedDataset, PackedDataset
-from tokenizer import Tokenizer
+from tokenizer import TOKENIZER_FILES, Tokenizer
 from utils import cli, load_checkpoint, load_model, num_parameters, save_atomic
 
 SHUFFLE_BUFFER_FILES = 8  # files whose blocks are shuffled together (TinyLlama's n_chunks)
@@ -67,6 +67,7 @@ DEMO = dict(
     eval_iters=16,
     save_interval=250,  # each checkpoint holds the optimizer too: about 60 MB
     resume="auto",  # running the demo again continues it (or, if it is complete, samples again)
+    seed=3407,  # of the initial weights, the data order and the sample
 )
 DEMO_PROMPT = "class Parser:"
 
@@ -111,13 +112,16 @@ def setup(
 ) -> Fabric:
     """Pretrain `model_name` on packed shards (TinyLlama's recipe by default). Returns the Fabric object.
 
+    For a first run there is the demo, `python pretrain/tinyllama.py --demo`: it builds a small corpus and trains a
+    tiny model on the CPU in minutes (its flags: `--demo --help`).
+
     The run stops at the first of max_steps, max_tokens and epochs, and the learning rate decays over exactly that
-    many steps; max_time only stops it early, after a checkpoint. The final weights go to out_dir/final
-    (lit_model.pth, model_config.json and the tokenizer), for generate/base.py.
+    many steps; max_time only stops it early, after a checkpoint to resume from. The final weights of a complete run
+    go to out_dir/final (lit_model.pth, model_config.json and the tokenizer), for generate/base.py.
 
     Args:
         model_name: a config of model.py
-        out_dir: checkpoints (step-N), logs and the final weights (final/) go here
+        out_dir: checkpoints (step-N), logs and the final weights (final/, once the run is complete) go here
         train_data_dir: directory of the packed training shards
         val_data_dir: directory of the validation* shards; none: no validation
         train_data_mix: 'prefix:weight,...' (the files train_data_dir/prefix*, drawn with those probabilities) or 'prefix,...' (weighted by their sizes)
@@ -190,7 +194,7 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     if seq_len > config.block_size:
         raise ValueError(f"--seq_len {seq_len} exceeds the block_size {config.block_size} of {config.name!r}")
     if args.tokenizer_dir is not None:
-        check_tokenizer(Path(args.tokenizer_dir), config)
+        check_tokenizer(Path(args.tokenizer_dir), config, args.initial_checkpoint_dir)
     accumulation = gradient_accumulation_steps(args.global_batch_size, args.micro_batch_size, fabric.world_size)
     tokens_per_step = args.global_batch_size * seq_len
 
@@ -240,7 +244,14 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     finally:
         for logger in fabric.loggers:
             logger.finalize("success")
-    export_for_generate(fabric, model, config, args.tokenizer_dir, out_dir / "final")
+    final = out_dir / "final"
+    if state["step"] < max_steps:  # stopped by --max_time: unfinished weights must not pass for the final ones
+        earlier = f" (the {final} there now is from an earlier run)" if final.exists() else ""
+        fabric.print(f"Stopped at step {state['step']} of {max_steps} (--max_time {args.max_time} s): the run is in "
+                     f"{checkpoint_path(out_dir, state['step'])}. Continue it with the same command and --resume "
+                     f"auto; the final weights go to {final} when it reaches step {max_steps}{earlier}.")
+        return
+    export_for_generate(fabric, model, config, args.tokenizer_dir, final)
 
 
 def train(fabric: Fabric, args: SimpleNamespace, run: SimpleNamespace, state: dict,
@@ -323,7 +334,6 @@ def train(fabric: Fabric, args: SimpleNamespace, run: SimpleNamespace, state: di
             save_checkpoint(fabric, out_dir, state, train_data, run.hparams, run.config)
         log_start += time.perf_counter() - pause  # tokens/s counts training only, not validation or checkpoints
         if out_of_time:
-            fabric.print(f"Stopping at step {step}: --max_time {args.max_time} s reached; resume with --resume auto")
             break
     if val_data is not None and state["step"] not in val_losses:  # e.g. resumed from the last checkpoint
         val_losses[state["step"]] = validate(fabric, model, val_data, args.micro_batch_size, run.eval_batches)
@@ -423,15 +433,15 @@ def shard_blocks(model: GPT, device_mesh) -> GPT:
     return model
 
 
-def check_tokenizer(tokenizer_dir: Path, config: Config) -> None:
+def check_tokenizer(tokenizer_dir: Path, config: Config, initial_checkpoint_dir: Optional[Path]) -> None:
     try:
         tokenizer = Tokenizer(tokenizer_dir)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"--tokenizer_dir: {error}. Its tokenizer is copied next to the final weights for "
                                 f"generate/base.py; pass --tokenizer_dir none to leave it out") from None
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens, more than vocab_size="
-                         f"{config.vocab_size} of {config.name!r}")
+    source = (str(Path(initial_checkpoint_dir) / "model_config.json") if initial_checkpoint_dir is not None
+              else f"the {config.name!r} config of model.py")
+    tokenizer.check_fits(config, source)
 
 
 def model_config(model_name: str, initial_checkpoint_dir: Optional[Path]) -> Config:
@@ -506,6 +516,10 @@ def run_length(fabric: Fabric, args: SimpleNamespace, train_data: CombinedDatase
     if args.max_steps is not None:
         limits.append(args.max_steps)
     if args.max_tokens is not None:
+        if args.max_tokens < tokens_per_step:
+            raise ValueError(f"--max_tokens {args.max_tokens:,} is less than one step of {tokens_per_step:,} tokens "
+                             f"(--global_batch_size {args.global_batch_size} sequences of "
+                             f"{tokens_per_step // args.global_batch_size} tokens): it would train nothing")
         limits.append(args.max_tokens // tokens_per_step)
     if args.epochs is not None:
         if len(train_data.datasets) != 1:
@@ -658,7 +672,7 @@ def export_for_generate(fabric: Fabric, model: nn.Module, config: Config, tokeni
         save_atomic(state_dict, tmp / "lit_model.pth")
         config.save(tmp / "model_config.json")
         if tokenizer_dir is not None:
-            for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         move_into_place(tmp, export_dir)
@@ -687,9 +701,9 @@ def check_args(args: SimpleNamespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("max_steps", "max_tokens", "max_time", "epochs", "seq_len"):
+    for name in ("max_steps", "max_tokens", "max_time", "epochs", "seq_len"):  # none of them may make an empty run
         value = getattr(args, name)
-        if value is not None and value < (1 if name in ("epochs", "seq_len") else 0):
+        if value is not None and value <= 0:
             raise ValueError(f"--{name} must be positive, got {value}")
     if str(args.devices) != "auto" and not (str(args.devices).isdigit() and int(args.devices) >= 1):
         raise ValueError(f"--devices must be auto or a number of at least 1, got {args.devices!r}")
@@ -721,8 +735,9 @@ def recipe(description: str, **defaults) -> Callable:
 
 def demo(data_dir: Path = Path("data/demo"), out_dir: Path = Path("out/demo"), max_steps: int = DEMO["max_steps"],
          eval_interval: int = DEMO["eval_interval"], eval_iters: int = DEMO["eval_iters"]) -> None:
-    """The demo: build the corpus of prepare_data/prepare_demo.py and its tokenizer if missing, train the 'demo' model
-    of model.py on the CPU with this loop (DEMO's settings), print the validation loss and a sample.
+    """The demo, `python pretrain/tinyllama.py --demo`: build the corpus of prepare_data/prepare_demo.py and its
+    tokenizer if missing, train the 'demo' model of model.py on the CPU with this loop (DEMO's settings), print the
+    validation loss and a sample.
 
     Args:
         data_dir: the demo corpus (built here if missing)
@@ -735,8 +750,7 @@ def demo(data_dir: Path = Path("data/demo"), out_dir: Path = Path("out/demo"), m
     from prepare_data.prepare_demo import prepare_demo
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if not (data_dir / "summary.json").is_file():  # prepare_demo writes it last, once the corpus is complete
-        prepare_demo(data_dir)
+    prepare_demo(data_dir)  # returns at once if the corpus is complete
     fabric = setup(**{**DEMO, "train_data_dir": data_dir / "train", "val_data_dir": data_dir / "validation",
                       "tokenizer_dir": data_dir, "out_dir": out_dir, "max_steps": max_steps,
                       "eval_interval": eval_interval, "eval_iters": eval_iters})
@@ -744,7 +758,7 @@ def demo(data_dir: Path = Path("data/demo"), out_dir: Path = Path("out/demo"), m
         final = out_dir / "final"
         tokenizer = Tokenizer(final)
         model = load_model(final)
-        torch.manual_seed(DEMO.get("seed", 3407))
+        torch.manual_seed(DEMO["seed"])
         prompt = tokenizer.encode(DEMO_PROMPT, bos=tokenizer.bos_id is not None)
         output = generate(model, prompt, max_new_tokens=100, temperature=0.8, top_k=50, eos_id=tokenizer.eos_id)
         print(f"\nSample from {final}:\n{tokenizer.decode(output)}\n")

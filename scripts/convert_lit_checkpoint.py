@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import GPT, Config
-from tokenizer import Tokenizer
+from tokenizer import TOKENIZER_FILES, Tokenizer
 from utils import atomic_write, check_state_dict, cli, load_state_dict
 
 # lit module name -> HF module name; "{}" is the layer index. Both ".weight" and ".bias" follow the same map.
@@ -40,7 +40,6 @@ LIT_TO_HF = {
     "transformer.ln_f": "model.norm",
     "lm_head": "lm_head",
 }
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def hf_state_dict(state_dict: Dict[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
@@ -123,6 +122,11 @@ def sentencepiece_tokenizer_config(tokenizer_model: Path, config: Config) -> dic
     }
 
 
+def write_json(path: Path, obj: dict) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
 def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> None:
     """Write a Hugging Face LlamaForCausalLM directory from a checkpoint of this repository.
 
@@ -154,14 +158,14 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> None:
     dtype = str(state_dict["transformer.wte.weight"].dtype).removeprefix("torch.")
     with atomic_write(output_dir / "model.safetensors") as tmp:
         save_file(hf_state_dict(state_dict, config), tmp, metadata={"format": "pt"})
-    (output_dir / "config.json").write_text(json.dumps(hf_config(config, dtype, bos_id, eos_id), indent=2) + "\n")
-    generation_config = {"bos_token_id": bos_id, "eos_token_id": eos_id}
-    (output_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    write_json(output_dir / "config.json", hf_config(config, dtype, bos_id, eos_id))
+    write_json(output_dir / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
     for name in tokenizer_present:
-        shutil.copyfile(checkpoint_dir / name, output_dir / name)
+        with atomic_write(output_dir / name) as tmp:
+            shutil.copyfile(checkpoint_dir / name, tmp)
     if "tokenizer.model" in tokenizer_present and "tokenizer_config.json" not in tokenizer_present:
         tokenizer_config = sentencepiece_tokenizer_config(checkpoint_dir / "tokenizer.model", config)
-        (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        write_json(output_dir / "tokenizer_config.json", tokenizer_config)
         tokenizer_present.append("tokenizer_config.json (written)")
 
     print(f"Wrote {output_dir}: model.safetensors ({dtype}), config.json, generation_config.json, tokenizer files "

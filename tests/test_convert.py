@@ -225,6 +225,39 @@ def test_export_with_sentencepiece_tokenizer(tmp_path, capsys):
     assert "WARNING: " + str(lit_dir / "tokenizer.model") + " normalizes text" in capsys.readouterr().out
 
 
+def test_every_output_file_is_written_atomically(tmp_path, monkeypatch):
+    """Each file goes through utils.atomic_write (a temporary name, then a rename): an interrupted conversion never
+    leaves a truncated config.json or tokenizer file that transformers would then fail on, or half read."""
+    import scripts.convert_lit_checkpoint as convert
+    import sentencepiece as spm
+
+    lit_dir = tmp_path / "lit"
+    lit_dir.mkdir()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(100)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(lit_dir / "tokenizer"), vocab_size=200,
+                                   model_type="bpe", minloglevel=2)
+    (lit_dir / "tokenizer.vocab").unlink()
+    (lit_dir / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    config = Config.from_name("micro", vocab_size=200)
+    save_atomic(GPT(config).state_dict(), lit_dir / "lit_model.pth")
+    config.save(lit_dir / "model_config.json")
+
+    real_atomic_write, written = convert.atomic_write, []
+
+    def recording_atomic_write(path):
+        written.append(Path(path).name)
+        return real_atomic_write(path)
+
+    monkeypatch.setattr(convert, "atomic_write", recording_atomic_write)
+    convert_lit_checkpoint(lit_dir, tmp_path / "hf")
+    outputs = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.model",
+               "special_tokens_map.json", "tokenizer_config.json"}  # the last one written, the others copied
+    assert sorted(written) == sorted(outputs)
+    assert {path.name for path in (tmp_path / "hf").iterdir()} == outputs  # and no temporary left over
+    assert (tmp_path / "hf" / "special_tokens_map.json").read_text() == (lit_dir / "special_tokens_map.json").read_text()
+
+
 def test_cli(tmp_path):
     tiny_hf_model("gqa_bias").save_pretrained(tmp_path / "hf")
     for command in (

@@ -2,7 +2,6 @@
 and the command line end to end on a checkpoint and sentencepiece tokenizer made in the test."""
 
 import importlib.util
-import math
 import re
 import subprocess
 import sys
@@ -304,3 +303,15 @@ def test_main_argument_errors(checkpoint_dir, tmp_path):
         generate_base.main(checkpoint_dir, precision="fp8")
     with pytest.raises(ValueError, match="block_size=64"):
         generate_base.main(checkpoint_dir, prompt="x = 1\n" * 100)
+
+
+def test_main_tokenizer_larger_than_the_model(checkpoint_dir, tmp_path):
+    """Token ids past the model's vocab_size would index rows that no token was trained on: a clear error."""
+    (tmp_path / "tokenizer.model").symlink_to(checkpoint_dir / "tokenizer.model")
+    config = Config.from_name("micro", vocab_size=Tokenizer(checkpoint_dir).vocab_size - 1)
+    save_atomic(GPT(config).state_dict(), tmp_path / "lit_model.pth")
+    config.save(tmp_path)
+    message = (f"{tmp_path / 'tokenizer.model'} has {config.vocab_size + 1} tokens, more than the "
+               f"vocab_size={config.vocab_size} of {tmp_path / 'model_config.json'}")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate_base.main(tmp_path, max_new_tokens=5)

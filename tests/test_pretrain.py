@@ -7,6 +7,7 @@ arithmetic, names and counts taken from the model or the files for parameter gro
 """
 
 import csv
+import functools
 import json
 import math
 import os
@@ -25,9 +26,10 @@ import torch
 from model import GPT, Config
 from packed_dataset import PackedDatasetBuilder
 from pretrain.tinyllama import (
-    gradient_accumulation_steps, get_lr, latest_checkpoint, parameter_groups, parse_data_mix, peak_flops, setup,
+    demo, gradient_accumulation_steps, get_lr, latest_checkpoint, parameter_groups, parse_data_mix, peak_flops, setup,
     training_data, training_flops_per_token,
 )
+from tokenizer import TOKENIZER_FILES, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 16
@@ -117,6 +119,19 @@ def losses(out_dir: Path) -> dict:
 
 def final_weights(out_dir: Path) -> dict:
     return torch.load(out_dir / "final" / "lit_model.pth", weights_only=True)
+
+
+def word_level_tokenizer(directory: Path, vocab_size: int) -> Path:
+    """A tokenizer.json of exactly vocab_size tokens, with <s> and </s>, as the `tokenizers` library writes it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    directory.mkdir(parents=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
 
 
 # ---- the pieces, against closed forms -------------------------------------------------------------------------
@@ -220,8 +235,9 @@ def test_resume_auto_picks_the_highest_step_number(tmp_path):
 
 
 def test_initial_weights_are_model_py_init(tmp_path, data_dir):
-    """What the loop trains from is GPT(config) after seeding: Fabric re-initialises nothing."""
-    train_here(tmp_path / "out", data_dir, max_steps=0, seed=1234)
+    """What the loop trains from is GPT(config) after seeding: Fabric re-initialises nothing. (One step at learning
+    rate 0 changes no weight: AdamW multiplies them by 1 - 0 x weight_decay and adds 0 x its update.)"""
+    train_here(tmp_path / "out", data_dir, max_steps=1, learning_rate=0.0, min_lr=0.0, seed=1234)
     torch.manual_seed(1234)
     reference = GPT(Config.from_name("micro")).state_dict()
     exported = final_weights(tmp_path / "out")
@@ -322,15 +338,54 @@ def test_max_tokens_sets_the_length_and_the_schedule(tmp_path, data_dir):
     assert logged[5]["learning_rate"] == pytest.approx(1e-3 + (1e-2 - 1e-3) * (1 + math.cos(3 * math.pi / 4)) / 2)
 
 
-def test_max_time_stops_early_with_a_checkpoint(tmp_path, data_dir):
+def test_a_run_of_no_steps_is_a_clear_error(tmp_path, data_dir):
     out = tmp_path / "out"
-    train_here(out, data_dir, max_steps=1_000_000, max_time=2.0, val_data_dir=None, log_interval=1000,
-               save_interval=1000)
+    with pytest.raises(ValueError, match=f"--max_tokens 100 is less than one step of {TOKENS_PER_STEP} tokens"):
+        train_here(out, data_dir, max_steps=None, max_tokens=100)
+    with pytest.raises(ValueError, match=f"--max_tokens {TOKENS_PER_STEP - 1} is less than one step"):
+        train_here(out, data_dir, max_steps=1000, max_tokens=TOKENS_PER_STEP - 1)  # the first limit reached
+    for name in ("max_steps", "max_tokens", "max_time"):
+        with pytest.raises(ValueError, match=f"--{name} must be positive, got 0"):
+            train_here(out, data_dir, **{name: 0})
+    assert not (out / "final").exists()
+
+
+def test_max_time_stops_early_with_a_checkpoint_and_no_final_weights(tmp_path, data_dir, capsys):
+    """A run stopped by --max_time exports nothing to final/ (a finetune starting from there would take unfinished
+    weights); resumed to its end, it does."""
+    out = tmp_path / "out"
+    train_here(out, data_dir, max_steps=4, max_time=1e-6, val_data_dir=None, save_interval=1000)  # after 1 step
     (checkpoint,) = out.glob("step-*")
-    last_step = int(checkpoint.name.split("-")[1])
-    assert 0 < last_step < 1_000_000
-    assert max(losses(out)) == last_step  # the last step is logged and saved
-    assert (out / "final" / "lit_model.pth").is_file()
+    assert checkpoint.name == "step-00000001" and max(losses(out)) == 1  # the last step is logged and saved
+    assert not (out / "final").exists()
+    printed = capsys.readouterr().out
+    assert f"Stopped at step 1 of 4 (--max_time 1e-06 s): the run is in {checkpoint}" in printed
+    assert "--resume auto" in printed
+
+    train_here(out, data_dir, max_steps=4, val_data_dir=None, save_interval=1000, resume="auto")
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    trained = torch.load(out / "step-00000004", weights_only=True)["model"]
+    weights = final_weights(out)
+    assert weights.keys() == trained.keys()
+    assert all(torch.equal(weights[name], trained[name]) for name in trained)
+
+
+def test_tokenizer_files_go_with_the_final_weights_and_must_fit_the_model(tmp_path, data_dir):
+    tokenizer_dir = word_level_tokenizer(tmp_path / "tokenizer", vocab_size=200)
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (tokenizer_dir / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    out = tmp_path / "out"
+    train_here(out, data_dir, max_steps=1, val_data_dir=None, tokenizer_dir=tokenizer_dir)
+    copied = {name for name in TOKENIZER_FILES if (out / "final" / name).is_file()}
+    assert copied == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    for name in copied:
+        assert (out / "final" / name).read_bytes() == (tokenizer_dir / name).read_bytes()
+    assert Tokenizer(out / "final").encode_ids("w5 w7", bos=True) == [1, 5, 7]
+
+    too_large = word_level_tokenizer(tmp_path / "too_large", vocab_size=300)  # the micro model has 256
+    message = f"{too_large / 'tokenizer.json'} has 300 tokens, more than the vocab_size=256 of the 'micro' config"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_here(tmp_path / "other", data_dir, tokenizer_dir=too_large)
 
 
 @pytest.mark.parametrize("epochs", [1, 2])
@@ -478,15 +533,22 @@ def test_code_finetune_starts_from_the_weights_and_runs_one_epoch(tmp_path, data
         train_here(tmp_path / "wrong", data_dir, model_name="demo", initial_checkpoint_dir=pretrained / "final")
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    """`--demo` on a corpus built from a few standard library files; the final weights load in generate/base.py."""
-    from prepare_data.prepare_demo import prepare_demo
+def test_demo_learns_end_to_end(tmp_path, monkeypatch, capsys):
+    """The demo builds its corpus (here from a few standard library files) and trains on it: the validation loss
+    falls (10 steps take it from about ln(4096) = 8.3, a random model's, to about 7), and the final weights load in
+    generate/base.py."""
+    import prepare_data.prepare_demo
 
-    corpus = prepare_demo(tmp_path / "demo", max_files=40, validation_fraction=0.3, quiet=True)
+    small_corpus = functools.partial(prepare_data.prepare_demo.prepare_demo, max_files=40, validation_fraction=0.3,
+                                     quiet=True)
+    monkeypatch.setattr(prepare_data.prepare_demo, "prepare_demo", small_corpus)
     out = tmp_path / "out"
-    output = run_script("pretrain/tinyllama.py", {"demo": True, "data_dir": corpus, "max_steps": 3,
-                                                  "eval_interval": 3, "eval_iters": 2, "out_dir": out}, timeout=300)
-    assert re.search(r"validation loss: initial \d+\.\d+, final \d+\.\d+", output)
+    demo(data_dir=tmp_path / "demo", out_dir=out, max_steps=10, eval_interval=10, eval_iters=2)
+    output = capsys.readouterr().out
+    initial, final_loss = re.search(r"validation loss: initial (\d+\.\d+), final (\d+\.\d+)", output).groups()
+    logged = metrics(out)
+    assert (initial, final_loss) == (f"{logged[0]['val_loss']:.4f}", f"{logged[10]['val_loss']:.4f}")
+    assert float(final_loss) < float(initial) - 0.5  # on the same validation batches
     assert "Sample from" in output
     final = out / "final"
     assert {"lit_model.pth", "model_config.json", "tokenizer.model"} <= {p.name for p in final.iterdir()}
@@ -495,3 +557,32 @@ def test_demo_runs_end_to_end(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("def")
+
+
+def test_demo_leaves_the_corpus_check_to_prepare_demo(tmp_path, monkeypatch):
+    """prepare_demo decides whether data_dir holds a complete corpus of the right settings, summary.json or not."""
+    import prepare_data.prepare_demo
+
+    class Called(Exception):
+        pass
+
+    def prepare_demo(destination_path):
+        raise Called(destination_path)
+
+    monkeypatch.setattr(prepare_data.prepare_demo, "prepare_demo", prepare_demo)
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(Called):
+        demo(data_dir=tmp_path, out_dir=tmp_path / "out")
+
+
+def test_help_shows_the_demo_and_the_demo_has_its_own():
+    helps = {}
+    for flags in (["--help"], ["--demo", "--help"]):
+        result = subprocess.run([sys.executable, str(ROOT / "pretrain/tinyllama.py"), *flags], cwd=ROOT, env=ENV,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        helps[" ".join(flags)] = " ".join(result.stdout.split())  # unwrapped
+    assert "python pretrain/tinyllama.py --demo" in helps["--help"] and "--demo --help" in helps["--help"]
+    assert "--global_batch_size" in helps["--help"]
+    demo_flags = set(re.findall(r"--\w+", helps["--demo --help"].split("options:")[1]))
+    assert demo_flags == {"--help", "--data_dir", "--out_dir", "--max_steps", "--eval_interval", "--eval_iters"}

@@ -9,6 +9,7 @@ with a leading space are therefore checked against Llama-2's published tokenizer
 import importlib
 import inspect
 import json
+import re
 import shutil
 
 import pytest
@@ -147,3 +148,14 @@ def test_tokenizer_file_and_errors(sentencepiece_dir, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=f"No tokenizer.model or tokenizer.json in '{empty}'"):
         Tokenizer(empty)
+
+
+def test_check_fits_names_the_tokenizer_file_and_the_model_config(sentencepiece_dir):
+    from model import Config
+
+    tokenizer = Tokenizer(sentencepiece_dir)
+    tokenizer.check_fits(Config.from_name("micro", vocab_size=600), "exact.json")  # every id has a row
+    message = f"{sentencepiece_dir / 'tokenizer.model'} has 600 tokens, more than the vocab_size=599 of small.json"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tokenizer.check_fits(Config.from_name("micro", vocab_size=599), "small.json")
+
