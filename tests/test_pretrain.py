@@ -7,7 +7,6 @@ arithmetic, names and counts taken from the model or the files for parameter gro
 """
 
 import csv
-import functools
 import json
 import math
 import os
@@ -533,18 +532,18 @@ def test_code_finetune_starts_from_the_weights_and_runs_one_epoch(tmp_path, data
         train_here(tmp_path / "wrong", data_dir, model_name="demo", initial_checkpoint_dir=pretrained / "final")
 
 
-def test_demo_learns_end_to_end(tmp_path, monkeypatch, capsys):
-    """The demo builds its corpus (here from a few standard library files) and trains on it: the validation loss
-    falls (10 steps take it from about ln(4096) = 8.3, a random model's, to about 7), and the final weights load in
-    generate/base.py."""
-    import prepare_data.prepare_demo
-
-    small_corpus = functools.partial(prepare_data.prepare_demo.prepare_demo, max_files=40, validation_fraction=0.3,
-                                     quiet=True)
-    monkeypatch.setattr(prepare_data.prepare_demo, "prepare_demo", small_corpus)
+def test_demo_command_learns_end_to_end(tmp_path):
+    """`python pretrain/tinyllama.py --demo` as the README runs it, with fewer steps: it builds the corpus and the
+    tokenizer from the standard library and trains; the validation loss falls (10 steps take it from about
+    ln(4096) = 8.3, a random model's, to about 7), and the final weights load in generate/base.py."""
     out = tmp_path / "out"
-    demo(data_dir=tmp_path / "demo", out_dir=out, max_steps=10, eval_interval=10, eval_iters=2)
-    output = capsys.readouterr().out
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain/tinyllama.py"), "--demo", "--data_dir", str(tmp_path / "demo"),
+         "--out_dir", str(out), "--max_steps", "10", "--eval_interval", "10", "--eval_iters", "2"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout
     initial, final_loss = re.search(r"validation loss: initial (\d+\.\d+), final (\d+\.\d+)", output).groups()
     logged = metrics(out)
     assert (initial, final_loss) == (f"{logged[0]['val_loss']:.4f}", f"{logged[10]['val_loss']:.4f}")

@@ -14,6 +14,12 @@ def test_save_atomic_leaves_no_temporary_file(tmp_path):
     assert torch.equal(torch.load(tmp_path / "a" / "ckpt.pth", weights_only=True)["x"], torch.arange(3))
 
 
+def test_save_atomic_gives_the_file_the_mode_of_a_normal_file(tmp_path):
+    save_atomic({"x": 1}, tmp_path / "ckpt.pth")
+    (tmp_path / "plain").write_bytes(b"")
+    assert (tmp_path / "ckpt.pth").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_save_atomic_keeps_the_old_file_when_saving_fails(tmp_path):
     path = tmp_path / "ckpt.pth"
     save_atomic({"x": 1}, path)
