@@ -11,7 +11,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -20,26 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import GPT, Config
 from tokenizer import TOKENIZER_FILES, Tokenizer
+from scripts.convert_hf_checkpoint import HF_TO_LIT
 from utils import atomic_write, check_state_dict, cli, load_state_dict
 
-# lit module name -> HF module name; "{}" is the layer index. Both ".weight" and ".bias" follow the same map.
-# The fused qkv ([all q heads; all k groups; all v groups]) splits into q_proj, k_proj and v_proj.
-LIT_TO_HF = {
-    "transformer.wte": "model.embed_tokens",
-    "transformer.h.{}.norm_1": "model.layers.{}.input_layernorm",
-    "transformer.h.{}.attn.qkv": (
-        "model.layers.{}.self_attn.q_proj",
-        "model.layers.{}.self_attn.k_proj",
-        "model.layers.{}.self_attn.v_proj",
-    ),
-    "transformer.h.{}.attn.proj": "model.layers.{}.self_attn.o_proj",
-    "transformer.h.{}.norm_2": "model.layers.{}.post_attention_layernorm",
-    "transformer.h.{}.mlp.fc_1": "model.layers.{}.mlp.gate_proj",
-    "transformer.h.{}.mlp.fc_2": "model.layers.{}.mlp.up_proj",
-    "transformer.h.{}.mlp.proj": "model.layers.{}.mlp.down_proj",
-    "transformer.ln_f": "model.norm",
-    "lm_head": "lm_head",
-}
+# lit module name -> HF module name(s), the inverse of convert_hf_checkpoint's table; "{}" is the layer index. The
+# fused qkv ([all q heads; all k groups; all v groups]) splits into q_proj, k_proj and v_proj, in that order.
+LIT_TO_HF: Dict[str, Tuple[str, ...]] = {}
+for _hf, _lit in HF_TO_LIT.items():
+    LIT_TO_HF[_lit] = LIT_TO_HF.get(_lit, ()) + (_hf,)
 
 
 def hf_state_dict(state_dict: Dict[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
@@ -50,13 +38,13 @@ def hf_state_dict(state_dict: Dict[str, torch.Tensor], config: Config) -> Dict[s
         parts = module.split(".")
         layer = parts[2] if module.startswith("transformer.h.") else None
         template = ".".join(parts[:2] + ["{}"] + parts[3:]) if layer is not None else module
-        target = LIT_TO_HF[template]  # check_state_dict has vetted every key
-        if isinstance(target, tuple):
-            # clone: safetensors refuses tensors that share memory, as the views of one qkv matrix do
-            for name, piece in zip(target, tensor.split(qkv_sizes)):
-                converted[f"{name.format(layer)}.{param}"] = piece.clone()
+        targets = LIT_TO_HF[template]  # check_state_dict has vetted every key
+        if len(targets) == 1:
+            converted[f"{targets[0].format(layer)}.{param}"] = tensor.contiguous()
         else:
-            converted[f"{target.format(layer)}.{param}"] = tensor.contiguous()
+            # clone: safetensors refuses tensors that share memory, as the views of one qkv matrix do
+            for name, piece in zip(targets, tensor.split(qkv_sizes)):
+                converted[f"{name.format(layer)}.{param}"] = piece.clone()
     return converted
 
 
