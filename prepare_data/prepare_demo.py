@@ -144,11 +144,12 @@ def prepare_demo(
         return destination_path
 
     code_files = stdlib_files(max_files)
-    sources = {"code": (read_whole_file, code_files), "prose": (read_prose, code_files + docs_files(max_files))}
+    all_files = code_files + docs_files(max_files)
+    sources = {"code": (read_whole_file, code_files), "prose": (read_prose, all_files)}
     tokenizer_path = destination_path / "tokenizer.model"
     if not tokenizer_path.is_file():  # trained on whole files: the code's docstrings and comments are the prose
         sample = sample_documents(
-            code_files + docs_files(max_files),
+            all_files,
             partial(read_train_documents, validation_fraction=validation_fraction),
             TOKENIZER_SAMPLE_CHARACTERS,
             Report(),  # problems are reported when the same files are packed below
