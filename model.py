@@ -6,8 +6,7 @@ Lit-gpt conventions (`Config.from_name`, `transformer.wte / h / ln_f`, `lm_head`
 
 import json
 import math
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -81,18 +80,13 @@ class Config:
             raise ValueError(f"{path}: unknown config keys {unknown}; expected a subset of {sorted(known)}")
         return cls(**values)
 
-    def save(self, path: Union[str, Path]) -> None:
-        """Write the config as JSON, atomically (a temporary file, then a rename)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "model_config.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
-
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 configs = {

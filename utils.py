@@ -1,19 +1,18 @@
-"""Small helpers shared by the scripts: checkpoint save/load with clear errors, parameter counts, the CLI."""
+"""Helpers every script shares: durable (atomic) writes and the typed-signature CLI. Imports nothing of the repository
+and not torch, so data preparation stays light."""
 
 import argparse
 import collections.abc
 import inspect
+import json
 import os
 import re
+import shutil
 import tempfile
 import typing
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
-
-import torch
-
-from model import GPT, Config, build_rope_cache
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 
 @contextmanager
@@ -42,57 +41,44 @@ def _umask() -> int:
     return mask
 
 
-def save_atomic(obj: Any, path: Union[str, Path]) -> None:
-    """torch.save through `atomic_write`."""
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise an error naming the key (and both shapes) where `state_dict` does not fit `model`."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{source} does not match the model: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
-    for key, value in state_dict.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f"{source}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
-            )
-
-
-def load_state_dict(path: Union[str, Path]) -> dict:
+@contextmanager
+def atomic_directory(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path`; once the block has filled it, rename it to `path`. A crash
+    never leaves a partial directory under the final name; on an error the temporary directory is removed."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return state_dict.get("model", state_dict)
+    tmp = path.with_name(f".{path.name}.tmp")
+    remove_path(tmp)  # left by a crash
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        move_into_place(tmp, path)
+    except BaseException:
+        remove_path(tmp)
+        raise
 
 
-def load_checkpoint(model: torch.nn.Module, path: Union[str, Path]) -> None:
-    state_dict = load_state_dict(path)
-    check_state_dict(model, state_dict, str(path))
-    model.load_state_dict(state_dict)
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the complete `tmp` (a file or a directory) to `path`. A `path` already there is kept, renamed, until the
+    new one is in place."""
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        remove_path(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    remove_path(old)
 
 
-def load_model(checkpoint_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
-               dtype: Optional[torch.dtype] = None) -> GPT:
-    """Build the GPT of `checkpoint_dir/model_config.json` and load `checkpoint_dir/lit_model.pth` into it."""
-    checkpoint_dir = Path(checkpoint_dir)
-    config = Config.from_file(checkpoint_dir / "model_config.json")
-    with torch.device("meta"):
-        model = GPT(config)
-    state_dict = load_state_dict(checkpoint_dir / "lit_model.pth")
-    check_state_dict(model, state_dict, str(checkpoint_dir / "lit_model.pth"))
-    model.load_state_dict(state_dict, assign=True)
-    # the rope caches are not in the checkpoint: compute them on the CPU, then move the model
-    model.cos, model.sin = build_rope_cache(config)
-    return model.to(device=device, dtype=dtype).eval()
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
-def num_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def write_json(path: Union[str, Path], obj: Any) -> None:
+    """`obj` as indented JSON, through `atomic_write`."""
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def cli(fn: Callable, argv: Optional[list] = None) -> Any:

@@ -16,9 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from checkpoint import load_model
 from model import GPT
 from tokenizer import Tokenizer
-from utils import cli, load_model
+from utils import cli
 
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 # A per-token `.item()` makes the host wait for the device after every step, so it can no longer queue the next

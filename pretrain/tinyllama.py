@@ -42,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import GPT, Config
 from packed_dataset import CombinedDataset, PackedDataset
 from tokenizer import TOKENIZER_FILES, Tokenizer
-from utils import cli, load_checkpoint, load_model, num_parameters, save_atomic
+from checkpoint import load_checkpoint, load_model, save_model_dir
+from model import num_parameters
+from utils import cli
 
 SHUFFLE_BUFFER_FILES = 8  # files whose blocks are shuffled together (TinyLlama's n_chunks)
 # Dense bf16 peak of one device, for MFU; other devices and precisions report tokens/s only
@@ -666,16 +668,7 @@ def export_for_generate(fabric: Fabric, model: nn.Module, config: Config, tokeni
     # gathers FSDP shards; with cpu_offload only rank 0 receives the full tensors
     state_dict = get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if fabric.global_rank == 0:
-        tmp = export_dir.with_name(f".{export_dir.name}.tmp")
-        remove_path(tmp)
-        tmp.mkdir(parents=True)
-        save_atomic(state_dict, tmp / "lit_model.pth")
-        config.save(tmp / "model_config.json")
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        move_into_place(tmp, export_dir)
+        save_model_dir(state_dict, config, tokenizer_dir, export_dir)
         fabric.print(f"Saved the final weights for generate/base.py to {export_dir}")
     fabric.barrier()
 

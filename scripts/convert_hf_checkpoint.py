@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from checkpoint import check_state_dict, save_model_dir
 from model import GPT, Config, configs
-from utils import check_state_dict, cli, save_atomic
+from utils import cli
 
 # HF module name -> lit module name; "{}" is the layer index. Both ".weight" and ".bias" follow the same map.
 # q_proj, k_proj and v_proj all go to the fused qkv, laid out [all q heads; all k groups; all v groups].
@@ -201,8 +202,7 @@ def convert_hf_checkpoint(
     with torch.device("meta"):
         model = GPT(config)
     check_state_dict(model, state_dict, source=str(checkpoint_dir))
-    save_atomic(state_dict, checkpoint_dir / "lit_model.pth")
-    config.save(checkpoint_dir / "model_config.json")
+    save_model_dir(state_dict, config, checkpoint_dir, checkpoint_dir)
     skipped_kinds = sorted({re.sub(r"\.\d+\.", ".N.", key) for key in skipped})
     print(
         f"Config {config.name or '(custom: no named config matches)'}; wrote {len(state_dict)} tensors to "

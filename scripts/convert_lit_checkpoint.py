@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import GPT, Config
 from tokenizer import TOKENIZER_FILES, Tokenizer
 from scripts.convert_hf_checkpoint import HF_TO_LIT
-from utils import atomic_write, check_state_dict, cli, load_state_dict
+from checkpoint import check_state_dict, load_state_dict
+from utils import atomic_write, cli
 
 # lit module name -> HF module name(s), the inverse of convert_hf_checkpoint's table; "{}" is the layer index. The
 # fused qkv ([all q heads; all k groups; all v groups]) splits into q_proj, k_proj and v_proj, in that order.

@@ -12,7 +12,7 @@ from model import GPT, Config
 from scripts.convert_hf_checkpoint import config_from_hf, convert_hf_checkpoint
 from scripts.convert_lit_checkpoint import convert_lit_checkpoint
 from tokenizer import Tokenizer
-from utils import load_model, load_state_dict, save_atomic
+from checkpoint import load_model, load_state_dict, save_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,12 +38,6 @@ TINYLLAMA_HF_CONFIG = {
     "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.35.0", "use_cache": True,
     "vocab_size": 32000,
 }
-
-
-@pytest.fixture(autouse=True)
-def hf_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def randomize_(model: torch.nn.Module) -> None:
@@ -168,8 +162,7 @@ def test_lit_native_checkpoint_exports(tmp_path, overrides):
     config = Config.from_name("micro", **overrides)
     model = GPT(config)
     randomize_(model)
-    save_atomic(model.state_dict(), tmp_path / "lit" / "lit_model.pth")
-    config.save(tmp_path / "lit" / "model_config.json")
+    save_model_dir(model.state_dict(), config, None, tmp_path / "lit")
 
     convert_lit_checkpoint(tmp_path / "lit", tmp_path / "hf")
     exported = LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
@@ -198,8 +191,7 @@ def test_export_with_sentencepiece_tokenizer(tmp_path, capsys):
         normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
     )
     config = Config.from_name("micro", vocab_size=300)
-    save_atomic(GPT(config).state_dict(), lit_dir / "lit_model.pth")
-    config.save(lit_dir / "model_config.json")
+    save_model_dir(GPT(config).state_dict(), config, lit_dir, lit_dir)
 
     convert_lit_checkpoint(lit_dir, tmp_path / "hf")
     assert "WARNING" not in capsys.readouterr().out
@@ -240,8 +232,7 @@ def test_every_output_file_is_written_atomically(tmp_path, monkeypatch):
     (lit_dir / "tokenizer.vocab").unlink()
     (lit_dir / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     config = Config.from_name("micro", vocab_size=200)
-    save_atomic(GPT(config).state_dict(), lit_dir / "lit_model.pth")
-    config.save(lit_dir / "model_config.json")
+    save_model_dir(GPT(config).state_dict(), config, lit_dir, lit_dir)
 
     real_atomic_write, written = convert.atomic_write, []
 

@@ -12,7 +12,7 @@ import torch
 
 from model import GPT, Config
 from tokenizer import Tokenizer
-from utils import save_atomic
+from checkpoint import save_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("generate_base", ROOT / "generate" / "base.py")
@@ -241,8 +241,7 @@ def checkpoint_dir(tmp_path_factory):
     config = Config.from_name("micro", vocab_size=vocab_size)
     assert config.padded_vocab_size > vocab_size  # so that the padded rows exist
     torch.manual_seed(0)
-    save_atomic(GPT(config).state_dict(), directory / "lit_model.pth")
-    config.save(directory)
+    save_model_dir(GPT(config).state_dict(), config, directory, directory)
     return directory
 
 
@@ -262,7 +261,7 @@ def test_cli_end_to_end(checkpoint_dir):
 
 
 def test_main_greedy_output(checkpoint_dir, capsys):
-    from utils import load_model
+    from checkpoint import load_model
 
     prompt = "import sys"
     generate_base.main(checkpoint_dir, prompt=prompt, max_new_tokens=25, temperature=0.0)
@@ -309,8 +308,7 @@ def test_main_tokenizer_larger_than_the_model(checkpoint_dir, tmp_path):
     """Token ids past the model's vocab_size would index rows that no token was trained on: a clear error."""
     (tmp_path / "tokenizer.model").symlink_to(checkpoint_dir / "tokenizer.model")
     config = Config.from_name("micro", vocab_size=Tokenizer(checkpoint_dir).vocab_size - 1)
-    save_atomic(GPT(config).state_dict(), tmp_path / "lit_model.pth")
-    config.save(tmp_path)
+    save_model_dir(GPT(config).state_dict(), config, tmp_path, tmp_path)
     message = (f"{tmp_path / 'tokenizer.model'} has {config.vocab_size + 1} tokens, more than the "
                f"vocab_size={config.vocab_size} of {tmp_path / 'model_config.json'}")
     with pytest.raises(ValueError, match=re.escape(message)):

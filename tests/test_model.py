@@ -2,14 +2,15 @@
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model as model_module
-from model import GPT, CausalSelfAttention, Config, apply_rope, build_rope_cache
-from utils import num_parameters
+from model import GPT, CausalSelfAttention, Config, apply_rope, build_rope_cache, num_parameters
+from utils import write_json
 
 
 def meta_model(config: Config) -> GPT:
@@ -133,11 +134,11 @@ def test_config_names_lists_all():
 
 def test_config_file_round_trip(tmp_path):
     config = Config.from_name("demo", rope_condense_ratio=4, rotary_percentage=0.5)
-    config.save(tmp_path)  # a directory: writes model_config.json
+    write_json(tmp_path / "model_config.json", asdict(config))
     assert Config.from_file(tmp_path) == config
     assert Config.from_file(tmp_path / "model_config.json") == config
     assert Config.from_file(tmp_path, n_layer=7).n_layer == 7
-    config.save(tmp_path / "other.json")
+    write_json(tmp_path / "other.json", asdict(config))
     assert Config.from_file(tmp_path / "other.json") == config
 
 

@@ -40,12 +40,6 @@ LEADING_SPACE = [" leading space", "   three leading spaces", " ", "  2 digits"]
 SPECIAL_TOKENS_AS_TEXT = "<s> and </s> are text here, as <unk> is"
 
 
-@pytest.fixture(autouse=True)
-def hf_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 @pytest.fixture(scope="module")
 def sentencepiece_dir(tmp_path_factory):
     import sentencepiece as spm

@@ -4,8 +4,9 @@ from typing import List, Literal, Optional
 import pytest
 import torch
 
+from checkpoint import check_state_dict, load_checkpoint, load_model, save_atomic, save_model_dir
 from model import GPT, Config
-from utils import check_state_dict, cli, load_checkpoint, save_atomic
+from utils import cli
 
 
 def test_save_atomic_leaves_no_temporary_file(tmp_path):
@@ -29,11 +30,35 @@ def test_save_atomic_keeps_the_old_file_when_saving_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
-def test_config_save_is_atomic_and_round_trips(tmp_path):
+def test_save_model_dir_is_atomic_and_round_trips(tmp_path):
     config = Config.from_name("micro", n_layer=3)
-    config.save(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["model_config.json"]
-    assert Config.from_file(tmp_path) == config
+    model = GPT(config)
+    out = tmp_path / "out"
+    save_model_dir(model, config, None, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
+    assert sorted(p.name for p in out.iterdir()) == ["lit_model.pth", "model_config.json"]
+    assert Config.from_file(out) == config
+    loaded = load_model(out)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.model").write_bytes(b"spm")
+    (tmp_path / "tokenizer" / "notes.txt").write_text("not a tokenizer file")
+    save_model_dir(model.state_dict(), config, tmp_path / "tokenizer", out)  # replaces the older directory whole
+    assert sorted(p.name for p in out.iterdir()) == ["lit_model.pth", "model_config.json", "tokenizer.model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tokenizer"]
+
+    with pytest.raises(ValueError, match=r"the weights for .*out: 'transformer.wte.weight' has shape \(256, 32\)"):
+        save_model_dir(GPT(Config.from_name("micro", n_layer=3, n_embd=32)), config, None, out)
+    assert Config.from_file(out) == config  # the directory that was there is intact
+
+
+def test_save_model_dir_into_the_tokenizer_dir_keeps_its_files(tmp_path):
+    """A converted Hugging Face directory: the weights and the config go beside its own files."""
+    config = Config.from_name("micro")
+    (tmp_path / "config.json").write_text("{}")
+    save_model_dir(GPT(config).state_dict(), config, tmp_path, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "lit_model.pth", "model_config.json"]
 
 
 def test_mismatched_checkpoint_names_key_and_both_shapes(tmp_path):
