@@ -1,4 +1,5 @@
-"""A Llama-family GPT in one file: config, model, RoPE, static KV cache and TinyLlama's weight init.
+"""A Llama-family GPT in one file: config, model, RoPE, static KV cache and TinyLlama's weight init, with per-row
+positions and attention masks for batches whose rows differ (padding, packed documents, rows at different lengths).
 
 Lit-gpt conventions (`Config.from_name`, `transformer.wte / h / ln_f`, `lm_head`), Hugging Face numerics
 (rotate-half RoPE, so HF weights load without permutation). Imports torch, and flash_attn only if installed.
@@ -8,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -132,6 +133,9 @@ for _name, _values in configs.items():
     _values["name"] = _name
 
 
+Rows = Union[Sequence[int], torch.Tensor]  # row indices of the KV cache
+
+
 class GPT(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -168,7 +172,12 @@ class GPT(nn.Module):
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None,
                      device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
-        """Preallocate a static KV cache of fixed shape, so decoding can be compiled or graph-captured."""
+        """Preallocate a static KV cache of fixed shape, so decoding can be compiled or graph-captured.
+
+        The cache keeps no lengths: each forward says where its tokens go (`input_pos`), and a query never attends
+        a slot past its own position. Rewinding a row (rejected draft tokens) is therefore just feeding it at the
+        earlier position again: what the slots past it hold is overwritten before anything can attend it.
+        """
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
@@ -185,26 +194,87 @@ class GPT(nn.Module):
             block.attn.kv_cache.reset()
 
     def clear_kv_cache(self) -> None:
+        """Drop the cache; call it before training, where `input_pos` must not write into a cache left set."""
         for block in self.transformer.h:
             block.attn.kv_cache = None
         self.mask_cache = None
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """idx: (B, T) token ids. input_pos: (T,) positions, only with a KV cache. Returns (B, T, vocab) logits."""
-        T = idx.size(1)
-        if input_pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"Sequence length {T} exceeds block_size={self.config.block_size}")
+    def copy_kv_cache(self, src_rows: Rows, dst_rows: Rows, length: int) -> None:
+        """Copy the first `length` cache slots of row src_rows[i] into row dst_rows[i], in every layer.
+
+        A context is computed once and shared: prefill it into a few rows (idx may have fewer rows than the cache),
+        copy it to the rows of its continuations, then feed every row from position `length`.
+        """
+        if len(src_rows) != len(dst_rows):
+            raise ValueError(f"src_rows and dst_rows must be as long, got {len(src_rows)} and {len(dst_rows)} rows")
+        if self.mask_cache is None:
+            raise RuntimeError("copy_kv_cache needs a KV cache: call model.set_kv_cache(batch_size) first")
+        if not 0 <= length <= self.mask_cache.size(0):
+            raise ValueError(f"length={length} must be in [0, {self.mask_cache.size(0)}], the KV cache length")
+        device = self.mask_cache.device
+        src = torch.as_tensor(src_rows, dtype=torch.long, device=device)
+        dst = torch.as_tensor(dst_rows, dtype=torch.long, device=device)
+        for block in self.transformer.h:
+            block.attn.kv_cache.copy_rows(src, dst, length)
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns (B, T, vocab) logits.
+
+        input_pos: (T,) positions shared by all rows or (B, T) per row (int64). They give the RoPE angles and
+            causality: a query attends only keys at positions <= its own. With a KV cache (set_kv_cache), each row
+            writes its T keys and values at its own positions and attends the whole cache (S = max_seq_length slots,
+            a key's position being its slot), so rows may sit at different lengths. Without a cache, input_pos
+            needs an attention_mask and positions the T tokens only (packed documents restart at 0).
+        attention_mask: bool (B, T, S) or (B, 1, S), True where a query may attend a key; S = T without a cache,
+            the cache length with one. It is AND-ed with causality, and a query always attends itself, so padding
+            queries get finite (meaningless) outputs. Built by `padding_mask` and `packed_documents`.
+        Neither: causal attention among the T tokens (flash-attn or SDPA's is_causal), the cache unused.
+        """
+        B, T = idx.shape
+        cached = input_pos is not None and self.mask_cache is not None
+        cache_rows = self.transformer.h[0].attn.kv_cache.k.size(0) if cached else B
+        if B > cache_rows:
+            raise ValueError(f"idx has {B} rows, more than the KV cache's {cache_rows}: call model.set_kv_cache({B})")
+        if input_pos is not None and not cached and attention_mask is None:
+            # most likely a decoding step after clear_kv_cache, which would silently attend its own tokens only
+            raise RuntimeError("input_pos needs a KV cache (call model.set_kv_cache(batch_size) first), "
+                               "or an attention_mask for a forward without one")
+        if T > self.config.block_size and not cached:
+            raise ValueError(f"Sequence length {T} exceeds block_size={self.config.block_size}")
+        if input_pos is None and attention_mask is None:
             cos, sin, mask = self.cos[:T], self.sin[:T], None
         else:
-            if self.mask_cache is None:
-                raise RuntimeError("input_pos needs a KV cache: call model.set_kv_cache(batch_size) first")
-            cos, sin = self.cos.index_select(0, input_pos), self.sin.index_select(0, input_pos)
-            mask = self.mask_cache.index_select(0, input_pos)[None, None]
+            if input_pos is None:
+                input_pos = torch.arange(T, device=idx.device)
+            cos, sin = self.cos[input_pos], self.sin[input_pos]
+            mask = self.sdpa_mask(B, input_pos, attention_mask, cached)
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
-            x = block(x, cos, sin, mask, input_pos)
+            x = block(x, cos, sin, mask, input_pos if cached else None)
         return self.lm_head(self.transformer.ln_f(x))
+
+    def sdpa_mask(self, B: int, input_pos: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                  cached: bool) -> torch.Tensor:
+        """SDPA's bool mask, (B or 1, 1, T, S): causality by position, AND attention_mask (or the query itself)."""
+        T = input_pos.size(-1)
+        if cached:
+            mask = self.mask_cache[input_pos]  # (T, S) or (B, T, S): key slot <= query position
+        else:
+            mask = input_pos[..., None, :] <= input_pos[..., :, None]
+        S = mask.size(-1)
+        if attention_mask is not None:
+            if (attention_mask.dtype != torch.bool or attention_mask.dim() != 3 or attention_mask.size(0) not in (1, B)
+                    or attention_mask.size(1) not in (1, T) or attention_mask.size(2) != S):
+                raise ValueError(f"attention_mask must be a bool tensor of shape ({B}, {T}, {S}) or ({B}, 1, {S}) "
+                                 f"(S = {'the KV cache length' if cached else 'T'}), got {attention_mask.dtype} "
+                                 f"{tuple(attention_mask.shape)}")
+            if cached:
+                is_self = torch.arange(S, device=mask.device) == input_pos[..., None]
+            else:  # by index: packed documents repeat positions
+                is_self = torch.eye(T, dtype=torch.bool, device=mask.device)
+            mask = mask & (attention_mask | is_self)
+        return mask.reshape(-1, 1, T, S)
 
 
 class Block(nn.Module):
@@ -241,7 +311,7 @@ class CausalSelfAttention(nn.Module):
         k = apply_rope(k.view(B, T, cfg.n_query_groups, cfg.head_size), cos, sin, cfg.rope_n_elem)
         v = v.view(B, T, cfg.n_query_groups, cfg.head_size)
 
-        if input_pos is None and flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        if mask is None and flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             # flash-attn takes (B, T, heads, hs) and handles grouped K/V natively
             y = flash_attn_func(q, k, v, causal=True, softmax_scale=1.0 / math.sqrt(cfg.head_size))
         else:
@@ -269,7 +339,7 @@ class LLaMAMLP(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Normalises in fp32 whatever the input dtype, as Llama does."""
+    """Normalises in fp32, or in the input dtype where it is wider (a float64 model stays float64), as Llama does."""
 
     def __init__(self, size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -277,7 +347,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(dtype), (x.size(-1),), self.weight.to(dtype), self.eps).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -287,10 +358,22 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, groups, T, hs) at input_pos in place; return the whole cache (fixed shape)."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        """Write k, v (B, groups, T, hs) in place at input_pos, (T,) for every row or (B, T) per row, into the
+        cache's first B rows; return those rows of the whole cache (fixed shape)."""
+        B = k.size(0)
+        for cache, new in ((self.k, k), (self.v, v)):
+            if input_pos.dim() == 1:
+                cache[:B].index_copy_(2, input_pos, new.to(cache.dtype))
+            else:
+                # indices on dims 0 and 2 around a slice: the indexed cache is (B, T, groups, hs)
+                rows = torch.arange(B, device=cache.device)[:, None]
+                cache[rows, :, input_pos] = new.transpose(1, 2).to(cache.dtype)
+        return self.k[:B], self.v[:B]
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Slots [0, length) of rows src[i] into rows dst[i]; src and dst: (N,) row indices."""
+        for cache in (self.k, self.v):
+            cache[:, :, :length].index_copy_(0, dst, cache[src, :, :length])
 
     def reset(self) -> None:
         self.k.zero_()
@@ -308,10 +391,41 @@ def build_rope_cache(config: Config, device: Optional[torch.device] = None):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: int) -> torch.Tensor:
-    """Rotate-half RoPE (HF / NeoX) on the first n_elem channels of x: (B, T, heads, hs); cos, sin: (T, n_elem)."""
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
+    """Rotate-half RoPE (HF / NeoX) on the first n_elem channels of x: (B, T, heads, hs); cos, sin: (T, n_elem) for
+    every row or (B, T, n_elem) per row."""
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
     rot, rest = x[..., :n_elem], x[..., n_elem:]
     x1, x2 = rot.chunk(2, dim=-1)
     rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((rotated, rest), dim=-1) if rest.numel() else rotated
+
+
+def padding_mask(is_token: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
+    """attention_mask (B, 1, length) that hides padding keys; is_token: (B, T), False at padding (e.g. on the left).
+
+    length: the KV cache length when the batch is prefilled into a cache (default T, for a forward without one).
+    The slots past T are allowed: decoding fills them later, and causality hides each until it is written.
+    With a cache, positions are slots, so a left-padded row sits at shifted RoPE positions; RoPE depends only on
+    relative positions, so this changes nothing but rounding. Without a cache, input_pos =
+    (is_token.cumsum(-1) - 1).clamp(min=0) gives each row the positions it would have alone, as Hugging Face does.
+    """
+    T = is_token.size(-1)
+    length = T if length is None else length
+    if is_token.dim() != 2 or length < T:
+        raise ValueError(f"is_token must be (B, T) and length >= T, got shape {tuple(is_token.shape)}, length={length}")
+    return F.pad(is_token.bool(), (0, length - T), value=True)[:, None, :]
+
+
+def packed_documents(document_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """input_pos (B, T) and attention_mask (B, T, T) for rows that pack several documents, for a forward without
+    a KV cache: each token attends the earlier tokens of its own document only (block-diagonal causal), at
+    positions that restart at 0, so each document gets exactly what it would get alone.
+
+    document_ids: (B, T) integers, equal within a document (e.g. the running count of BOS tokens).
+    """
+    if document_ids.dim() != 2:
+        raise ValueError(f"document_ids must be (B, T), got shape {tuple(document_ids.shape)}")
+    mask = (document_ids[:, :, None] == document_ids[:, None, :]).tril()
+    # a token's position is the number of earlier tokens of its document
+    return mask.sum(-1) - 1, mask

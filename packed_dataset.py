@@ -1,18 +1,8 @@
-"""Packed token shards in lit-gpt's LITPKDS v1 format, and the datasets that read them for pretraining.
+"""The datasets that read packed token shards (LITPKDS, see `shard_format.py`) for pretraining.
 
-File format, byte-compatible with lit-gpt / TinyLlama: a 24-byte header, b"LITPKDS" + version (uint64 LE, = 1) +
-dtype code (uint8, a key of DTYPES: 8 = uint16, 4 = int32) + chunk size in tokens (uint64 LE), then exactly
-chunk_size tokens. Files are named `{prefix}_{counter:010d}.bin`. Full chunks are identical to lit-gpt's, and
-lit-gpt's files read here.
-
-Fixed on purpose, compared with the original:
-- No padding. lit-gpt filled the last, partial chunk up with a separator token (BOS in TinyLlama), and models learned
-  to emit runs of <s> (TinyLlama issue #83). Here the builder's last file is shorter instead: its header carries its
-  real token count, and the reader reads every file's own header, so no fake token can be read as data.
-- Every file's header is checked (magic, version, dtype code, file size = 24 + chunk_size * itemsize), not only the
-  first one's: a truncated or foreign file is an error that names it.
-- Blocks, not files, are shared among ranks and DataLoader workers, so nothing is dropped when the file count is not
-  a multiple of ranks x workers, and a shard with fewer files than the shuffle buffer (or a single file) works.
+Fixed on purpose, compared with lit-gpt: blocks, not files, are shared among ranks and DataLoader workers, so nothing
+is dropped when the file count is not a multiple of ranks x workers, and a shard with fewer files than the shuffle
+buffer (or a single file) works.
 
 Sharding and order. A file of chunk_size tokens holds chunk_size // block_size non-overlapping blocks, taken from its
 start; the tail (and a whole file shorter than block_size) is not read: counted in `n_skipped_tokens` and reported
@@ -38,8 +28,6 @@ StarCoder 0.306416), deterministically for a seed; it stops when the drawn sourc
 wrap=False ever is).
 """
 
-import os
-import struct
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple, Union
@@ -48,123 +36,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from utils import atomic_write
+from shard_format import HDR_SIZE, read_header
 
-HDR_MAGIC = b"LITPKDS"
-HDR_SIZE = 24  # bytes
-HDR_VERSION = 1
-DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16}
-TOKEN_DTYPE_CODES = (1, 2, 3, 4, 5, 8)  # token ids are integers: codes 6 and 7 (floats) are refused
-_HEADER = struct.Struct("<7sQBQ")  # magic, version, dtype code, chunk size: 7 + 8 + 1 + 8 = 24 bytes, no padding
 _DRAWS_PER_BATCH = 1024  # CombinedDataset draws its uniforms in batches, each batch seeded by (seed, batch index)
-
-
-def dtype_for_vocab(vocab_size: int) -> np.dtype:
-    """uint16 when every id of the vocabulary fits (vocab_size <= 65536), else int32."""
-    if not 1 <= vocab_size <= 2**31:
-        raise ValueError(f"vocab_size must be in [1, 2**31], got {vocab_size}")
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
-
-
-def token_dtype(vocab_size: int, dtype: Optional[np.dtype] = None) -> np.dtype:
-    """`dtype` checked to be a LITPKDS token dtype that holds every id of the vocabulary; None: dtype_for_vocab."""
-    if dtype is None:
-        return dtype_for_vocab(vocab_size)
-    dtype = np.dtype(dtype)
-    _dtype_code(dtype)
-    if vocab_size - 1 > np.iinfo(dtype).max:
-        raise ValueError(f"vocab_size {vocab_size} does not fit dtype {dtype.name} "
-                         f"(max id {np.iinfo(dtype).max}); use {dtype_for_vocab(vocab_size).name}")
-    return dtype
-
-
-def _dtype_code(dtype: np.dtype) -> int:
-    for code in TOKEN_DTYPE_CODES:
-        if np.dtype(DTYPES[code]) == dtype:
-            return code
-    raise ValueError(f"dtype {dtype} is not a LITPKDS token dtype; use one of "
-                     f"{[np.dtype(DTYPES[code]).name for code in TOKEN_DTYPE_CODES]}")
-
-
-def _read_header(path: str) -> Tuple[np.dtype, int]:
-    """Check one file's header and size; return its token dtype and chunk size (in tokens)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Packed data file {path!r} does not exist")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        header = f.read(HDR_SIZE)
-    if len(header) < HDR_SIZE:
-        raise ValueError(f"{path!r} is not a LITPKDS file: {size} bytes, shorter than the {HDR_SIZE}-byte header")
-    magic, version, code, chunk_size = _HEADER.unpack(header)
-    if magic != HDR_MAGIC:
-        raise ValueError(f"{path!r} is not a LITPKDS file: it starts with {magic!r}, expected {HDR_MAGIC!r}")
-    if version != HDR_VERSION:
-        raise ValueError(f"{path!r} has LITPKDS version {version}, only version {HDR_VERSION} is supported")
-    if code not in TOKEN_DTYPE_CODES:
-        raise ValueError(f"{path!r} has dtype code {code}, expected a token dtype code {TOKEN_DTYPE_CODES} "
-                         f"(8 = uint16, 4 = int32)")
-    dtype = np.dtype(DTYPES[code])
-    expected = HDR_SIZE + chunk_size * dtype.itemsize
-    if size != expected:
-        raise ValueError(f"{path!r} is {size} bytes, but its header says {chunk_size} {dtype.name} tokens "
-                         f"({expected} bytes): the file is truncated or corrupt")
-    return dtype, chunk_size
-
-
-class PackedDatasetBuilder:
-    """Streams token arrays in and writes every `chunk_size` tokens as one LITPKDS file, atomically."""
-
-    def __init__(self, outdir: Union[str, Path], prefix: str, chunk_size: int, vocab_size: int,
-                 dtype: Optional[np.dtype] = None) -> None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1 token, got {chunk_size}")
-        self.dtype = token_dtype(vocab_size, dtype)
-        self._code = _dtype_code(self.dtype)
-        self.outdir = Path(outdir)
-        self.outdir.mkdir(parents=True, exist_ok=True)
-        self.prefix = prefix
-        self.chunk_size = chunk_size
-        self.vocab_size = vocab_size
-        self.filenames: list = []
-        self.n_tokens = 0
-        self._buffer = np.empty(chunk_size, dtype=self.dtype)
-        self._filled = 0
-
-    def add_array(self, arr: np.ndarray) -> None:
-        """Append token ids; every chunk that fills up is written as a file at once."""
-        arr = np.asarray(arr).reshape(-1)
-        if arr.size == 0:
-            return
-        if arr.dtype.kind not in "iu":
-            raise TypeError(f"token ids must be integers, got an array of {arr.dtype}")
-        low, high = int(arr.min()), int(arr.max())
-        if low < 0 or high >= self.vocab_size:
-            raise ValueError(f"token id {low if low < 0 else high} is out of range: ids must be in "
-                             f"[0, {self.vocab_size - 1}] (vocab_size {self.vocab_size}, dtype {self.dtype.name}, "
-                             f"whose max id is {np.iinfo(self.dtype).max})")
-        start = 0
-        while start < arr.size:
-            n = min(self.chunk_size - self._filled, arr.size - start)
-            self._buffer[self._filled:self._filled + n] = arr[start:start + n]
-            self._filled += n
-            start += n
-            if self._filled == self.chunk_size:
-                self._write_chunk()
-        self.n_tokens += arr.size
-
-    def finish(self) -> list:
-        """Write the last, partial chunk with its real token count as chunk size (never padded); return all files."""
-        if self._filled:
-            self._write_chunk()
-        return list(self.filenames)
-
-    def _write_chunk(self) -> None:
-        path = self.outdir / f"{self.prefix}_{len(self.filenames):010d}.bin"
-        with atomic_write(path) as tmp, open(tmp, "wb") as f:
-            f.write(_HEADER.pack(HDR_MAGIC, HDR_VERSION, self._code, self._filled))
-            f.write(self._buffer[:self._filled])
-        self.filenames.append(str(path))
-        self._filled = 0
 
 
 class PackedDataset(IterableDataset):
@@ -185,7 +59,7 @@ class PackedDataset(IterableDataset):
         self.shuffle, self.wrap = shuffle, wrap
         self.num_processes, self.process_rank = num_processes, process_rank
 
-        headers = [_read_header(name) for name in self.filenames]
+        headers = [read_header(name) for name in self.filenames]
         self._dtypes = [dtype for dtype, _ in headers]
         self._chunk_sizes = np.array([chunk_size for _, chunk_size in headers], dtype=np.int64)
         self._blocks_per_file = self._chunk_sizes // block_size
@@ -361,3 +235,91 @@ class CombinedDatasetIterator:
         block = next(self._sources[source])  # an exhausted source ends the mix
         self.draws += 1
         return block
+
+
+SHUFFLE_BUFFER_FILES = 8  # files whose blocks are shuffled together (TinyLlama's n_chunks)
+
+
+class PackedBatches:
+    """A batch source for training.fit: micro-batches of `micro_batch_size` blocks of T + 1 tokens, as
+    `(input_ids, targets) = (blocks[:, :-1], blocks[:, 1:])`. Every position is a target and nothing is padding.
+    `len()` is the micro-batches per process in one epoch of a single source; the state is the dataset's."""
+
+    pad_id = None
+
+    def __init__(self, dataset: Union["CombinedDataset", PackedDataset], micro_batch_size: int,
+                 description: str) -> None:
+        self.dataset, self.micro_batch_size, self.description = dataset, micro_batch_size, description
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        blocks = iter(self.dataset)
+        while True:
+            try:
+                batch = torch.stack([next(blocks) for _ in range(self.micro_batch_size)])
+            except StopIteration:  # a source without wrap is exhausted
+                return
+            yield batch[:, :-1], batch[:, 1:]
+
+    def __len__(self) -> int:
+        sources = self.dataset.datasets if isinstance(self.dataset, CombinedDataset) else [self.dataset]
+        if len(sources) != 1:
+            raise ValueError(f"--epochs needs a single training source; {self.description} mixes {len(sources)}")
+        return sources[0].n_blocks_total // sources[0].num_processes // self.micro_batch_size
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+
+
+def training_batches(data_dir: Path, mix: str, block_size: int, micro_batch_size: int, seed: int,
+                     num_processes: int, process_rank: int) -> PackedBatches:
+    """The files data_dir/prefix* of each source of `mix` (see parse_data_mix), shuffled, endless, mixed."""
+    sources = parse_data_mix(mix)
+    datasets = [
+        PackedDataset(data_files(data_dir, prefix, "--train_data_dir/--train_data_mix"), n_chunks=SHUFFLE_BUFFER_FILES,
+                      block_size=block_size, seed=seed, shuffle=True, wrap=True, num_processes=num_processes,
+                      process_rank=process_rank)
+        for prefix, _ in sources
+    ]
+    weights = [weight for _, weight in sources]
+    if weights[0] is None:  # every block of every source equally likely
+        weights = [dataset.n_blocks_total for dataset in datasets]
+    return PackedBatches(CombinedDataset(datasets, seed=seed, weights=weights), micro_batch_size,
+                         f"--train_data_mix {mix!r}")
+
+
+def validation_batches(data_dir: Path, block_size: int, micro_batch_size: int, num_processes: int,
+                       process_rank: int) -> PackedBatches:
+    """The files data_dir/validation*, in order; each iter() starts from the beginning."""
+    dataset = PackedDataset(data_files(data_dir, "validation", "--val_data_dir"), n_chunks=SHUFFLE_BUFFER_FILES,
+                            block_size=block_size, shuffle=False, num_processes=num_processes,
+                            process_rank=process_rank)
+    return PackedBatches(dataset, micro_batch_size, f"--val_data_dir {data_dir}")
+
+
+def parse_data_mix(mix: str) -> list:
+    """"prefix:weight,prefix:weight" or "prefix,prefix" -> [(prefix, weight or None)]."""
+    entries = []
+    for item in mix.split(","):
+        prefix, _, weight = item.strip().partition(":")
+        if not prefix:
+            raise ValueError(f"--train_data_mix {mix!r}: expected 'prefix:weight,...' or 'prefix,...'")
+        try:
+            entries.append((prefix, float(weight) if weight else None))
+        except ValueError:
+            raise ValueError(f"--train_data_mix {mix!r}: the weight {weight!r} of {prefix!r} is not a number") from None
+    if len({weight is None for _, weight in entries}) > 1:
+        raise ValueError(f"--train_data_mix {mix!r}: give a weight to every prefix or to none (then by size)")
+    if any(weight is not None and weight <= 0 for _, weight in entries):
+        raise ValueError(f"--train_data_mix {mix!r}: weights must be positive")
+    return entries
+
+
+def data_files(data_dir: Path, prefix: str, flag: str) -> list:
+    files = sorted(str(path) for path in Path(data_dir).glob(f"{prefix}*") if path.is_file())
+    if not files:
+        raise FileNotFoundError(f"No data files {str(Path(data_dir) / prefix)}* (from {flag}): prepare the data with "
+                                f"a script of prepare_data/ first")
+    return files

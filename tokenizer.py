@@ -1,12 +1,10 @@
-"""Tokenizer for a checkpoint directory: sentencepiece `tokenizer.model` (Llama-2 style) or HF `tokenizer.json`."""
+"""Tokenizer for a checkpoint directory: sentencepiece `tokenizer.model` (Llama-2 style) or HF `tokenizer.json`.
+Imports neither torch nor the model, so the data preparers' worker processes start fast: ids go in and out as lists.
+"""
 
 import json
 from pathlib import Path
-from typing import List, Optional, Union
-
-import torch
-
-from model import Config
+from typing import Iterable, List, Optional, Union
 
 # What a checkpoint directory holds of its tokenizer: copied next to exported weights by pretraining and conversion
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -53,17 +51,14 @@ class Tokenizer:
 
         return token_id("bos_token", "<s>"), token_id("eos_token", "</s>")
 
-    def check_fits(self, config: Config, config_source: str) -> None:
-        """Every token id must be one of the model's `vocab_size` tokens; config_source names where config came from."""
-        if self.vocab_size > config.vocab_size:
-            raise ValueError(f"{self.path} has {self.vocab_size} tokens, more than the vocab_size={config.vocab_size} "
-                             f"of {config_source}")
+    def check_fits(self, vocab_size: int, source: str) -> None:
+        """Every token id must be one of the model's `vocab_size` tokens; `source` names where vocab_size came from."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"{self.path} has {self.vocab_size} tokens, more than the vocab_size={vocab_size} "
+                             f"of {source}")
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False, device: Optional[torch.device] = None) -> torch.Tensor:
-        return torch.tensor(self.encode_ids(text, bos=bos, eos=eos), dtype=torch.int, device=device)
-
-    def encode_ids(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
-        """The ids as a plain list, without building a tensor: what the data preparers use."""
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
+        """The ids of `text`, with the BOS id before and the EOS id after when asked for (an error if undefined)."""
         if self.backend == "sentencepiece":
             ids = self.processor.encode(text)
         else:
@@ -78,6 +73,6 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
-    def decode(self, ids: Union[torch.Tensor, List[int]]) -> str:
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        return self.processor.decode(ids)
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`: a list, or an array or tensor (anything with `.tolist()`, so torch is not imported)."""
+        return self.processor.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))

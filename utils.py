@@ -12,7 +12,7 @@ import tempfile
 import typing
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Literal, Mapping, Optional, Union
 
 
 @contextmanager
@@ -81,24 +81,44 @@ def write_json(path: Union[str, Path], obj: Any) -> None:
         Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def cli(fn: Callable, argv: Optional[list] = None) -> Any:
-    """Call `fn` with arguments parsed from the command line: its typed signature is the CLI.
+def cli(fn: Callable, argv: Optional[list] = None, *, defaults: Optional[Mapping[str, Any]] = None,
+        description: Optional[str] = None) -> Any:
+    """Call `fn` with arguments parsed from the command line (`argv`, default sys.argv): its typed signature is the CLI.
 
     `--name value` for each parameter (a bool is a flag: `--name` / `--no-name`), `None` spelled `none`;
-    Optional[X], Literal[...] and lists (`--name a b` or `--name a,b`) are understood. Help comes from the docstring's `Args:` section.
+    Optional[X], Literal[...] and lists (`--name a b` or `--name a,b`) are understood. A parameter without a default
+    is a required flag.
+
+    --help shows the docstring's text before its `Args:` line, then each flag with its default and the help of its
+    `    name: help` entry in `Args:`; lines more indented than an entry's first line continue its help.
+
+    A recipe is `fn` with other defaults: `cli(setup, defaults=RECIPE, description=__doc__)`. `defaults` (parameter
+    name -> value) replace the defaults of `fn`'s parameters, in --help and where a flag is not given; a name that
+    is not a parameter of `fn` raises TypeError. `description` replaces the docstring's text before `Args:` (the
+    per-flag help still comes from `fn`'s docstring).
     """
-    doc = inspect.getdoc(fn) or ""
-    arg_help = dict(re.findall(r"^\s{4}(\w+): (.+)$", doc.split("Args:", 1)[1], re.M)) if "Args:" in doc else {}
-    parser = argparse.ArgumentParser(description=doc.split("Args:", 1)[0].strip())
+    parameters = inspect.signature(fn).parameters
+    defaults = dict(defaults or {})
+    unknown = sorted(set(defaults) - set(parameters))
+    if unknown:
+        raise TypeError(f"{fn.__name__}() has no parameters {unknown}; its parameters: {', '.join(parameters)}")
+    own_description, *args_section = _ARGS_HEADING.split(inspect.getdoc(fn) or "", maxsplit=1)
+    arg_help = _arg_help("".join(args_section))
+    parser = argparse.ArgumentParser(
+        description=own_description.strip() if description is None else inspect.cleandoc(description),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the docstring's commands and paragraphs
+    )
     hints = typing.get_type_hints(fn)
-    for name, param in inspect.signature(fn).parameters.items():
+    for name, param in parameters.items():
         kind = hints.get(name, str)
+        default = defaults.get(name, param.default)
         kwargs = dict(help=arg_help.get(name, ""))
-        if param.default is inspect.Parameter.empty:
+        if default is inspect.Parameter.empty:
             kwargs["required"] = True
         else:
-            kwargs["default"] = param.default
-            kwargs["help"] += f" (default: {param.default})"
+            kwargs["default"] = default
+            kwargs["help"] += f" (default: {default})"
+        kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help: a literal % would fail
         optional = typing.get_origin(kind) is Union and type(None) in typing.get_args(kind)
         if optional:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
@@ -115,6 +135,31 @@ def cli(fn: Callable, argv: Optional[list] = None) -> Any:
             kwargs["type"] = _none_or(kind, optional)
         parser.add_argument(f"--{name}", **kwargs)
     return fn(**vars(parser.parse_args(argv)))
+
+
+_ARGS_HEADING = re.compile(r"^[ \t]*Args:[ \t]*$", re.M)
+
+
+def _arg_help(args_section: str) -> Dict[str, str]:
+    """`name -> help` for the `name: help` entries of a docstring's `Args:` section; the lines more indented than an
+    entry's first line continue it. A blank line ends an entry, a line less indented than the entries the section."""
+    helps: Dict[str, str] = {}
+    name, indent = None, 0
+    for line in args_section.splitlines():
+        depth = len(line) - len(line.lstrip())
+        if not line.strip():
+            name = None
+        elif depth < indent:
+            break
+        elif name is not None and depth > indent:
+            helps[name] += " " + line.strip()
+        else:
+            entry = re.fullmatch(r"\s*(\w+): (.+)", line)
+            name = entry[1] if entry else None  # prose at the entries' depth: continue nothing
+            if entry:
+                indent = depth
+                helps[name] = entry[2].strip()
+    return helps
 
 
 class _CommaSeparated(argparse.Action):

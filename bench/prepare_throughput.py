@@ -6,12 +6,15 @@ Builds a synthetic SlimPajama tree from the Python standard library's source fil
 download) at two sizes, runs prepare_data/prepare_slimpajama.py on each with one process and with all cores, and
 times sentencepiece's own encode of the same documents in this process (each the best of REPEATS runs, as the
 machine may be shared). Reports:
-- text MB/s and tokens/s of each run, and the peak resident memory of a packing process (getrusage maxrss): the
+- text MB/s and tokens/s of each run, and the peak resident memory of a packing process (Linux VmHWM): the
   same at both sizes, it does not grow with the input;
 - the one-process overhead over the bare encode, in wall and CPU time, and as profiled: the share of the packing
   time spent inside sentencepiece's Encode in one cProfile'd run (which a busy machine does not skew);
 - scaling: the rate between the two sizes (extra tokens over extra seconds, which leaves out the fixed cost of
-  starting worker processes) with one process and with all cores, and the CPU time each spends packing.
+  starting worker processes) with one process and with all cores, and the CPU time each spends packing;
+- worker start-up: the wall time for a fresh interpreter (what a spawned packing process is) to import what a
+  packing process imports, and its resident memory then; with `--before DIR`, the same for another checkout (e.g.
+  `git archive HEAD | tar -x -C /tmp/before` before a change), measured in turn with this one.
 """
 
 import contextlib
@@ -22,6 +25,7 @@ import os
 import platform
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +47,10 @@ VOCAB_SIZE = 32000  # Llama-2's size, for a realistic encode cost
 SIZES_MB = (4, 16)  # of text
 FILES = 8  # .jsonl.zst files per tree
 REPEATS = 3
+STARTUP_REPEATS = 7
+# what a packing process of prepare_slimpajama.py imports: the script (run as __mp_main__ by spawn) and the
+# tokenizer's backend, which tokenizer.py imports when the process loads the tokenizer
+WORKER_IMPORTS = "import prepare_data.prepare_slimpajama, sentencepiece"
 
 
 def cpu_model() -> str:
@@ -107,10 +115,40 @@ def encode_share(source: Path, tokenizer_path: Path, destination: Path) -> float
     return cumulative["Encode"] / cumulative["main"]
 
 
-def main(tokenizer_path: Optional[Path] = None, workdir: Optional[Path] = None) -> None:
+def worker_startup(root: Path) -> Tuple[List[float], float]:
+    """Wall seconds of each of STARTUP_REPEATS fresh interpreters that import WORKER_IMPORTS from the checkout `root`,
+    and the peak resident memory (MB) of the last one once they are imported."""
+    # VmHWM, not getrusage's maxrss, which would count this process's memory too (see common.peak_memory_mb)
+    code = f"{WORKER_IMPORTS}\nprint(next(line.split()[1] for line in open('/proc/self/status') if 'VmHWM' in line))"
+    seconds = []
+    for _ in range(STARTUP_REPEATS):
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True, text=True)
+        seconds.append(time.perf_counter() - start)
+    return seconds, int(result.stdout) / 1024  # Linux reports KiB
+
+
+def print_startup(roots: List[Path]) -> None:
+    """worker_startup of each checkout, the checkouts taking turns (a busy moment slows all of them)."""
+    seconds: dict = {root: [] for root in roots}
+    rss = {}
+    for _ in range(REPEATS):
+        for root in roots:
+            times, rss[root] = worker_startup(root)
+            seconds[root] += times
+    medians = {root: statistics.median(times) for root, times in seconds.items()}
+    for root, times in seconds.items():
+        print(f"worker start-up, {root}: median {medians[root]:.3f} s, best {min(times):.3f} s of {len(times)}; "
+              f"{rss[root]:,.0f} MB resident after the imports")
+    if len(roots) == 2:
+        print(f"worker start-up of {roots[1]} over {roots[0]}: {medians[roots[1]] / medians[roots[0]]:.1f}x")
+
+
+def main(tokenizer_path: Optional[Path] = None, workdir: Optional[Path] = None, before: Optional[Path] = None) -> None:
     cores = os.cpu_count() or 1
     print(f"device: {cpu_model()}, {cores} cores (os.cpu_count), Python {platform.python_version()}, "
           f"sentencepiece {spm.__version__}; load average at start {os.getloadavg()[0]:.1f}")
+    print_startup([ROOT] if before is None else [ROOT, before.resolve()])
     documents = [text for path in stdlib_files() if (text := path.read_text(encoding="utf-8")).strip()]
     # both sizes cycle through the same documents, so that only the input size differs (peak memory follows the
     # longest document, not the input size)
@@ -170,4 +208,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     parser.add_argument("--tokenizer_path", type=Path, help="default: train a 32k BPE tokenizer on the corpus")
     parser.add_argument("--workdir", type=Path, help="where the temporary corpus and shards go (default: $TMPDIR)")
+    parser.add_argument("--before", type=Path, help="another checkout whose worker start-up to measure in turn")
     main(**vars(parser.parse_args()))

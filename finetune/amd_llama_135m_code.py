@@ -1,5 +1,5 @@
-"""Finetune AMD-Llama-135m on code (AMD-Llama-135m-code): the loop of pretrain/tinyllama.py, continued from
-pretrained weights on the Python part of StarCoder for one epoch.
+"""AMD-Llama-135m-code: continued pretraining of AMD-Llama-135m on the Python part of StarCoder for one epoch, with
+the loop of pretrain/tinyllama.py (packed blocks, every token a target; not instruction finetuning).
 
     python finetune/amd_llama_135m_code.py
 
@@ -10,6 +10,7 @@ with a fresh optimizer and schedule. The data:
         --tokenizer_path checkpoints/AMD-Llama-135m --destination_path data/starcoder_python
 
 One epoch is every block of the training shards once: (blocks // 320) steps; the lr decays over exactly those.
+The model's config comes from initial_checkpoint_dir.
 """
 
 import sys
@@ -17,11 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.tinyllama import recipe
+from pretrain.tinyllama import setup
 from utils import cli
 
 RECIPE = dict(
-    model_name="AMD-Llama-135m",
     initial_checkpoint_dir=Path("out/amd_llama_135m/final"),
     tokenizer_dir=Path("out/amd_llama_135m/final"),
     out_dir=Path("out/amd_llama_135m_code"),
@@ -44,4 +44,4 @@ RECIPE = dict(
 )
 
 if __name__ == "__main__":
-    cli(recipe(__doc__, **RECIPE))
+    cli(setup, defaults=RECIPE, description=__doc__)

@@ -4,7 +4,7 @@ gpt-fast style: the prompt is prefilled in one forward pass into a static KV cac
 time with fixed shapes (a (1, 1) token, a (1,) position, a cache of constant size) and no host syncs in the step,
 so the decode step can later be compiled or captured in a CUDA graph.
 
-    python generate/base.py --checkpoint_dir out/demo --prompt "def fibonacci(n):" --max_new_tokens 100
+    python generate/base.py --checkpoint_dir out/demo/final --prompt "def fibonacci(n):" --max_new_tokens 100
 """
 
 import sys
@@ -157,9 +157,10 @@ def main(
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, device=device, dtype=PRECISIONS[precision])
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({precision} on {device})", file=sys.stderr)
-    tokenizer.check_fits(model.config, str(checkpoint_dir / "model_config.json"))
+    tokenizer.check_fits(model.config.vocab_size, str(checkpoint_dir / "model_config.json"))
 
-    prompt_ids = tokenizer.encode(prompt, bos=tokenizer.bos_id is not None, device=device)
+    prompt_ids = torch.tensor(tokenizer.encode(prompt, bos=tokenizer.bos_id is not None), dtype=torch.int,
+                              device=device)
     room = model.config.block_size - len(prompt_ids)
     if 0 < room < max_new_tokens:
         print(f"Only {room} new tokens fit in block_size={model.config.block_size} after the "

@@ -1,10 +1,13 @@
-"""What the data preparers share: finding input files, reading JSON lines with bad input counted, documents -> token
-ids with BOS/EOS separators, and the process pool that packs shards with one PackedDatasetBuilder per process.
+"""What the data preparers share: finding input files, the readers of JSON lines, text and parquet files with bad
+input counted, documents -> token ids with BOS/EOS separators, and the process pool that packs shards with one
+PackedDatasetBuilder per process.
 
 A preparer supplies a `read_documents(path, report)` generator that yields `(line, text)` for each document of one
 input file (line: the line or row number, for messages) and records what it skips in `report`. `prepare` does the
 rest: it splits the sorted files across processes, encodes and packs every document, shows progress, prints a
 summary and writes it as JSON next to the shards.
+
+Imports no torch (nor anything that does), so each packing process starts in a fraction of a second.
 """
 
 import glob
@@ -26,14 +29,21 @@ import numpy as np
 import zstandard
 from tqdm import tqdm
 
-from packed_dataset import PackedDatasetBuilder, token_dtype
+from shard_format import PackedDatasetBuilder, token_dtype
 from tokenizer import Tokenizer
+from utils import write_json
 
 DEFAULT_CHUNK_SIZE = (2048 + 1) * 1024  # tokens per shard, as TinyLlama
 FLUSH_TOKENS = 1 << 18  # ids are handed to the builder in arrays of about this many tokens
 MAX_LISTED_PROBLEMS = 20  # skipped lines listed in the summary per process (all are counted)
 TokenDtype = Literal["uint16", "int32"]  # of the shards' token ids: the preparers' `dtype` parameter
 DTYPE_CHOICES = get_args(TokenDtype)  # checked at run time too, for callers from Python
+# what a directory is searched for: the files read_text_documents reads, and those read_parquet_documents reads
+TEXT_PATTERNS = ("**/*.txt", "**/*.py", "**/*.md", "**/*.rst", "**/*.jsonl", "**/*.jsonl.zst")
+PARQUET_PATTERN = "**/*.parquet"
+JSONL_SUFFIXES = (".jsonl", ".jsonl.zst")
+PARQUET_TEXT_COLUMN = "content"  # as in bigcode/starcoderdata
+PARQUET_LANGUAGE_COLUMN = "lang"
 
 ReadDocuments = Callable[[Path, "Report"], Iterator[Tuple[int, str]]]
 SplitKey = Callable[[Path, str], str]
@@ -187,6 +197,79 @@ def read_whole_file(path: Path, report: Report) -> Iterator[Tuple[int, str]]:
         report.skip(path, line, f"invalid UTF-8 at byte {error.start} of the file; document skipped")
 
 
+def read_text_documents(path: Path, report: Report, text_key: str = "text") -> Iterator[Tuple[int, str]]:
+    """Every line's `text_key` field of a JSON lines file, or the whole of any other file (plain text, code)."""
+    if path.name.endswith(JSONL_SUFFIXES):
+        for line, record in read_jsonl(path, report):
+            text = record.get(text_key)
+            if not isinstance(text, str):
+                report.skip(path, line, f"no string {text_key!r} field")
+                continue
+            yield line, text
+    else:
+        yield from read_whole_file(path, report)
+
+
+def read_parquet_documents(path: Path, report: Report, languages: Sequence[str] = ()) -> Iterator[Tuple[int, str]]:
+    """The `content` of each row, one row group at a time (memory bounded by the row group, whatever the file
+    size). With `languages`, rows of a file outside a language directory are selected by their `lang` column."""
+    import pyarrow as pa  # pip install pyarrow; only the parquet inputs need it
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as error:
+        report.unreadable(path, f"not a readable parquet file ({error})")
+        return
+    schema = parquet.schema_arrow
+    if PARQUET_TEXT_COLUMN not in schema.names:
+        report.unreadable(path, f"no {PARQUET_TEXT_COLUMN!r} column (columns: {schema.names})")
+        return
+    text_type = schema.field(PARQUET_TEXT_COLUMN).type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        report.unreadable(path, f"column {PARQUET_TEXT_COLUMN!r} holds {text_type}, expected strings")
+        return
+    by_column = bool(languages) and path.parent.name not in languages
+    if by_column and PARQUET_LANGUAGE_COLUMN not in schema.names:
+        report.unreadable(path, f"no {PARQUET_LANGUAGE_COLUMN!r} column (nor a language directory) to select "
+                                f"{list(languages)}")
+        return
+    columns = [PARQUET_TEXT_COLUMN, PARQUET_LANGUAGE_COLUMN] if by_column else [PARQUET_TEXT_COLUMN]
+    row = 0
+    for group in range(parquet.num_row_groups):
+        try:
+            table = parquet.read_row_group(group, columns=columns)
+        except (OSError, pa.ArrowException) as error:
+            report.unreadable(path, f"row group {group} is unreadable ({error}); the {row} rows before it were used")
+            return
+        texts = table.column(PARQUET_TEXT_COLUMN).to_pylist()
+        row_languages = table.column(PARQUET_LANGUAGE_COLUMN).to_pylist() if by_column else None
+        for i, text in enumerate(texts):
+            if row_languages is not None and row_languages[i] not in languages:
+                report.excluded[str(row_languages[i])] += 1
+                continue
+            yield row + i, text or ""  # a null counts as an empty document
+        row += len(texts)
+
+
+def sample_documents(
+    files: List[Path], read_documents: ReadDocuments, max_characters: int, report: Report
+) -> Iterator[str]:
+    """Documents from every file in turn, each file given an equal share of what is left of max_characters (so the
+    sample covers the whole corpus, deterministically); a document is cut where its file's share runs out."""
+    used = 0
+    for i, path in enumerate(files):
+        budget = (max_characters - used) // (len(files) - i)
+        taken = 0
+        for _, text in read_documents(path, report):
+            text = text[: budget - taken]
+            taken += len(text)
+            yield text
+            if taken >= budget:
+                break
+        used += taken
+
+
 def hashed_split(key: str, validation_fraction: float) -> str:
     """'validation' for a stable `validation_fraction` of keys, else 'train', chosen by a hash of `key` (by default a
     document's text: duplicates land in the same split, and the split depends on neither file order nor process
@@ -284,7 +367,7 @@ def _pack(job: Job, rank: int, files: List[Path], progress: Optional[Callable[[i
                 report.empty_documents += 1
                 continue
             try:
-                ids = tokenizer.encode_ids(text, bos=job.bos, eos=job.eos)  # the document boundary: BOS ... EOS
+                ids = tokenizer.encode(text, bos=job.bos, eos=job.eos)  # the document boundary: BOS ... EOS
             except (UnicodeEncodeError, RuntimeError):
                 if is_encodable(text):
                     raise
@@ -314,8 +397,31 @@ def _pack(job: Job, rank: int, files: List[Path], progress: Optional[Callable[[i
             report.shards += [str(f) for f in builders[split].finish()]
     report.seconds = time.perf_counter() - start
     report.cpu_seconds = time.process_time() - cpu_start
-    report.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    report.peak_memory_mb = peak_memory_mb()
     return report
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM counts this program only; getrusage's maxrss (the fallback
+    elsewhere) also counts what the parent process held when it started this one (the fork before exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # in KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux and the BSDs
+
+
+def prepare_files(
+    files: List[Path], read_documents: ReadDocuments, *, name: str, split: Optional[str], tokenizer_path: Path,
+    destination_path: Path, chunk_size: int, num_processes: Optional[int], strict: bool, bos: bool, eos: bool,
+    dtype: Optional[TokenDtype], validation_fraction: float = 0.0,
+) -> Report:
+    """What the command-line preparers share: their Job from `read_documents` and their common arguments (named
+    as on their command lines), run by `prepare` over `files`."""
+    job = Job(read_documents=read_documents, tokenizer_path=Path(tokenizer_path), destination=Path(destination_path),
+              name=name, split=split, validation_fraction=validation_fraction, chunk_size=chunk_size, bos=bos, eos=eos,
+              strict=strict, dtype=dtype)
+    return prepare(job, files, num_processes)
 
 
 def prepare(job: Job, files: List[Path], num_processes: Optional[int] = None, quiet: bool = False) -> Report:
@@ -352,7 +458,7 @@ def prepare(job: Job, files: List[Path], num_processes: Optional[int] = None, qu
     report.seconds = time.perf_counter() - start
     summary = {"name": job.name, "split": job.split, "processes": n, **report.to_json()}
     summary["shards"] = [os.path.relpath(s, job.destination) for s in report.shards]
-    (job.destination / f"summary_{job.label}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(job.destination / f"summary_{job.label}.json", summary)
     if not quiet:
         print_summary(job, report, n)
     return report

@@ -26,9 +26,9 @@ from typing import Iterator, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import Job, Report, hashed_split, prepare, read_whole_file
-from prepare_data.train_tokenizer import LineCounts, sample_documents, train_tokenizer
-from utils import atomic_write, cli
+from prepare_data.common import Job, Report, hashed_split, prepare, read_whole_file, sample_documents
+from prepare_data.train_tokenizer import LineCounts, train_tokenizer
+from utils import cli, write_json
 
 VOCAB_SIZE = 4096
 CHUNK_SIZE = (256 + 1) * 64  # per shard: 64 blocks of the demo model's 256 tokens + 1 (the last target)
@@ -176,8 +176,7 @@ def prepare_demo(
         for stale in job.shards_on_disk():  # from a build that was interrupted
             stale.unlink()
         reports[name] = prepare(job, files, num_processes, quiet=quiet).to_json()
-    with atomic_write(marker) as tmp:
-        tmp.write_text(json.dumps({"settings": settings, **reports}, indent=2) + "\n")
+    write_json(marker, {"settings": settings, **reports})
     return destination_path
 
 

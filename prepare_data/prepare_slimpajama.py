@@ -14,7 +14,7 @@ from typing import Iterator, Literal, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import DEFAULT_CHUNK_SIZE, Job, Report, TokenDtype, find_files, prepare, read_jsonl
+from prepare_data.common import DEFAULT_CHUNK_SIZE, Report, TokenDtype, find_files, prepare_files, read_jsonl
 from utils import cli
 
 REDPAJAMA_SETS = (
@@ -76,19 +76,11 @@ def main(
             f"{str(split_dir)!r} does not exist (expected {source_path}/{split}/chunk*/*.jsonl.zst)"
         )
     files = find_files(split_dir, ["chunk*/*.jsonl.zst"])
-    job = Job(
-        read_documents=partial(read_documents, exclude_sets=tuple(exclude_sets)),
-        tokenizer_path=Path(tokenizer_path),
-        destination=Path(destination_path),
-        name="slimpajama",
-        split=split,
-        chunk_size=chunk_size,
-        bos=bos,
-        eos=eos,
-        strict=strict,
-        dtype=dtype,
+    return prepare_files(
+        files, partial(read_documents, exclude_sets=tuple(exclude_sets)), name="slimpajama", split=split,
+        tokenizer_path=tokenizer_path, destination_path=destination_path, chunk_size=chunk_size,
+        num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype,
     )
-    return prepare(job, files, num_processes)
 
 
 if __name__ == "__main__":

@@ -11,56 +11,14 @@ the language is the directory's name. Files directly in source_path instead are 
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Sequence, Tuple
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import Literal, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import DEFAULT_CHUNK_SIZE, Job, Report, TokenDtype, find_files, prepare
+from prepare_data.common import (
+    DEFAULT_CHUNK_SIZE, Report, TokenDtype, find_files, prepare_files, read_parquet_documents,
+)  # fmt: skip
 from utils import cli
-
-TEXT_COLUMN = "content"
-LANGUAGE_COLUMN = "lang"
-
-
-def read_documents(path: Path, report: Report, languages: Sequence[str] = ()) -> Iterator[Tuple[int, str]]:
-    """The `content` of each row, one row group at a time (memory bounded by the row group, whatever the file
-    size). With `languages`, rows of a file outside a language directory are selected by their `lang` column."""
-    try:
-        parquet = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as error:
-        report.unreadable(path, f"not a readable parquet file ({error})")
-        return
-    schema = parquet.schema_arrow
-    if TEXT_COLUMN not in schema.names:
-        report.unreadable(path, f"no {TEXT_COLUMN!r} column (columns: {schema.names})")
-        return
-    text_type = schema.field(TEXT_COLUMN).type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        report.unreadable(path, f"column {TEXT_COLUMN!r} holds {text_type}, expected strings")
-        return
-    by_column = bool(languages) and path.parent.name not in languages
-    if by_column and LANGUAGE_COLUMN not in schema.names:
-        report.unreadable(path, f"no {LANGUAGE_COLUMN!r} column (nor a language directory) to select {list(languages)}")
-        return
-    columns = [TEXT_COLUMN, LANGUAGE_COLUMN] if by_column else [TEXT_COLUMN]
-    row = 0
-    for group in range(parquet.num_row_groups):
-        try:
-            table = parquet.read_row_group(group, columns=columns)
-        except (OSError, pa.ArrowException) as error:
-            report.unreadable(path, f"row group {group} is unreadable ({error}); the {row} rows before it were used")
-            return
-        texts = table.column(TEXT_COLUMN).to_pylist()
-        row_languages = table.column(LANGUAGE_COLUMN).to_pylist() if by_column else None
-        for i, text in enumerate(texts):
-            if row_languages is not None and row_languages[i] not in languages:
-                report.excluded[str(row_languages[i])] += 1
-                continue
-            yield row + i, text or ""  # a null counts as an empty document
-        row += len(texts)
 
 
 def select_files(source_path: Path, split: str, languages: Sequence[str]) -> list:
@@ -109,19 +67,11 @@ def main(
         dtype: token dtype of the shards; none: uint16 when the vocabulary fits, else int32
     """
     files = select_files(Path(source_path), split, languages)
-    job = Job(
-        read_documents=partial(read_documents, languages=tuple(languages)),
-        tokenizer_path=Path(tokenizer_path),
-        destination=Path(destination_path),
-        name="starcoder",
-        split=split,
-        chunk_size=chunk_size,
-        bos=bos,
-        eos=eos,
-        strict=strict,
-        dtype=dtype,
+    return prepare_files(
+        files, partial(read_parquet_documents, languages=tuple(languages)), name="starcoder", split=split,
+        tokenizer_path=tokenizer_path, destination_path=destination_path, chunk_size=chunk_size,
+        num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype,
     )
-    return prepare(job, files, num_processes)
 
 
 if __name__ == "__main__":

@@ -12,30 +12,14 @@ and independent of file order and process count.
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prepare_data.common import (
-    DEFAULT_CHUNK_SIZE, Job, Report, TokenDtype, find_files, prepare, read_jsonl, read_whole_file,
+    DEFAULT_CHUNK_SIZE, TEXT_PATTERNS, Report, TokenDtype, find_files, prepare_files, read_text_documents,
 )  # fmt: skip
 from utils import cli
-
-DIRECTORY_PATTERNS = ("**/*.txt", "**/*.py", "**/*.md", "**/*.rst", "**/*.jsonl", "**/*.jsonl.zst")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.zst")
-
-
-def read_documents(path: Path, report: Report, text_key: str = "text") -> Iterator[Tuple[int, str]]:
-    """Every line's `text_key` field of a JSON lines file, or the whole of any other file."""
-    if path.name.endswith(JSONL_SUFFIXES):
-        for line, record in read_jsonl(path, report):
-            text = record.get(text_key)
-            if not isinstance(text, str):
-                report.skip(path, line, f"no string {text_key!r} field")
-                continue
-            yield line, text
-    else:
-        yield from read_whole_file(path, report)
 
 
 def main(
@@ -72,21 +56,13 @@ def main(
         raise ValueError(f"validation_fraction must be in [0, 1], got {validation_fraction}")
     if not name or "/" in name:
         raise ValueError(f"name must be a non-empty file name part, got {name!r}")
-    files = find_files(source_path, DIRECTORY_PATTERNS)
-    job = Job(
-        read_documents=partial(read_documents, text_key=text_key),
-        tokenizer_path=Path(tokenizer_path),
-        destination=Path(destination_path),
-        name=name,
-        split=None,
+    files = find_files(source_path, TEXT_PATTERNS)
+    return prepare_files(
+        files, partial(read_text_documents, text_key=text_key), name=name, split=None,
+        tokenizer_path=tokenizer_path, destination_path=destination_path, chunk_size=chunk_size,
+        num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype,
         validation_fraction=validation_fraction,
-        chunk_size=chunk_size,
-        bos=bos,
-        eos=eos,
-        strict=strict,
-        dtype=dtype,
     )
-    return prepare(job, files, num_processes)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,15 @@ from functools import partial
 from pathlib import Path
 from dataclasses import dataclass
 from itertools import chain
-from typing import Callable, Iterable, Iterator, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import Report, find_files
-from prepare_data.prepare_starcoder import read_documents as read_parquet_documents
-from prepare_data.prepare_text import DIRECTORY_PATTERNS
-from prepare_data.prepare_text import read_documents as read_text_documents
+from prepare_data.common import (
+    PARQUET_PATTERN, TEXT_PATTERNS, Report, find_files, read_parquet_documents, read_text_documents, sample_documents,
+)  # fmt: skip
 from utils import atomic_write, cli
 
 VOCAB_SIZE = 32000
@@ -54,24 +53,6 @@ LLAMA2_SPEC = dict(
     eos_id=2,
     pad_id=-1,
 )
-
-
-def sample_documents(
-    files: List[Path], read_documents: Callable[[Path, Report], Iterator], max_characters: int, report: Report
-) -> Iterator[str]:
-    """Documents from every file in turn, each file given an equal share of what is left of max_characters (so the
-    sample covers the whole corpus, deterministically); a document is cut where its file's share runs out."""
-    used = 0
-    for i, path in enumerate(files):
-        budget = (max_characters - used) // (len(files) - i)
-        taken = 0
-        for _, text in read_documents(path, report):
-            text = text[: budget - taken]
-            taken += len(text)
-            yield text
-            if taken >= budget:
-                break
-        used += taken
 
 
 class NoTextError(ValueError):
@@ -178,7 +159,7 @@ def main(
         max_characters: text sampled for training, spread evenly over the files (sentencepiece keeps it in memory)
         text_key: the field of a JSON line that holds the document
     """
-    files = find_files(source_path, [*DIRECTORY_PATTERNS, "**/*.parquet"])
+    files = find_files(source_path, [*TEXT_PATTERNS, PARQUET_PATTERN])
     report, counts = Report(), LineCounts()
     documents = sample_documents(files, partial(read_any, text_key=text_key), max_characters, report)
     try:

@@ -1,4 +1,4 @@
-"""Pretrain AMD-Llama-135m: the loop of pretrain/tinyllama.py with AMD's recipe (model card and training code).
+"""Pretrain AMD-Llama-135m: pretrain/tinyllama.py with AMD's recipe (model card and training code).
 
     python pretrain/amd_llama_135m.py
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.tinyllama import recipe
+from pretrain.tinyllama import setup
 from utils import cli
 
 RECIPE = dict(
@@ -45,4 +45,4 @@ RECIPE = dict(
 )
 
 if __name__ == "__main__":
-    cli(recipe(__doc__, **RECIPE))
+    cli(setup, defaults=RECIPE, description=__doc__)

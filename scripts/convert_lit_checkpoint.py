@@ -4,79 +4,23 @@ Reads `lit_model.pth` and `model_config.json` (and the tokenizer, if any) from `
 `config.json`, `model.safetensors`, `generation_config.json` and the tokenizer files into `output_dir`, loadable with
 `transformers.LlamaForCausalLM.from_pretrained(output_dir)` and `LlamaTokenizer.from_pretrained(output_dir)`:
 
-    python scripts/convert_lit_checkpoint.py --checkpoint_dir out/pretrain/final --output_dir out/hf
+    python scripts/convert_lit_checkpoint.py --checkpoint_dir out/tinyllama_1b/final --output_dir out/tinyllama_1b/hf
 """
 
-import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from checkpoint import check_state_dict, load_state_dict
+from hf import hf_config, hf_state_dict
 from model import GPT, Config
 from tokenizer import TOKENIZER_FILES, Tokenizer
-from scripts.convert_hf_checkpoint import HF_TO_LIT
-from checkpoint import check_state_dict, load_state_dict
-from utils import atomic_write, cli
-
-# lit module name -> HF module name(s), the inverse of convert_hf_checkpoint's table; "{}" is the layer index. The
-# fused qkv ([all q heads; all k groups; all v groups]) splits into q_proj, k_proj and v_proj, in that order.
-LIT_TO_HF: Dict[str, Tuple[str, ...]] = {}
-for _hf, _lit in HF_TO_LIT.items():
-    LIT_TO_HF[_lit] = LIT_TO_HF.get(_lit, ()) + (_hf,)
-
-
-def hf_state_dict(state_dict: Dict[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
-    qkv_sizes = [n * config.head_size for n in (config.n_head, config.n_query_groups, config.n_query_groups)]
-    converted = {}
-    for key, tensor in state_dict.items():
-        module, _, param = key.rpartition(".")
-        parts = module.split(".")
-        layer = parts[2] if module.startswith("transformer.h.") else None
-        template = ".".join(parts[:2] + ["{}"] + parts[3:]) if layer is not None else module
-        targets = LIT_TO_HF[template]  # check_state_dict has vetted every key
-        if len(targets) == 1:
-            converted[f"{targets[0].format(layer)}.{param}"] = tensor.contiguous()
-        else:
-            # clone: safetensors refuses tensors that share memory, as the views of one qkv matrix do
-            for name, piece in zip(targets, tensor.split(qkv_sizes)):
-                converted[f"{name.format(layer)}.{param}"] = piece.clone()
-    return converted
-
-
-def hf_config(config: Config, dtype: str, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": config.n_embd,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_query_groups,
-        "head_dim": config.head_size,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.block_size,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": float(config.rope_base),
-        # the 4.x spelling, which transformers 5 still reads (into `rope_parameters`)
-        "rope_scaling": (
-            {"type": "linear", "rope_type": "linear", "factor": float(config.rope_condense_ratio)}
-            if config.rope_condense_ratio > 1 else None
-        ),
-        "vocab_size": config.padded_vocab_size,
-        "attention_bias": config.bias,
-        "mlp_bias": config.bias,
-        "tie_word_embeddings": False,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "torch_dtype": dtype,
-        "use_cache": True,
-    }
+from utils import atomic_write, cli, write_json
 
 
 def sentencepiece_tokenizer_config(tokenizer_model: Path, config: Config) -> dict:
@@ -90,7 +34,8 @@ def sentencepiece_tokenizer_config(tokenizer_model: Path, config: Config) -> dic
         print(
             f"WARNING: {tokenizer_model} normalizes text (e.g. NFKC, newlines to spaces, collapsed spaces) where "
             "Llama-2's does not, and transformers' LlamaTokenizer skips that step: its ids will differ from "
-            "sentencepiece's on such text. Train with normalization_rule_name='identity', remove_extra_whitespaces=False."
+            "sentencepiece's on such text. Train with normalization_rule_name='identity', "
+            "remove_extra_whitespaces=False."
         )
 
     def piece(token_id: int):
@@ -111,11 +56,6 @@ def sentencepiece_tokenizer_config(tokenizer_model: Path, config: Config) -> dic
     }
 
 
-def write_json(path: Path, obj: dict) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> None:
     """Write a Hugging Face LlamaForCausalLM directory from a checkpoint of this repository.
 
@@ -127,8 +67,6 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> None:
     if output_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"output_dir must differ from checkpoint_dir ({str(checkpoint_dir)!r})")
     config = Config.from_file(checkpoint_dir / "model_config.json")
-    if config.rotary_percentage != 1.0:
-        raise ValueError(f"rotary_percentage={config.rotary_percentage}: HF's Llama applies RoPE to every channel")
     checkpoint = checkpoint_dir / "lit_model.pth"
     state_dict = load_state_dict(checkpoint)
     with torch.device("meta"):
@@ -143,11 +81,13 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> None:
         bos_id, eos_id = 1, 2
         print(f"No tokenizer in {checkpoint_dir}: bos_token_id=1 and eos_token_id=2 (Llama's) go into config.json")
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     dtype = str(state_dict["transformer.wte.weight"].dtype).removeprefix("torch.")
+    config_json = hf_config(config, dtype, bos_id, eos_id)  # before any file is written: it refuses some configs
+
+    output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(output_dir / "model.safetensors") as tmp:
         save_file(hf_state_dict(state_dict, config), tmp, metadata={"format": "pt"})
-    write_json(output_dir / "config.json", hf_config(config, dtype, bos_id, eos_id))
+    write_json(output_dir / "config.json", config_json)
     write_json(output_dir / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
     for name in tokenizer_present:
         with atomic_write(output_dir / name) as tmp:

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint import load_model, load_state_dict, save_model_dir
+from hf import config_from_hf, to_hf_keys, to_lit_key
 from model import GPT, Config
-from scripts.convert_hf_checkpoint import config_from_hf, convert_hf_checkpoint
+from scripts.convert_hf_checkpoint import convert_hf_checkpoint
 from scripts.convert_lit_checkpoint import convert_lit_checkpoint
 from tokenizer import Tokenizer
-from checkpoint import load_model, load_state_dict, save_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +25,8 @@ VARIANTS = {
     "mha": dict(num_key_value_heads=4),
     "gqa_bias": dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True),
     "mqa": dict(num_key_value_heads=1),
-    "rope_linear": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "rope_linear": dict(num_key_value_heads=2, rope_theta=500000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "head_dim": dict(num_key_value_heads=2, head_dim=24),  # 4 heads x 24 != hidden_size 64
     "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
 }
@@ -204,8 +206,8 @@ def test_export_with_sentencepiece_tokenizer(tmp_path, capsys):
     hf_tokenizer = LlamaTokenizer.from_pretrained(tmp_path / "hf")
     ours = Tokenizer(lit_dir)
     for text in ["the quick brown fox", "line 42:  lazy dog\n\nfox 7", "unknown: ü€ 日本\t"]:
-        assert hf_tokenizer(text)["input_ids"] == ours.encode_ids(text, bos=True)
-        assert hf_tokenizer.decode(ours.encode_ids(text), skip_special_tokens=True) == text
+        assert hf_tokenizer(text)["input_ids"] == ours.encode(text, bos=True)
+        assert hf_tokenizer.decode(ours.encode(text), skip_special_tokens=True) == text
     assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (2, 1)
 
     # sentencepiece's default options normalize text (NFKC, newlines to spaces), which LlamaTokenizer cannot follow
@@ -222,6 +224,7 @@ def test_every_output_file_is_written_atomically(tmp_path, monkeypatch):
     leaves a truncated config.json or tokenizer file that transformers would then fail on, or half read."""
     import scripts.convert_lit_checkpoint as convert
     import sentencepiece as spm
+    import utils
 
     lit_dir = tmp_path / "lit"
     lit_dir.mkdir()
@@ -234,26 +237,30 @@ def test_every_output_file_is_written_atomically(tmp_path, monkeypatch):
     config = Config.from_name("micro", vocab_size=200)
     save_model_dir(GPT(config).state_dict(), config, lit_dir, lit_dir)
 
-    real_atomic_write, written = convert.atomic_write, []
+    real_atomic_write, written = utils.atomic_write, []
 
     def recording_atomic_write(path):
         written.append(Path(path).name)
         return real_atomic_write(path)
 
     monkeypatch.setattr(convert, "atomic_write", recording_atomic_write)
+    monkeypatch.setattr(utils, "atomic_write", recording_atomic_write)  # for utils.write_json
     convert_lit_checkpoint(lit_dir, tmp_path / "hf")
     outputs = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.model",
                "special_tokens_map.json", "tokenizer_config.json"}  # the last one written, the others copied
     assert sorted(written) == sorted(outputs)
     assert {path.name for path in (tmp_path / "hf").iterdir()} == outputs  # and no temporary left over
-    assert (tmp_path / "hf" / "special_tokens_map.json").read_text() == (lit_dir / "special_tokens_map.json").read_text()
+    special_tokens_map = "special_tokens_map.json"
+    assert (tmp_path / "hf" / special_tokens_map).read_text() == (lit_dir / special_tokens_map).read_text()
 
 
 def test_cli(tmp_path):
+    """Both scripts from the command line as their docstrings show (plus --dtype), on a tiny local model."""
     tiny_hf_model("gqa_bias").save_pretrained(tmp_path / "hf")
     for command in (
         ["scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path / "hf"), "--dtype", "float16"],
-        ["scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "out")],
+        ["scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path / "hf"),
+         "--output_dir", str(tmp_path / "out")],
     ):
         result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
@@ -261,12 +268,26 @@ def test_cli(tmp_path):
     assert Config.from_file(tmp_path / "hf").bias
 
 
+def test_key_maps_are_inverses_over_every_key_of_a_model_with_biases():
+    lit_keys = set(GPT(Config.from_name("micro", bias=True)).state_dict())  # 2 layers, as tiny_hf_model's
+    hf_keys = set(tiny_hf_model("gqa_bias").state_dict())
+    assert {hf_key for key in lit_keys for hf_key in to_hf_keys(key)} == hf_keys
+    assert {to_lit_key(hf_key)[0] for hf_key in hf_keys} == lit_keys
+    for key in lit_keys:  # lit -> HF -> lit
+        assert {to_lit_key(hf_key)[0] for hf_key in to_hf_keys(key)} == {key}
+    for hf_key in hf_keys:  # HF -> lit -> HF
+        assert hf_key in to_hf_keys(to_lit_key(hf_key)[0])
+    # the fused qkv splits in the order merge_qkv concatenates
+    assert [to_lit_key(key)[1] for key in to_hf_keys("transformer.h.0.attn.qkv.bias")] == ["q_proj", "k_proj", "v_proj"]
+
+
 def test_mismatched_checkpoint_names_key_and_shapes(tmp_path):
     tiny_hf_model("mha").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["hidden_size"] = 32  # the weights are 64 wide
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"'(transformer\.wte|lm_head)\.weight' has shape \(96, 64\), the model expects \(96, 32\)"):
+    expected = r"'(transformer\.wte|lm_head)\.weight' has shape \(96, 64\), the model expects \(96, 32\)"
+    with pytest.raises(ValueError, match=expected):
         convert_hf_checkpoint(tmp_path)
     assert not (tmp_path / "lit_model.pth").exists()
 

@@ -268,7 +268,7 @@ def test_main_greedy_output(checkpoint_dir, capsys):
     out, err = capsys.readouterr()
     tokenizer = Tokenizer(checkpoint_dir)
     model = load_model(checkpoint_dir)
-    expected = greedy_reference(model, tokenizer.encode(prompt, bos=True), 25).tolist()
+    expected = greedy_reference(model, torch.tensor(tokenizer.encode(prompt, bos=True)), 25).tolist()
     if tokenizer.eos_id in expected[1:]:
         expected = expected[: expected.index(tokenizer.eos_id, 1) + 1]
     assert out == tokenizer.decode(expected) + "\n"

@@ -193,6 +193,17 @@ def test_rope_matches_reference(rotary_percentage, condense):
         assert torch.equal(out[..., config.rope_n_elem :], x[..., config.rope_n_elem :])
 
 
+def test_rope_per_row_positions_rotate_each_row_at_its_own():
+    config = Config.from_name("micro")
+    x = torch.randn(3, 10, config.n_head, config.head_size)
+    positions = torch.randint(0, config.block_size, (3, 10))
+    cos, sin = build_rope_cache(config)
+    out = apply_rope(x, cos[positions], sin[positions], config.rope_n_elem)
+    for b in range(3):
+        row = apply_rope(x[b : b + 1], cos[positions[b]], sin[positions[b]], config.rope_n_elem)
+        assert torch.equal(out[b : b + 1], row)
+
+
 def test_rope_condense_ratio_divides_positions():
     plain = Config.from_name("micro", block_size=64)
     condensed = Config.from_name("micro", block_size=64, rope_condense_ratio=4)
@@ -317,6 +328,16 @@ def test_rmsnorm_matches_reference():
     out = norm(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), expected.to(torch.bfloat16).double())
+
+
+def test_rmsnorm_keeps_float64_in_float64():
+    norm = model_module.RMSNorm(64, eps=1e-5).double()
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 5, 64, dtype=torch.float64)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    out = norm(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, atol=1e-14, rtol=1e-14)  # fp32 would be off by ~1e-7
 
 
 def test_mlp_matches_reference():

@@ -1,4 +1,5 @@
-"""packed_dataset.py against hand-written LITPKDS encoders/decoders (struct + numpy, the way lit-gpt writes files)."""
+"""shard_format.py and packed_dataset.py against hand-written LITPKDS encoders/decoders (struct + numpy, the way
+lit-gpt writes files)."""
 
 import os
 import struct
@@ -12,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import packed_dataset
-from packed_dataset import CombinedDataset, PackedDataset, PackedDatasetBuilder, dtype_for_vocab
+from packed_dataset import CombinedDataset, PackedDataset
+from shard_format import PackedDatasetBuilder, dtype_for_vocab
 
 # make_files leaves short tails at the ends of files; the tests about that warning catch it with pytest.warns
 pytestmark = pytest.mark.filterwarnings("ignore:.*tokens are not read:UserWarning")

@@ -7,6 +7,8 @@ import json
 import random
 import re
 import struct
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,9 +21,9 @@ import zstandard
 
 from prepare_data import prepare_demo, prepare_slimpajama, prepare_starcoder, prepare_text
 from prepare_data import train_tokenizer as train_tokenizer_script
-from packed_dataset import PackedDatasetBuilder
-from prepare_data.common import BadInputError, Report, find_files, load_tokenizer
-from prepare_data.train_tokenizer import LLAMA2_SPEC, LineCounts, cut_line, read_any, sample_documents, train_tokenizer
+from prepare_data.common import BadInputError, Report, find_files, load_tokenizer, sample_documents
+from prepare_data.train_tokenizer import LLAMA2_SPEC, LineCounts, cut_line, read_any, train_tokenizer
+from shard_format import PackedDatasetBuilder
 from utils import cli
 
 BOS, EOS = 1, 2
@@ -411,6 +413,18 @@ def test_extract_prose_takes_docstrings_and_comments_not_code():
         'def f():\n    """Function doc."""\n    s = """\n# inside a string\n"""\n'
     )
     assert prepare_demo.extract_prose(source) == "Module doc.\n\nFirst line second line.\n\nFunction doc."
+
+
+def test_data_preparation_never_imports_torch():
+    """What a spawned packing process imports; torch would cost each process seconds and hundreds of MB."""
+    modules = ["prepare_data.common", "prepare_data.prepare_slimpajama", "prepare_data.prepare_starcoder",
+               "prepare_data.prepare_text", "prepare_data.train_tokenizer", "prepare_data.prepare_demo", "shard_format",
+               "tokenizer"]
+    code = (f"import importlib, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
+            "    assert 'torch' not in sys.modules, f'importing {name} imported torch'")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_missing_inputs_are_named(tmp_path, tokenizer_dir):

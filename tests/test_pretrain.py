@@ -15,18 +15,21 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from checkpoint import save_model_dir
 from model import GPT, Config
-from packed_dataset import PackedDatasetBuilder
-from pretrain.tinyllama import (
-    demo, gradient_accumulation_steps, get_lr, latest_checkpoint, parameter_groups, parse_data_mix, peak_flops, setup,
-    training_data, training_flops_per_token,
+from packed_dataset import PackedDataset, parse_data_mix, training_batches
+from pretrain.demo import demo
+from pretrain.tinyllama import setup
+from shard_format import PackedDatasetBuilder
+from training import (
+    get_lr, gradient_accumulation_steps, latest_checkpoint, parameter_groups, peak_flops, training_flops_per_token,
 )
 from tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -216,11 +219,11 @@ def test_data_mix_parsing_and_size_weights(data_dir):
         with pytest.raises(ValueError, match=message):
             parse_data_mix(bad)
     # without weights, every block of every source is equally likely: weights = blocks, counted from the files
-    one_process = SimpleNamespace(world_size=1, global_rank=0)
-    combined = training_data(one_process, data_dir, "train_a,train_b", SEQ_LEN + 1, seed=0)
+    one_process = dict(micro_batch_size=2, seed=0, num_processes=1, process_rank=0)
+    combined = training_batches(data_dir, "train_a,train_b", SEQ_LEN + 1, **one_process).dataset
     assert combined.weights == [64, 40]
     with pytest.raises(FileNotFoundError, match="train_c"):
-        training_data(one_process, data_dir, "train_a,train_c", SEQ_LEN + 1, seed=0)
+        training_batches(data_dir, "train_a,train_c", SEQ_LEN + 1, **one_process)
 
 
 def test_resume_auto_picks_the_highest_step_number(tmp_path):
@@ -379,7 +382,7 @@ def test_tokenizer_files_go_with_the_final_weights_and_must_fit_the_model(tmp_pa
     assert copied == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
     for name in copied:
         assert (out / "final" / name).read_bytes() == (tokenizer_dir / name).read_bytes()
-    assert Tokenizer(out / "final").encode_ids("w5 w7", bos=True) == [1, 5, 7]
+    assert Tokenizer(out / "final").encode("w5 w7", bos=True) == [1, 5, 7]
 
     too_large = word_level_tokenizer(tmp_path / "too_large", vocab_size=300)  # the micro model has 256
     message = f"{too_large / 'tokenizer.json'} has 300 tokens, more than the vocab_size=256 of the 'micro' config"
@@ -532,13 +535,31 @@ def test_code_finetune_starts_from_the_weights_and_runs_one_epoch(tmp_path, data
         train_here(tmp_path / "wrong", data_dir, model_name="demo", initial_checkpoint_dir=pretrained / "final")
 
 
+def test_initial_checkpoint_of_an_unnamed_config_trains_without_model_name(tmp_path, data_dir):
+    """An inherited 3-layer model matches no named config: its model_config.json alone says what to build, and the
+    run starts from its very weights (step 0's validation loss is theirs)."""
+    config = replace(Config.from_name("micro"), n_layer=3, name="micro-inherit-3")
+    torch.manual_seed(5)
+    initial = GPT(config)
+    save_model_dir(initial, config, None, tmp_path / "inherited")
+    out = tmp_path / "out"
+    train_here(out, data_dir, model_name=None, initial_checkpoint_dir=tmp_path / "inherited", max_steps=1)
+    assert Config.from_file(out / "final") == config
+    files = sorted(str(path) for path in data_dir.glob("validation*"))
+    blocks = torch.stack(list(PackedDataset(files, n_chunks=8, block_size=SEQ_LEN + 1, shuffle=False)))  # 16, all
+    with torch.no_grad():
+        logits = initial(blocks[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item()
+    assert metrics(out)[0]["val_loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_demo_command_learns_end_to_end(tmp_path):
-    """`python pretrain/tinyllama.py --demo` as the README runs it, with fewer steps: it builds the corpus and the
+    """`python pretrain/demo.py` as the README runs it, with fewer steps: it builds the corpus and the
     tokenizer from the standard library and trains; the validation loss falls (10 steps take it from about
     ln(4096) = 8.3, a random model's, to about 7), and the final weights load in generate/base.py."""
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "pretrain/tinyllama.py"), "--demo", "--data_dir", str(tmp_path / "demo"),
+        [sys.executable, str(ROOT / "pretrain/demo.py"), "--data_dir", str(tmp_path / "demo"),
          "--out_dir", str(out), "--max_steps", "10", "--eval_interval", "10", "--eval_iters", "2"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900,
     )
@@ -560,7 +581,7 @@ def test_demo_command_learns_end_to_end(tmp_path):
 
 def test_demo_leaves_the_corpus_check_to_prepare_demo(tmp_path, monkeypatch):
     """prepare_demo decides whether data_dir holds a complete corpus of the right settings, summary.json or not."""
-    import prepare_data.prepare_demo
+    import pretrain.demo
 
     class Called(Exception):
         pass
@@ -568,7 +589,7 @@ def test_demo_leaves_the_corpus_check_to_prepare_demo(tmp_path, monkeypatch):
     def prepare_demo(destination_path):
         raise Called(destination_path)
 
-    monkeypatch.setattr(prepare_data.prepare_demo, "prepare_demo", prepare_demo)
+    monkeypatch.setattr(pretrain.demo, "prepare_demo", prepare_demo)
     (tmp_path / "summary.json").write_text("{}")
     with pytest.raises(Called):
         demo(data_dir=tmp_path, out_dir=tmp_path / "out")
@@ -576,12 +597,12 @@ def test_demo_leaves_the_corpus_check_to_prepare_demo(tmp_path, monkeypatch):
 
 def test_help_shows_the_demo_and_the_demo_has_its_own():
     helps = {}
-    for flags in (["--help"], ["--demo", "--help"]):
-        result = subprocess.run([sys.executable, str(ROOT / "pretrain/tinyllama.py"), *flags], cwd=ROOT, env=ENV,
+    for script in ("pretrain/tinyllama.py", "pretrain/demo.py"):
+        result = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, env=ENV,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        helps[" ".join(flags)] = " ".join(result.stdout.split())  # unwrapped
-    assert "python pretrain/tinyllama.py --demo" in helps["--help"] and "--demo --help" in helps["--help"]
-    assert "--global_batch_size" in helps["--help"]
-    demo_flags = set(re.findall(r"--\w+", helps["--demo --help"].split("options:")[1]))
+        helps[script] = " ".join(result.stdout.split())  # unwrapped
+    assert "python pretrain/demo.py" in helps["pretrain/tinyllama.py"]
+    assert "--global_batch_size" in helps["pretrain/tinyllama.py"]
+    demo_flags = set(re.findall(r"--\w+", helps["pretrain/demo.py"].split("options:")[1]))
     assert demo_flags == {"--help", "--data_dir", "--out_dir", "--max_steps", "--eval_interval", "--eval_iters"}

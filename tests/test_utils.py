@@ -1,3 +1,6 @@
+import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import List, Literal, Optional
 
@@ -7,6 +10,8 @@ import torch
 from checkpoint import check_state_dict, load_checkpoint, load_model, save_atomic, save_model_dir
 from model import GPT, Config
 from utils import cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_save_atomic_leaves_no_temporary_file(tmp_path):
@@ -97,3 +102,82 @@ def test_cli_converts_list_items_after_splitting():
     assert cli(main, ["--sizes", "1,2", "3"]) == [1, 2, 3]
     with pytest.raises(SystemExit):
         cli(main, ["--sizes", "1,x"])
+
+
+def recipe_target(path: Path, steps: int = 10, rate: float = 0.5):
+    """Train something.
+
+    Args:
+        path: where the output goes; a help long enough
+            to wrap onto a second line
+              and a third, indented further
+        steps: optimizer steps
+        rate: learning rate
+
+    Returns:
+        rate: not a flag's help, the Returns section
+    """
+    return path, steps, rate
+
+
+def help_text(capsys, fn, **kwargs) -> str:
+    with pytest.raises(SystemExit):
+        cli(fn, ["--help"], **kwargs)
+    return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+
+def test_cli_joins_continuation_lines_of_an_args_entry(capsys):
+    text = help_text(capsys, recipe_target)
+    assert "--path PATH where the output goes; a help long enough to wrap onto a second line and a third" in text
+    assert "--rate RATE learning rate (default: 0.5)" in text
+
+
+def test_cli_defaults_replace_the_signature_defaults_in_help_and_call(capsys):
+    defaults = dict(path=Path("out/recipe"), steps=3)
+    assert cli(recipe_target, [], defaults=defaults) == (Path("out/recipe"), 3, 0.5)  # --path no longer required
+    assert cli(recipe_target, ["--steps", "4"], defaults=defaults) == (Path("out/recipe"), 4, 0.5)
+    text = help_text(capsys, recipe_target, defaults=defaults)
+    assert "--path PATH where the output goes" in text and "(default: out/recipe)" in text
+    assert "--steps STEPS optimizer steps (default: 3)" in text
+
+
+def test_cli_refuses_defaults_for_names_that_are_not_parameters():
+    with pytest.raises(TypeError, match=r"recipe_target\(\) has no parameters \['step', 'zeta'\]; "
+                                        r"its parameters: path, steps, rate"):
+        cli(recipe_target, [], defaults=dict(step=3, zeta=1, rate=0.1))
+
+
+def test_cli_description_replaces_the_docstring_text_before_args(capsys):
+    description = """Pretrain the recipe: its data commands, kept as written.
+
+        python prepare.py --source a \\
+            --destination b
+    """
+    with pytest.raises(SystemExit):
+        cli(recipe_target, ["--help"], description=description)
+    out = capsys.readouterr().out
+    assert "Pretrain the recipe" in out and "Train something" not in out
+    assert "python prepare.py --source a \\\n    --destination b\n" in out  # not reflowed
+    assert "optimizer steps" in out  # the flags' help is still the function's
+
+
+REPOSITORY_MODULES = {"utils", "model", "tokenizer", "checkpoint", "hf", "training", "packed_dataset", "shard_format"}
+
+
+@pytest.mark.parametrize("module, allowed", [("utils.py", set()), ("model.py", {"torch"})])
+def test_the_lowest_modules_import_nothing_of_the_repository(module, allowed):
+    """utils.py imports neither torch nor the repository (data preparation imports it); model.py only torch."""
+    tree = ast.parse((ROOT / module).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & (REPOSITORY_MODULES | {"torch"} - allowed)
+
+
+def test_generation_and_checkpoints_never_load_lightning_or_transformers():
+    """What generation (and next eval and chat) imports: the checkpoint loader, not the training stack."""
+    check = ("import sys; import generate.base, checkpoint, hf; "
+             "print(sorted(name for name in ('lightning_fabric', 'training', 'transformers') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,139 @@
+"""lit-gpt's LITPKDS v1 shard format: its header, its token dtypes, and the builder that writes shards. numpy only,
+so data preparation never imports torch; `packed_dataset.py` reads these files for pretraining.
+
+File format, byte-compatible with lit-gpt / TinyLlama: a 24-byte header, b"LITPKDS" + version (uint64 LE, = 1) +
+dtype code (uint8, a key of DTYPES: 8 = uint16, 4 = int32) + chunk size in tokens (uint64 LE), then exactly
+chunk_size tokens. Files are named `{prefix}_{counter:010d}.bin`. Full chunks are identical to lit-gpt's, and
+lit-gpt's files read here.
+
+Fixed on purpose, compared with the original:
+- No padding. lit-gpt filled the last, partial chunk up with a separator token (BOS in TinyLlama), and models learned
+  to emit runs of <s> (TinyLlama issue #83). Here the builder's last file is shorter instead: its header carries its
+  real token count, and the reader reads every file's own header, so no fake token can be read as data.
+- Every file's header is checked (magic, version, dtype code, file size = 24 + chunk_size * itemsize), not only the
+  first one's: a truncated or foreign file is an error that names it.
+"""
+
+import os
+import struct
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+from utils import atomic_write
+
+HDR_MAGIC = b"LITPKDS"
+HDR_SIZE = 24  # bytes
+HDR_VERSION = 1
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16}
+TOKEN_DTYPE_CODES = (1, 2, 3, 4, 5, 8)  # token ids are integers: codes 6 and 7 (floats) are refused
+_HEADER = struct.Struct("<7sQBQ")  # magic, version, dtype code, chunk size: 7 + 8 + 1 + 8 = 24 bytes, no padding
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id of the vocabulary fits (vocab_size <= 65536), else int32."""
+    if not 1 <= vocab_size <= 2**31:
+        raise ValueError(f"vocab_size must be in [1, 2**31], got {vocab_size}")
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
+
+
+def token_dtype(vocab_size: int, dtype: Optional[np.dtype] = None) -> np.dtype:
+    """`dtype` checked to be a LITPKDS token dtype that holds every id of the vocabulary; None: dtype_for_vocab."""
+    if dtype is None:
+        return dtype_for_vocab(vocab_size)
+    dtype = np.dtype(dtype)
+    _dtype_code(dtype)
+    if vocab_size - 1 > np.iinfo(dtype).max:
+        raise ValueError(f"vocab_size {vocab_size} does not fit dtype {dtype.name} "
+                         f"(max id {np.iinfo(dtype).max}); use {dtype_for_vocab(vocab_size).name}")
+    return dtype
+
+
+def _dtype_code(dtype: np.dtype) -> int:
+    for code in TOKEN_DTYPE_CODES:
+        if np.dtype(DTYPES[code]) == dtype:
+            return code
+    raise ValueError(f"dtype {dtype} is not a LITPKDS token dtype; use one of "
+                     f"{[np.dtype(DTYPES[code]).name for code in TOKEN_DTYPE_CODES]}")
+
+
+def read_header(path: str) -> Tuple[np.dtype, int]:
+    """Check one file's header and size; return its token dtype and chunk size (in tokens)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Packed data file {path!r} does not exist")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(HDR_SIZE)
+    if len(header) < HDR_SIZE:
+        raise ValueError(f"{path!r} is not a LITPKDS file: {size} bytes, shorter than the {HDR_SIZE}-byte header")
+    magic, version, code, chunk_size = _HEADER.unpack(header)
+    if magic != HDR_MAGIC:
+        raise ValueError(f"{path!r} is not a LITPKDS file: it starts with {magic!r}, expected {HDR_MAGIC!r}")
+    if version != HDR_VERSION:
+        raise ValueError(f"{path!r} has LITPKDS version {version}, only version {HDR_VERSION} is supported")
+    if code not in TOKEN_DTYPE_CODES:
+        raise ValueError(f"{path!r} has dtype code {code}, expected a token dtype code {TOKEN_DTYPE_CODES} "
+                         f"(8 = uint16, 4 = int32)")
+    dtype = np.dtype(DTYPES[code])
+    expected = HDR_SIZE + chunk_size * dtype.itemsize
+    if size != expected:
+        raise ValueError(f"{path!r} is {size} bytes, but its header says {chunk_size} {dtype.name} tokens "
+                         f"({expected} bytes): the file is truncated or corrupt")
+    return dtype, chunk_size
+
+
+class PackedDatasetBuilder:
+    """Streams token arrays in and writes every `chunk_size` tokens as one LITPKDS file, atomically."""
+
+    def __init__(self, outdir: Union[str, Path], prefix: str, chunk_size: int, vocab_size: int,
+                 dtype: Optional[np.dtype] = None) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1 token, got {chunk_size}")
+        self.dtype = token_dtype(vocab_size, dtype)
+        self._code = _dtype_code(self.dtype)
+        self.outdir = Path(outdir)
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.chunk_size = chunk_size
+        self.vocab_size = vocab_size
+        self.filenames: list = []
+        self.n_tokens = 0
+        self._buffer = np.empty(chunk_size, dtype=self.dtype)
+        self._filled = 0
+
+    def add_array(self, arr: np.ndarray) -> None:
+        """Append token ids; every chunk that fills up is written as a file at once."""
+        arr = np.asarray(arr).reshape(-1)
+        if arr.size == 0:
+            return
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"token ids must be integers, got an array of {arr.dtype}")
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"token id {low if low < 0 else high} is out of range: ids must be in "
+                             f"[0, {self.vocab_size - 1}] (vocab_size {self.vocab_size}, dtype {self.dtype.name}, "
+                             f"whose max id is {np.iinfo(self.dtype).max})")
+        start = 0
+        while start < arr.size:
+            n = min(self.chunk_size - self._filled, arr.size - start)
+            self._buffer[self._filled:self._filled + n] = arr[start:start + n]
+            self._filled += n
+            start += n
+            if self._filled == self.chunk_size:
+                self._write_chunk()
+        self.n_tokens += arr.size
+
+    def finish(self) -> list:
+        """Write the last, partial chunk with its real token count as chunk size (never padded); return all files."""
+        if self._filled:
+            self._write_chunk()
+        return list(self.filenames)
+
+    def _write_chunk(self) -> None:
+        path = self.outdir / f"{self.prefix}_{len(self.filenames):010d}.bin"
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            f.write(_HEADER.pack(HDR_MAGIC, HDR_VERSION, self._code, self._filled))
+            f.write(self._buffer[:self._filled])
+        self.filenames.append(str(path))
+        self._filled = 0

@@ -1,0 +1,158 @@
+"""training.py's loop with batch sources made here: the masked loss against a hand-computed reference, its
+independence of how sequences fall into micro-batches, token counts with padding, and the schedules."""
+
+import csv
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, Config
+from packed_dataset import PackedBatches, PackedDataset
+from shard_format import PackedDatasetBuilder
+from training import IGNORE_INDEX, TrainingSettings, build_model, build_optimizer, fit, get_lr, launch_fabric
+
+PAD_ID = 0
+SETTINGS = TrainingSettings(
+    out_dir=Path("unused"), global_batch_size=8, micro_batch_size=1, seq_len=None, max_steps=3, max_tokens=None,
+    epochs=None, max_time=None, learning_rate=1e-2, min_lr=1e-3, warmup_steps=1, lr_schedule="cosine",
+    grad_clip=1.0, log_interval=1, eval_interval=100, eval_iters=1, save_interval=100, tokenizer_dir=None,
+)
+
+
+class ListBatches:
+    """A batch source over fixed examples, `micro_batch_size` at a time, endlessly; the state is the position."""
+
+    pad_id = PAD_ID
+
+    def __init__(self, input_ids: torch.Tensor, targets: torch.Tensor, micro_batch_size: int) -> None:
+        self.input_ids, self.targets, self.micro_batch_size = input_ids, targets, micro_batch_size
+        self.position = 0
+
+    def __iter__(self):
+        while True:
+            rows = [(self.position + i) % len(self.input_ids) for i in range(self.micro_batch_size)]
+            self.position += self.micro_batch_size
+            yield self.input_ids[rows], self.targets[rows]
+
+    def __len__(self) -> int:
+        return len(self.input_ids) // self.micro_batch_size
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def sft_like_examples(n: int = 8, length: int = 12, vocab_size: int = 256):
+    """Right-padded sequences whose targets are masked over a prompt and the padding: target counts from 0 to 9."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1, vocab_size, (n, length), generator=generator)
+    targets = torch.randint(1, vocab_size, (n, length), generator=generator)
+    for row in range(n):
+        prompt, end = row % 4, length - row // 2  # tokens [prompt, end) carry a loss; from `end` on, padding
+        targets[row, :prompt] = IGNORE_INDEX
+        targets[row, end:] = IGNORE_INDEX
+        input_ids[row, end:] = PAD_ID
+    targets[5] = IGNORE_INDEX  # an example with no target at all
+    return input_ids, targets
+
+
+def logged(out_dir: Path) -> dict:
+    rows = {}
+    for path in sorted((out_dir / "logs").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                rows.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v and k != "step"})
+    return rows
+
+
+def train(out_dir: Path, train_data, settings: TrainingSettings, seed: int = 7, sgd: bool = False) -> GPT:
+    """`sgd`: plain SGD, whose update is proportional to the gradient, where Adam's normalised update would turn a
+    rounding difference in a near-zero gradient into a large one."""
+    fabric = launch_fabric("1", 1, "cpu", "fsdp", "32-true", out_dir, None)
+    config = Config.from_name("micro")
+    model = build_model(fabric, config, seed, None, compile=False)
+    if sgd:
+        optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=settings.learning_rate))
+    else:
+        optimizer = build_optimizer(fabric, model, settings.learning_rate, 0.1, (0.9, 0.95), 1e-8, False)
+    fit(fabric, model, optimizer, config, train_data, None, replace(settings, out_dir=out_dir), {"seed": seed})
+    return model.module
+
+
+def test_masked_loss_is_summed_over_targets_and_divided_by_the_step_count(tmp_path):
+    """Step 1's loss is the cross-entropy of the initial model over the step's target tokens, all examples pooled
+    (not a mean of per-micro-batch means, which would weigh the tokens of short examples more); and the same when
+    the 8 examples come as 8 micro-batches of 1 or 2 of 4: also the trained weights."""
+    input_ids, targets = sft_like_examples()
+    torch.manual_seed(7)
+    reference_model = GPT(Config.from_name("micro"))
+    with torch.no_grad():
+        logits = reference_model(input_ids)
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX).item()
+
+    weights = {}
+    for micro_batch_size in (1, 4):
+        out = tmp_path / f"mbs{micro_batch_size}"
+        model = train(out, ListBatches(input_ids, targets, micro_batch_size),
+                      replace(SETTINGS, micro_batch_size=micro_batch_size), sgd=True)
+        metrics = logged(out)
+        assert metrics[1]["loss"] == pytest.approx(expected, rel=1e-6)
+        assert metrics[3]["target_tokens"] == 3 * int((targets != IGNORE_INDEX).sum())
+        assert metrics[3]["tokens"] == 3 * int((input_ids != PAD_ID).sum())  # padding is not counted
+        weights[micro_batch_size] = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for name, tensor in weights[1].items():
+        torch.testing.assert_close(weights[4][name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_packed_blocks_loss_is_the_mean_cross_entropy(tmp_path):
+    """Every position of a packed block is a target: the step's loss is the plain mean cross-entropy."""
+    blocks = torch.randint(0, 256, (8, 13), generator=torch.Generator().manual_seed(1))
+    builder = PackedDatasetBuilder(tmp_path / "data", "train", chunk_size=13 * 8, vocab_size=256)
+    builder.add_array(blocks.flatten().numpy().astype("uint16"))
+    builder.finish()
+    dataset = PackedDataset(sorted(map(str, (tmp_path / "data").glob("*.bin"))), n_chunks=1, block_size=13,
+                            shuffle=False, wrap=True)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        logits = GPT(Config.from_name("micro"))(blocks[:, :-1])
+    expected = F.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item()
+    train(tmp_path / "out", PackedBatches(dataset, 2, "test"), replace(SETTINGS, micro_batch_size=2, seq_len=12,
+                                                                       max_steps=1))
+    metrics = logged(tmp_path / "out")
+    assert metrics[1]["loss"] == pytest.approx(expected, rel=1e-6)
+    assert metrics[1]["tokens"] == metrics[1]["target_tokens"] == 8 * 12
+
+
+def test_linear_and_constant_schedules():
+    lr, min_lr, warmup, max_steps = 1e-3, 1e-4, 10, 110
+    linear = [get_lr(step, lr, min_lr, warmup, max_steps, "linear") for step in range(120)]
+    assert linear[:warmup] == pytest.approx([lr * (i + 1) / warmup for i in range(warmup)])
+    assert linear[warmup] == pytest.approx(lr)
+    assert linear[warmup + 50] == pytest.approx((lr + min_lr) / 2)
+    assert linear[warmup + 25] == pytest.approx(lr - (lr - min_lr) / 4)
+    assert linear[max_steps:] == pytest.approx([min_lr] * 10)
+    constant = [get_lr(step, lr, min_lr, warmup, max_steps, "constant") for step in range(120)]
+    assert constant[:warmup] == linear[:warmup]
+    assert constant[warmup:] == [lr] * (120 - warmup)
+    assert get_lr(5, lr, min_lr, 0, max_steps, "constant") == lr
+    assert get_lr(60, lr, min_lr, warmup, max_steps, "cosine") == pytest.approx(
+        min_lr + (lr - min_lr) * (1 + math.cos(math.pi / 2)) / 2)
+
+
+def test_epochs_count_examples_of_the_batch_source(tmp_path):
+    """An epoch is len(source) micro-batches: 8 examples, global batch 4 -> 2 steps per epoch, 3 epochs = 6 steps."""
+    input_ids, targets = sft_like_examples()
+    train(tmp_path / "out", ListBatches(input_ids, targets, 2),
+          replace(SETTINGS, global_batch_size=4, micro_batch_size=2, max_steps=None, epochs=3, lr_schedule="constant"))
+    metrics = logged(tmp_path / "out")
+    assert max(step for step, row in metrics.items() if "loss" in row) == 6
+    assert metrics[6]["learning_rate"] == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match="--max_tokens needs sequences of a fixed length"):
+        train(tmp_path / "tokens", ListBatches(input_ids, targets, 2),
+              replace(SETTINGS, max_steps=None, max_tokens=1000))

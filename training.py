@@ -1,0 +1,605 @@
+"""The training loop every recipe runs (pretraining, the AMD recipes, finetuning, Inheritune), as a library.
+
+    fabric = launch_fabric(devices, num_nodes, accelerator, strategy, precision, out_dir, wandb_project)
+    resume_path = find_resume_checkpoint(fabric, resume, out_dir)
+    model = build_model(fabric, config, seed, initial_checkpoint_dir if resume_path is None else None, compile)
+    optimizer = build_optimizer(fabric, model, ...)
+    fit(fabric, model, optimizer, config, train_batches, val_batches, settings, hparams, resume_path)
+
+A batch source (`BatchSource`) yields `(input_ids, targets)` micro-batches of this process, with -100 at target
+positions that carry no loss; packed shards (packed_dataset.PackedBatches) are one. `fit` does the rest, in nanoGPT's
+order: learning rate -> micro-steps (gradient accumulation, no gradient sync but on the last) -> clipping -> the one
+host sync per step (non-finite loss or gradient, time limit) -> optimizer step -> logging -> validation -> atomic
+checkpoint. A checkpoint holds the model, the optimizer, the step and token counters, every rank's data position
+and RNG states, so a run resumed from it continues exactly as if it had never stopped.
+
+The loss of a step is summed over its target tokens and divided by the count of target tokens of the whole step
+(all micro-batches, all ranks), so it does not depend on how sequences fall into micro-batches or ranks; for packed
+blocks, where every position is a target, it is the mean cross-entropy. The count is known before the first
+backward: the step's micro-batches are fetched first, their target tokens counted on the host (they are still on
+the CPU: no device sync) and all-reduced as one small device tensor.
+"""
+
+import importlib.util
+import math
+import random
+import re
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional, Protocol, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning_fabric import Fabric
+from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
+from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
+
+from checkpoint import load_checkpoint, save_model_dir
+from model import GPT, Config, num_parameters
+from utils import move_into_place, remove_path, write_json
+
+IGNORE_INDEX = -100  # targets that carry no loss (padding, prompts), as F.cross_entropy's default ignore_index
+# Dense bf16 peak of one device, for MFU; other devices and precisions report tokens/s only
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+Schedule = Literal["cosine", "linear", "constant"]
+Strategy = Literal["fsdp", "ddp"]
+Precision = Literal["bf16-mixed", "bf16-true", "32-true"]
+Accelerator = Literal["auto", "cpu", "cuda"]
+
+
+class BatchSource(Protocol):
+    """This process's micro-batches: `(input_ids, targets)`, both (micro_batch_size, T) int64 on the CPU, targets
+    -100 where no loss is taken. `iter()` continues from the position of the last `load_state_dict` (or the start);
+    `len()` is the number of micro-batches per process in one epoch, the same on every process."""
+
+    pad_id: Optional[int]  # the input id of padding, which costs no FLOPs and is not counted as a token; None: none
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How long and how to train; what `fit` needs beyond the model, the optimizer and the data."""
+
+    out_dir: Path
+    global_batch_size: int  # sequences per optimizer step, over all processes
+    micro_batch_size: int  # sequences per process and forward pass
+    seq_len: Optional[int]  # tokens per sequence when fixed (packed blocks), which --max_tokens needs
+    max_steps: Optional[int]
+    max_tokens: Optional[int]
+    epochs: Optional[int]
+    max_time: Optional[float]  # seconds of training in this run, then save and stop
+    learning_rate: float
+    min_lr: float
+    warmup_steps: int
+    lr_schedule: Schedule
+    grad_clip: float
+    log_interval: int
+    eval_interval: int
+    eval_iters: int
+    save_interval: int
+    tokenizer_dir: Optional[Path]  # copied next to the final weights
+
+
+# ---- setting up --------------------------------------------------------------------------------------------------
+
+
+def launch_fabric(devices: str, num_nodes: int, accelerator: str, strategy: str, precision: str, out_dir: Path,
+                  wandb_project: Optional[str]) -> Fabric:
+    """Fabric with FSDP2 (every Block sharded) or DDP over devices x num_nodes processes, and the loggers; starts the
+    other local processes (unless torchrun or SLURM did), each of which runs the calling script."""
+    if accelerator in ("auto", "cuda") and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    n_local = resolve_devices(devices, accelerator)
+    world_size = n_local * num_nodes
+    if world_size == 1:
+        fabric_strategy = "auto"
+    elif strategy == "fsdp":
+        fabric_strategy = ModelParallelStrategy(
+            parallelize_fn=shard_blocks, data_parallel_size=world_size, tensor_parallel_size=1
+        )
+    else:
+        fabric_strategy = DDPStrategy()
+    loggers = [CSVLogger(root_dir=out_dir, name="logs", flush_logs_every_n_steps=1)]  # rows written as logged
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(TensorBoardLogger(root_dir=out_dir, name="tensorboard"))
+    if wandb_project is not None:
+        from wandb.integration.lightning.fabric import WandbLogger  # pip install wandb
+
+        loggers.append(WandbLogger(project=wandb_project))
+    fabric = Fabric(accelerator=accelerator, devices=n_local, num_nodes=num_nodes, strategy=fabric_strategy,
+                    precision=precision, loggers=loggers)
+    fabric.launch()
+    return fabric
+
+
+def resolve_devices(devices: str, accelerator: str) -> int:
+    if str(devices) != "auto":
+        return int(devices)
+    use_cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.cuda.device_count() if use_cuda else 1
+
+
+def shard_blocks(model: GPT, device_mesh) -> GPT:
+    """FSDP2: every Block is one all-gather unit, the root (embedding, final norm, head) another. bf16-mixed stays
+    Fabric's autocast over fp32 parameters, as with DDP: the same numerics whatever the strategy."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"]
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def model_config(model_name: Optional[str], initial_checkpoint_dir: Optional[Path]) -> Config:
+    """The config of `initial_checkpoint_dir` when given (`model_name`, if given too, must be its name), else the
+    named config."""
+    if initial_checkpoint_dir is None:
+        if model_name is None:
+            raise ValueError("Give --model_name (a config of model.py) or --initial_checkpoint_dir")
+        return Config.from_name(model_name)
+    config = Config.from_file(Path(initial_checkpoint_dir) / "model_config.json")
+    if model_name is not None and config.name != model_name:
+        raise ValueError(f"{initial_checkpoint_dir}/model_config.json is a {config.name!r} model, but --model_name "
+                         f"is {model_name!r}")
+    return config
+
+
+def build_model(fabric: Fabric, config: Config, seed: int, initial_checkpoint_dir: Optional[Path],
+                compile: bool) -> nn.Module:
+    """GPT(config) with model.py's init from `seed` (the same on every rank, whatever the strategy), or the weights
+    of `initial_checkpoint_dir`; then compiled if asked, and set up (sharded, wrapped) by Fabric."""
+    fabric.seed_everything(seed)
+    # built whole on the device by every rank, then sharded (ModelParallelStrategy does not place it itself)
+    with fabric.init_module(empty_init=False), torch.device(fabric.device):
+        model = GPT(config)
+    if initial_checkpoint_dir is not None:
+        load_checkpoint(model, Path(initial_checkpoint_dir) / "lit_model.pth")
+    if compile:
+        model = torch.compile(model)
+    return fabric.setup(model)
+
+
+def build_optimizer(fabric: Fabric, model: nn.Module, learning_rate: float, weight_decay: float,
+                    betas: Tuple[float, float], eps: float, decay_all_params: bool) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, weight_decay, decay_all_params), lr=learning_rate, betas=betas, eps=eps,
+        fused=fabric.device.type == "cuda",
+    )
+    return fabric.setup_optimizers(optimizer)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_all_params: bool) -> list:
+    """Weight decay on matrices only: not on norms, biases or embeddings (unless decay_all_params, as TinyLlama)."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            is_matrix = param.ndim >= 2 and not isinstance(module, nn.Embedding)
+            (decay if decay_all_params or is_matrix else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per process and step, so that all processes together make exactly one global batch."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        hint = (f"choose a --micro_batch_size that divides {global_batch_size // world_size}"
+                if global_batch_size % world_size == 0 else "it must be a multiple of the number of processes")
+        raise ValueError(f"--global_batch_size {global_batch_size} is not a multiple of --micro_batch_size "
+                         f"{micro_batch_size} x {world_size} processes (devices x num_nodes) = {per_step}: {hint}")
+    return global_batch_size // per_step
+
+
+def check_settings(settings: TrainingSettings) -> None:
+    """Refuse settings that cannot make a run, naming the flag, before anything starts."""
+    for name in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "eval_iters",
+                 "save_interval"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(settings, name)}")
+    for name in ("max_steps", "max_tokens", "max_time", "epochs", "seq_len"):  # none of them may make an empty run
+        value = getattr(settings, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be positive, got {value}")
+    if settings.warmup_steps < 0:
+        raise ValueError(f"--warmup_steps must be at least 0, got {settings.warmup_steps}")
+    if settings.grad_clip <= 0:
+        raise ValueError(f"--grad_clip must be positive, got {settings.grad_clip}")
+    if not 0 <= settings.min_lr <= settings.learning_rate:
+        raise ValueError(f"--min_lr {settings.min_lr} must be in [0, --learning_rate {settings.learning_rate}]")
+
+
+def run_length(fabric: Fabric, settings: TrainingSettings, train_data: BatchSource, accumulation: int) -> int:
+    """Steps of this run: the first of max_steps, max_tokens and epochs that is reached."""
+    limits = []
+    if settings.max_steps is not None:
+        limits.append(settings.max_steps)
+    if settings.max_tokens is not None:
+        if settings.seq_len is None:
+            raise ValueError("--max_tokens needs sequences of a fixed length; give --max_steps or --epochs")
+        tokens_per_step = settings.global_batch_size * settings.seq_len
+        if settings.max_tokens < tokens_per_step:
+            raise ValueError(f"--max_tokens {settings.max_tokens:,} is less than one step of {tokens_per_step:,} "
+                             f"tokens (--global_batch_size {settings.global_batch_size} sequences of "
+                             f"{settings.seq_len} tokens): it would train nothing")
+        limits.append(settings.max_tokens // tokens_per_step)
+    if settings.epochs is not None:
+        # every process reads len(train_data) micro-batches per epoch, `accumulation` of them per step: floor(floor(
+        # n / P) / m) / a) = floor(n / G) steps of the n sequences of an epoch stay within it
+        steps_per_epoch = len(train_data) // accumulation
+        if steps_per_epoch == 0:
+            raise ValueError(f"One epoch of the training data ({len(train_data)} micro-batches of "
+                             f"{settings.micro_batch_size} per process) makes no full global batch of "
+                             f"{settings.global_batch_size}")
+        left_out = len(train_data) - steps_per_epoch * accumulation
+        fabric.print(f"One epoch: {steps_per_epoch:,} steps of {settings.global_batch_size} sequences; the last "
+                     f"{left_out} micro-batches per process make no full global batch and start the next epoch")
+        limits.append(settings.epochs * steps_per_epoch)
+    if not limits:
+        raise ValueError("Give at least one of --max_steps, --max_tokens and --epochs")
+    return min(limits)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """What `fit` derived from its arguments, for the loop."""
+
+    accumulation: int
+    max_steps: int
+    eval_batches: int
+    flops_per_token: int
+    peak_flops: Optional[float]
+
+
+def fit(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, config: Config,
+        train_data: BatchSource, val_data: Optional[BatchSource], settings: TrainingSettings, hparams: dict,
+        resume_path: Optional[Path] = None) -> int:
+    """Train to the end of the run (or `max_time`), then write the final weights to out_dir/final (lit_model.pth,
+    model_config.json and the tokenizer of `settings.tokenizer_dir`) when the run is complete. `hparams` are
+    written to out_dir/hyperparameters.json and into every checkpoint. Returns the step reached."""
+    check_settings(settings)
+    out_dir = Path(settings.out_dir)
+    accumulation = gradient_accumulation_steps(settings.global_batch_size, settings.micro_batch_size,
+                                               fabric.world_size)
+    max_steps = run_length(fabric, settings, train_data, accumulation)
+    eval_batches = 0 if val_data is None else eval_batch_count(fabric, val_data, settings.eval_iters)
+    n_params = num_parameters(model)
+    flops_per_token = training_flops_per_token(config, n_params, settings.seq_len or config.block_size)
+    device_name = torch.cuda.get_device_name(fabric.device) if fabric.device.type == "cuda" else None
+    run = Run(accumulation, max_steps, eval_batches, flops_per_token,
+              peak_flops(device_name, fabric.strategy.precision.precision))
+    fabric.print(f"{config.name}: {n_params:,} parameters, {flops_per_token / 1e9:.3f} GFLOPs per token; "
+                 f"{fabric.world_size} processes x {settings.micro_batch_size} sequences x {accumulation} "
+                 f"accumulation = {settings.global_batch_size} sequences per step; {max_steps:,} steps")
+
+    state = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0, "target_tokens": 0}
+    if resume_path is not None:
+        fabric.print(f"Resuming from {resume_path}")
+        load_training_state(fabric, resume_path, state, train_data, config)
+    elif fabric.global_rank == 0:
+        write_json(out_dir / "hyperparameters.json", hparams)
+    try:
+        train(fabric, settings, run, state, train_data, val_data, hparams, config)
+    finally:
+        for logger in fabric.loggers:
+            logger.finalize("success")
+    final = out_dir / "final"
+    if state["step"] < max_steps:  # stopped by --max_time: unfinished weights must not pass for the final ones
+        earlier = f" (the {final} there now is from an earlier run)" if final.exists() else ""
+        fabric.print(f"Stopped at step {state['step']} of {max_steps} (--max_time {settings.max_time} s): the run is "
+                     f"in {checkpoint_path(out_dir, state['step'])}. Continue it with the same command and --resume "
+                     f"auto; the final weights go to {final} when it reaches step {max_steps}{earlier}.")
+    else:
+        save_final_weights(fabric, model, config, settings.tokenizer_dir, final)
+    return state["step"]
+
+
+def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, train_data: BatchSource,
+          val_data: Optional[BatchSource], hparams: dict, config: Config) -> None:
+    model, optimizer = state["model"], state["optimizer"]
+    out_dir = Path(settings.out_dir)
+    val_losses = {}
+    if val_data is not None and state["step"] == 0:
+        val_losses[0] = validate(fabric, model, val_data, run.eval_batches)
+        fabric.print(f"step 0: validation loss {val_losses[0]:.4f}")
+        fabric.log_dict({"val_loss": val_losses[0]}, step=0)
+
+    train_iterator = iter(train_data)
+    # on the device, read at log intervals and checkpoints only: [input tokens, target tokens] since the start, and
+    # [input tokens, target tokens, this rank's summed loss] since the last log (the counts are over all ranks)
+    totals = torch.tensor([state["tokens"], state["target_tokens"]], dtype=torch.int64, device=fabric.device)
+    interval = torch.zeros(3, dtype=torch.float64, device=fabric.device)
+    start = log_start = time.perf_counter()
+    start_step = log_step = state["step"]
+    while state["step"] < run.max_steps:
+        lr = get_lr(state["step"], settings.learning_rate, settings.min_lr, settings.warmup_steps, run.max_steps,
+                    settings.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [next(train_iterator) for _ in range(run.accumulation)]
+        counts = fabric.all_reduce(token_counts(micro_batches, train_data.pad_id, fabric.device), reduce_op="sum")
+        # each rank's gradients are averaged over the ranks: x world_size makes them sum(losses) / all targets
+        scale = fabric.world_size / counts[1].clamp(min=1)
+        step_loss = torch.zeros((), dtype=torch.float64, device=fabric.device)
+        for micro_step, (input_ids, targets) in enumerate(micro_batches):
+            input_ids, targets = to_device(input_ids, fabric.device), to_device(targets, fabric.device)
+            with fabric.no_backward_sync(model, enabled=micro_step < run.accumulation - 1):
+                loss = loss_sum(model(input_ids), targets)
+                fabric.backward(loss * scale)
+            step_loss += loss.detach()
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=settings.grad_clip, error_if_nonfinite=False)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        out_of_time = settings.max_time is not None and time.perf_counter() - start > settings.max_time
+        # the one host sync per step: every rank learns whether any rank's loss is bad or any rank is out of time
+        checks = torch.stack([
+            (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).double(),
+            torch.full_like(step_loss, float(out_of_time)),  # a fill, not a host-to-device copy
+            grad_norm.double(),  # the same on every rank
+        ])
+        non_finite, out_of_time, grad_norm = fabric.all_reduce(checks, reduce_op="max").tolist()
+        if non_finite:
+            last = latest_checkpoint(out_dir)
+            raise FloatingPointError(
+                f"Non-finite loss or gradient at step {state['step'] + 1} (this rank's summed loss "
+                f"{step_loss.item()}, gradient norm {grad_norm}): stopping before the optimizer step. The last "
+                + (f"checkpoint {last} is intact: resume from it (--resume auto) with a lower --learning_rate or a "
+                   f"different --seed." if last else "checkpoint does not exist: nothing was saved.")
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        totals += counts
+        interval += torch.cat([counts.double(), step_loss.view(1)])
+        step = state["step"]
+
+        if step % settings.log_interval == 0 or step == run.max_steps or out_of_time:
+            loss_total = fabric.all_reduce(interval[2], reduce_op="sum")
+            tokens, target_tokens, loss_total = torch.cat([interval[:2], loss_total.view(1)]).tolist()
+            state["tokens"], state["target_tokens"] = totals.tolist()
+            elapsed = time.perf_counter() - log_start
+            tokens_per_sec = tokens / elapsed
+            metrics = {"loss": loss_total / max(target_tokens, 1), "learning_rate": lr, "grad_norm": grad_norm,
+                       "tokens": state["tokens"], "target_tokens": state["target_tokens"],
+                       "tokens_per_sec": tokens_per_sec, "peak_memory_gb": peak_memory_gb(fabric.device)}
+            mfu = ""
+            if run.peak_flops is not None:
+                metrics["mfu"] = tokens_per_sec * run.flops_per_token / (run.peak_flops * fabric.world_size)
+                mfu = f", MFU {metrics['mfu']:.1%}"
+            fabric.log_dict(metrics, step=step)
+            remaining = (time.perf_counter() - start) / (step - start_step) * (run.max_steps - step)
+            fabric.print(f"step {step}/{run.max_steps}: loss {metrics['loss']:.4f}, lr {lr:.2e}, grad norm "
+                         f"{grad_norm:.3f}, {tokens_per_sec:,.0f} tokens/s{mfu}, {state['tokens']:,} tokens, "
+                         f"{metrics['peak_memory_gb']:.2f} GB peak, about {remaining / 3600:.2f} h to go")
+            interval.zero_()
+            log_step, log_start = step, time.perf_counter()
+        pause = time.perf_counter()
+        if val_data is not None and (step % settings.eval_interval == 0 or step == run.max_steps or out_of_time):
+            val_losses[step] = validate(fabric, model, val_data, run.eval_batches)
+            fabric.print(f"step {step}: validation loss {val_losses[step]:.4f}")
+            fabric.log_dict({"val_loss": val_losses[step]}, step=step)
+        if step % settings.save_interval == 0 or step == run.max_steps or out_of_time:
+            state["tokens"], state["target_tokens"] = totals.tolist()
+            save_checkpoint(fabric, out_dir, state, train_data, hparams, config)
+        log_start += time.perf_counter() - pause  # tokens/s counts training only, not validation or checkpoints
+        if out_of_time:
+            break
+    if val_data is not None and state["step"] not in val_losses:  # e.g. resumed from the last checkpoint
+        val_losses[state["step"]] = validate(fabric, model, val_data, run.eval_batches)
+        fabric.print(f"step {state['step']}: validation loss {val_losses[state['step']]:.4f}")
+    if len(val_losses) > 1 and 0 in val_losses:
+        fabric.print(f"validation loss: initial {val_losses[0]:.4f}, final {val_losses[max(val_losses)]:.4f}")
+
+
+def get_lr(step: int, learning_rate: float, min_lr: float, warmup_steps: int, max_steps: int,
+           schedule: Schedule = "cosine") -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup from learning_rate / warmup_steps, then
+    cosine or linear down to min_lr at max_steps (flat after), or constant."""
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return learning_rate
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / (max_steps - warmup_steps)
+    if schedule == "linear":
+        return learning_rate - progress * (learning_rate - min_lr)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def token_counts(micro_batches: list, pad_id: Optional[int], device: torch.device) -> torch.Tensor:
+    """[non-padding input tokens, target tokens] of a step's micro-batches, counted on the host (they are CPU
+    tensors: no device sync), as an int64 tensor on `device` for the all-reduce."""
+    inputs = sum(input_ids.numel() if pad_id is None else int((input_ids != pad_id).sum())
+                 for input_ids, _ in micro_batches)
+    targets = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches)
+    return torch.tensor([inputs, targets], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the target tokens (targets -100 carry none); logits (B, T, V), targets (B, T)."""
+    # log-softmax in fp32: bf16 log-probabilities keep only about 3 significant digits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def eval_batch_count(fabric: Fabric, val_data: BatchSource, eval_iters: int) -> int:
+    """Micro-batches per process and validation: eval_iters, or fewer if not every process has that many."""
+    if len(val_data) == 0:
+        raise ValueError(f"The validation data make no micro-batch on each of the {fabric.world_size} processes")
+    return min(eval_iters, len(val_data))
+
+
+@torch.no_grad()
+def validate(fabric: Fabric, model: nn.Module, val_data: BatchSource, eval_batches: int) -> float:
+    """Loss over the target tokens of the first `eval_batches` micro-batches of every process."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=fabric.device)  # summed loss, target tokens
+    iterator = iter(val_data)
+    for _ in range(eval_batches):
+        input_ids, targets = next(iterator)
+        targets = to_device(targets, fabric.device)
+        loss = loss_sum(model(to_device(input_ids, fabric.device)), targets)
+        totals += torch.stack([loss.double(), (targets != IGNORE_INDEX).sum().double()])
+    model.train()
+    loss_total, target_tokens = fabric.all_reduce(totals, reduce_op="sum").tolist()
+    return loss_total / max(target_tokens, 1)
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------------
+
+
+def training_flops_per_token(config: Config, n_params: int, seq_len: int) -> int:
+    """6 x non-embedding parameters (forward + backward of every matmul) + 6 x n_layer x n_embd x seq_len (causal
+    attention scores and values: 2 matmuls of n_embd per query-key pair, half the pairs, x3 for the backward)."""
+    embedding = config.padded_vocab_size * config.n_embd
+    return 6 * (n_params - embedding) + 6 * config.n_layer * config.n_embd * seq_len
+
+
+def peak_flops(device_name: Optional[str], precision: str) -> Optional[float]:
+    """Dense bf16 peak of a known GPU (by name); None for others, and for fp32 (whose peak is another)."""
+    if device_name is None or not precision.startswith("bf16"):
+        return None
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # the process's peak RSS, in KB on Linux
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return out_dir / f"step-{step:08d}"
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The checkpoint with the highest step number (not the last by string order), or None."""
+    found = [(int(match.group(1)), path) for path in Path(out_dir).glob("step-*")
+             if (match := re.fullmatch(r"step-(\d+)", path.name))]
+    return max(found)[1] if found else None
+
+
+def find_resume_checkpoint(fabric: Fabric, resume: Optional[str], out_dir: Path) -> Optional[Path]:
+    """The checkpoint that `--resume` (auto, a path or none) names; none with checkpoints in out_dir is an error."""
+    latest = fabric.broadcast(latest_checkpoint(out_dir) if fabric.global_rank == 0 else None)
+    if resume is None:
+        if latest is not None:
+            raise FileExistsError(f"{out_dir} holds checkpoints of an earlier run (the latest is {latest}): pass "
+                                  f"--resume auto to continue it, or choose another --out_dir")
+        return None
+    if str(resume) == "auto":
+        if latest is None:
+            fabric.print(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
+        return latest
+    if not Path(resume).exists():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    return Path(resume)
+
+
+def rng_states() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # plain ints: loadable with weights_only
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def gather_objects(fabric: Fabric, obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if fabric.world_size == 1:
+        return [obj]
+    gathered = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict, train_data: BatchSource, hparams: dict,
+                    config: Config) -> None:
+    """Write `step-N` under a temporary name, then rename it: a crash never leaves a partial `step-N`. It is a file
+    (one process, DDP) or a directory of shards (FSDP), as fabric.save writes it."""
+    path = checkpoint_path(out_dir, state["step"])
+    tmp = path.with_name(f".{path.name}.tmp")
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_path(tmp)  # left by a crash
+    fabric.barrier()
+    checkpoint = {
+        **state,
+        "train_data": gather_objects(fabric, train_data.state_dict()),  # index: rank
+        "rng": gather_objects(fabric, rng_states()),
+        "hparams": hparams,
+        "model_config": vars(config).copy(),
+    }
+    fabric.save(tmp, checkpoint)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        move_into_place(tmp, path)
+    fabric.barrier()
+    fabric.print(f"Saved {path}")
+
+
+def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: BatchSource, config: Config) -> None:
+    if Path(path).is_dir() and not isinstance(fabric.strategy, ModelParallelStrategy):
+        raise ValueError(f"{path} is a sharded checkpoint written by FSDP: resume it with --strategy fsdp on as many "
+                         f"processes (devices x num_nodes) as wrote it")
+    checkpoint = {**state, "train_data": None, "rng": None, "hparams": None, "model_config": None}
+    fabric.load(path, checkpoint, weights_only=True)
+    if checkpoint["model_config"] != vars(config):
+        raise ValueError(f"{path} holds a model {checkpoint['model_config']}, not {vars(config)}")
+    if len(checkpoint["train_data"]) != fabric.world_size:
+        raise ValueError(f"{path} was written by {len(checkpoint['train_data'])} processes; resume it with as many "
+                         f"(devices x num_nodes), not {fabric.world_size}: each holds its own data position")
+    train_data.load_state_dict(checkpoint["train_data"][fabric.global_rank])
+    set_rng_states(checkpoint["rng"][fabric.global_rank])
+    for key in ("step", "tokens", "target_tokens"):
+        state[key] = checkpoint[key]
+
+
+def save_final_weights(fabric: Fabric, model: nn.Module, config: Config, tokenizer_dir: Optional[Path],
+                       out_dir: Path) -> None:
+    """The full (unsharded) weights as a checkpoint directory (checkpoint.save_model_dir), for generate/base.py, the
+    converters and finetuning."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # gathers FSDP shards; with cpu_offload only rank 0 receives the full tensors
+    state_dict = get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if fabric.global_rank == 0:
+        save_model_dir(state_dict, config, tokenizer_dir, out_dir)
+        fabric.print(f"Saved the final weights to {out_dir}")
+    fabric.barrier()
