@@ -26,9 +26,11 @@ CONFIG_FILE = "model_config.json"
 
 
 def save_model_dir(model_or_state_dict: Union[torch.nn.Module, Mapping[str, torch.Tensor]], config: Config,
-                   tokenizer_dir: Optional[Path], out_dir: Path) -> None:
+                   tokenizer_dir: Optional[Path], out_dir: Path,
+                   json_files: Optional[Mapping[str, Any]] = None) -> None:
     """Write `out_dir` as a checkpoint directory: the weights, the config and the tokenizer files of `tokenizer_dir`
-    (none: no tokenizer). The weights are checked against `config` first.
+    (none: no tokenizer), and `json_files` ({file name: object}, e.g. provenance) as JSON. The weights are checked
+    against `config` first.
 
     A new `out_dir` is built under a temporary name and renamed when complete, replacing an older one whole. When
     `out_dir` is `tokenizer_dir` itself (a converted Hugging Face directory, whose own files stay), the weights and
@@ -39,19 +41,23 @@ def save_model_dir(model_or_state_dict: Union[torch.nn.Module, Mapping[str, torc
     with torch.device("meta"):
         check_state_dict(GPT(config), state_dict, f"the weights for {out_dir}")
     out_dir = Path(out_dir)
+    json_files = json_files or {}
     if tokenizer_dir is not None and out_dir.resolve() == Path(tokenizer_dir).resolve():
-        write_model_files(state_dict, config, out_dir)
+        write_model_files(state_dict, config, json_files, out_dir)
         return
     with atomic_directory(out_dir) as tmp:
-        write_model_files(state_dict, config, tmp)
+        write_model_files(state_dict, config, json_files, tmp)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
 
 
-def write_model_files(state_dict: Mapping[str, torch.Tensor], config: Config, directory: Path) -> None:
+def write_model_files(state_dict: Mapping[str, torch.Tensor], config: Config, json_files: Mapping[str, Any],
+                      directory: Path) -> None:
     save_atomic(dict(state_dict), directory / WEIGHTS_FILE)
+    for name, obj in json_files.items():
+        write_json(directory / name, obj)
     write_json(directory / CONFIG_FILE, asdict(config))  # last: a directory with a config has its weights
 
 
@@ -67,7 +73,8 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise KeyError(f"{source} does not match the model: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+        raise KeyError(f"{source} does not match the model: missing keys {missing[:10]}, "
+                       f"unexpected keys {unexpected[:10]}")
     for key, value in state_dict.items():
         if value.shape != expected[key].shape:
             raise ValueError(

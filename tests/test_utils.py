@@ -1,4 +1,5 @@
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,10 @@ def test_save_model_dir_is_atomic_and_round_trips(tmp_path):
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "tokenizer.model").write_bytes(b"spm")
     (tmp_path / "tokenizer" / "notes.txt").write_text("not a tokenizer file")
-    save_model_dir(model.state_dict(), config, tmp_path / "tokenizer", out)  # replaces the older directory whole
-    assert sorted(p.name for p in out.iterdir()) == ["lit_model.pth", "model_config.json", "tokenizer.model"]
+    save_model_dir(model.state_dict(), config, tmp_path / "tokenizer", out, json_files={"provenance.json": {"a": 1}})
+    assert sorted(p.name for p in out.iterdir()) == [  # the older directory replaced whole
+        "lit_model.pth", "model_config.json", "provenance.json", "tokenizer.model"]
+    assert json.loads((out / "provenance.json").read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tokenizer"]
 
     with pytest.raises(ValueError, match=r"the weights for .*out: 'transformer.wte.weight' has shape \(256, 32\)"):
