@@ -1,0 +1,244 @@
+"""Inheritune's claim at a scale that runs here: one command, a results table beside the paper's numbers.
+
+    python inheritune/reproduce.py --preset cpu     # about 30 minutes on 2 CPU cores, on the built-in demo corpus
+    python inheritune/reproduce.py --preset gpu     # a bigger model, minutes on one H100/H200
+
+Sanyal et al., "Inheritune: Training Smaller Yet More Attentive Language Models" (arXiv 2404.08634): a small model
+that inherits the first n = k/2 blocks (with the embedding, final norm and head) of a trained k-layer reference and
+trains for the reference's T steps reaches the reference's validation loss, or gets there after growing by 2
+blocks at a time. The experiments, all trained with pretrain/tinyllama.py's loop on the same data and schedule:
+1. reference: k layers from random init, T steps;
+2. Inheritune n = k/2 (all modules), T steps, and the grow loop (inheritune/grow.py) until parity;
+3. the same n layers from random init, T and 2T steps;
+4. the lazy-layer control: the LAST n blocks inherited instead of the first n;
+5. sub-module ablations: only attention (+ norm_1), only MLP (+ norm_2), attention and MLP without norms;
+6. the attention-rank analysis (inheritune/attention_rank.py) of the reference and of the inherited model.
+Every validation loss is measured the same way (inheritune.grow.validation_loss on the same validation blocks).
+Results go to out_dir: results.md, results.json, validation_loss.png and the analysis' files. Rerunning the same
+command continues: finished experiments are not trained again.
+"""
+
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from checkpoint import save_model_dir
+from inheritune.attention_rank import attention_rank
+from inheritune.grow import grow, logged_validation_losses, validation_loss
+from inheritune.init_from import init_from
+from model import GPT, Config, num_parameters
+from pretrain.tinyllama import setup
+from tokenizer import Tokenizer
+from utils import atomic_write, cli, write_json
+
+# Model and run sizes; every one can be overridden by its flag
+PRESETS = {
+    # seconds: what the tests run
+    "tiny": dict(n_layer=4, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=176, seq_len=32,
+                 global_batch_size=4, micro_batch_size=2, max_steps=4, learning_rate=3e-3, min_lr=3e-4,
+                 warmup_steps=1, eval_iters=2, rank_sequences=4, precision="32-true"),
+    # <= 40 minutes on 2 CPU cores: twice the demo model's depth, the demo's batch and schedule
+    "cpu": dict(n_layer=8, n_embd=256, n_head=4, n_query_groups=2, intermediate_size=704, seq_len=256,
+                global_batch_size=8, micro_batch_size=8, max_steps=300, learning_rate=2e-3, min_lr=2e-4,
+                warmup_steps=20, eval_iters=16, rank_sequences=32, precision="32-true"),
+    # <= 5 minutes on one H100/H200: AMD-Llama-135m's shape, sequences of 512
+    "gpu": dict(n_layer=12, n_embd=768, n_head=12, n_query_groups=12, intermediate_size=2048, seq_len=512,
+                global_batch_size=64, micro_batch_size=32, max_steps=600, learning_rate=1e-3, min_lr=1e-4,
+                warmup_steps=50, eval_iters=32, rank_sequences=32, precision="bf16-mixed"),
+}
+# The paper's GPT-2 medium runs on OpenWebText (Table 1 and the sub-module ablation): validation loss
+PAPER = {"reference": ("24L GPT-2 medium", 2.81), "random T": ("16L from scratch", 2.86),
+         "inheritune": ("16L Inheritune", 2.81), "attn": ("16L, attention only", 2.84),
+         "mlp": ("16L, MLP only", 2.85), "attn_mlp": ("16L, attention + MLP without norms", 2.80)}
+
+
+def reproduce(
+    preset: Literal["tiny", "cpu", "gpu"] = "cpu",
+    data_dir: Path = Path("data/demo"),
+    out_dir: Optional[Path] = None,
+    vocab_size: Optional[int] = None,
+    n_layer: Optional[int] = None,
+    n_embd: Optional[int] = None,
+    max_steps: Optional[int] = None,
+    seed: int = 3407,
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto",
+) -> dict:
+    """Run the experiments of the preset (see the module docstring) and write the results table.
+
+    Args:
+        preset: tiny (seconds, for tests), cpu (<= 40 minutes on 2 cores) or gpu (minutes on one H100/H200)
+        data_dir: the demo corpus (train/ and validation/ shards and its tokenizer), built here if missing
+        out_dir: where every experiment and the results go; default out/inheritune-{preset}
+        vocab_size: needed only when data_dir holds no tokenizer
+        n_layer: the reference's layers k (default: the preset's)
+        n_embd: the width (default: the preset's)
+        max_steps: T, the steps of the reference and of every n-layer run (default: the preset's)
+        seed: of every initial weight and data order
+        accelerator: auto, cpu or cuda
+    """
+    settings = {**PRESETS[preset], **{name: value for name, value in
+                                     dict(n_layer=n_layer, n_embd=n_embd, max_steps=max_steps).items()
+                                     if value is not None}}
+    out_dir = Path(out_dir or f"out/inheritune-{preset}")
+    data_dir = Path(data_dir)
+    if not (data_dir / "train").is_dir():
+        from prepare_data.prepare_demo import prepare_demo
+
+        prepare_demo(data_dir)
+    tokenizer_dir = data_dir if any((data_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")) \
+        else None
+    if tokenizer_dir is not None:
+        vocab_size = vocab_size or Tokenizer(tokenizer_dir).vocab_size
+    if vocab_size is None:
+        raise ValueError(f"{data_dir} holds no tokenizer: give --vocab_size")
+    k, T = settings["n_layer"], settings["max_steps"]
+    n = k // 2
+    config = Config(name=f"inheritune-{preset}-{k}L", block_size=settings["seq_len"], vocab_size=vocab_size,
+                    n_layer=k, n_head=settings["n_head"], n_embd=settings["n_embd"],
+                    n_query_groups=settings["n_query_groups"], intermediate_size=settings["intermediate_size"])
+    training = dict(
+        train_data_dir=data_dir / "train", val_data_dir=data_dir / "validation", train_data_mix="train_code,train_prose",
+        tokenizer_dir=tokenizer_dir, accelerator=accelerator, devices="1", precision=settings["precision"],
+        seed=seed, global_batch_size=settings["global_batch_size"], micro_batch_size=settings["micro_batch_size"],
+        learning_rate=settings["learning_rate"], min_lr=settings["min_lr"], warmup_steps=settings["warmup_steps"],
+        eval_iters=settings["eval_iters"], log_interval=max(1, T // 10), eval_interval=max(1, T // 10),
+        save_interval=T,
+    )
+    device = "cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+
+    def measure(checkpoint_dir: Path) -> float:
+        return validation_loss(checkpoint_dir, data_dir / "validation", settings["seq_len"],
+                               settings["micro_batch_size"], settings["eval_iters"], device)
+
+    results = {"preset": preset, "settings": settings, "config": asdict(config), "experiments": {}}
+
+    def record(name: str, layers: int, steps: int, run_dir: Path, seconds: float) -> None:
+        final = run_dir / "final"
+        results["experiments"][name] = dict(layers=layers, steps=steps, parameters=parameters(final),
+                                            validation_loss=measure(final), seconds=round(seconds, 1),
+                                            run_dir=str(run_dir))
+        write_json(out_dir / "results.json", results)
+
+    def train(name: str, initial_dir: Path, steps: int, layers: int) -> None:
+        run_dir = out_dir / name.replace(" ", "_") / "train"
+        start = time.perf_counter()
+        if not (run_dir / "final").is_dir():
+            setup(model_name=None, initial_checkpoint_dir=initial_dir, out_dir=run_dir, resume="auto",
+                  **{**training, "max_steps": steps, "eval_interval": max(1, steps // 10), "save_interval": steps})
+        record(name, layers, steps, run_dir, time.perf_counter() - start)
+
+    # 1. the reference, from model.py's init
+    initial = out_dir / "reference" / "init"
+    if not initial.is_dir():
+        torch.manual_seed(seed)
+        save_model_dir(GPT(config), config, tokenizer_dir, initial)
+    train("reference", initial, T, k)
+    reference = out_dir / "reference" / "train" / "final"
+
+    # 2. Inheritune and the grow loop (its first round is Inheritune at n = k/2)
+    start = time.perf_counter()
+    grown = grow(ref_checkpoint_dir=reference, out_dir=out_dir / "grow", max_steps=T, start_layers=n,
+                 step_layers=2, tolerance=0.0, reference_loss=results["experiments"]["reference"]["validation_loss"],
+                 seq_len=settings["seq_len"], **training)
+    first = grown["rounds"][0]
+    results["experiments"]["inheritune"] = dict(layers=n, steps=T, parameters=first["parameters"],
+                                                validation_loss=first["validation_loss"],
+                                                seconds=first["seconds"], run_dir=first["run_dir"])
+    results["grow"] = {"rounds": [dict(layers=r["n"], validation_loss=r["validation_loss"]) for r in grown["rounds"]],
+                       "matched_at": grown["matched_at"], "seconds": round(time.perf_counter() - start, 1)}
+
+    # 3-5. the same n layers otherwise: random init (T and 2T), the last n blocks, sub-modules
+    variants = {
+        "random T": (dict(modules="none", copy_embeddings=False, copy_final_norm=False, copy_head=False), T),
+        "random 2T": (dict(modules="none", copy_embeddings=False, copy_final_norm=False, copy_head=False), 2 * T),
+        "last n blocks": (dict(layer_ids=list(range(k - n, k))), T),
+        "attn": (dict(modules="attn"), T),
+        "mlp": (dict(modules="mlp"), T),
+        "attn_mlp": (dict(modules="attn_mlp"), T),
+    }
+    for name, (options, steps) in variants.items():
+        initial = out_dir / name.replace(" ", "_") / "init"
+        if not (initial / "lit_model.pth").is_file():
+            init_from(ref_checkpoint_dir=reference, out_dir=initial, n_layers=n, seed=seed, overwrite=True, **options)
+        train(name, initial, steps, n)
+
+    # 6. the lazy-layer analysis of the reference and of the inherited model
+    results["attention_rank"] = {}
+    for name in ("reference", "inheritune"):
+        analysed = Path(results["experiments"][name]["run_dir"]) / "final"
+        report = attention_rank(checkpoint_dir=analysed, data_dir=data_dir, seq_len=settings["seq_len"],
+                                num_sequences=settings["rank_sequences"], out_dir=out_dir / "attention_rank" / name,
+                                device=device)
+        results["attention_rank"][name] = [dict(layer=layer["layer"], max_rank=layer["max_rank"],
+                                                max_mass=layer["max_mass"], lazy=layer["lazy"])
+                                           for layer in report["layers"]]
+    write_json(out_dir / "results.json", results)
+    with atomic_write(out_dir / "results.md") as tmp:
+        tmp.write_text(results_table(results))
+    plot_validation_losses(results, out_dir / "validation_loss.png")
+    print(results_table(results))
+    return results
+
+
+def parameters(checkpoint_dir: Path) -> int:
+    with torch.device("meta"):
+        return num_parameters(GPT(Config.from_file(checkpoint_dir)))
+
+
+def results_table(results: dict) -> str:
+    """Markdown: every experiment's validation loss beside the paper's analogue, the grow loop and the analysis."""
+    experiments = results["experiments"]
+    reference = experiments["reference"]["validation_loss"]
+    lines = [f"Inheritune reproduction, preset {results['preset']}: reference {results['config']['n_layer']} layers, "
+             f"width {results['config']['n_embd']}, T = {results['settings']['max_steps']} steps of "
+             f"{results['settings']['global_batch_size']} x {results['settings']['seq_len']} tokens.", "",
+             "| experiment | layers | parameters | steps | validation loss | vs reference | paper (GPT-2 medium, "
+             "OpenWebText) |", "|---|---|---|---|---|---|---|"]
+    for name, run in experiments.items():
+        paper = f"{PAPER[name][0]}: {PAPER[name][1]}" if name in PAPER else ""
+        lines.append(f"| {name} | {run['layers']} | {run['parameters']:,} | {run['steps']} | "
+                     f"{run['validation_loss']:.4f} | {run['validation_loss'] - reference:+.4f} | {paper} |")
+    grown = results["grow"]
+    rounds = ", ".join(f"{r['layers']} layers {r['validation_loss']:.4f}" for r in grown["rounds"])
+    lines += ["", f"Grow loop (+2 layers a round until the reference's loss): {rounds}; "
+              + (f"matched at {grown['matched_at']} layers." if grown["matched_at"] else "no round matched.")]
+    for name, layers in results["attention_rank"].items():
+        lazy = [layer["layer"] for layer in layers if layer["lazy"]]
+        lines.append(f"Attention of the {name}: max rank per layer {[layer['max_rank'] for layer in layers]}, "
+                     f"columns holding 90% of the mass {[layer['max_mass'] for layer in layers]}; lazy layers: "
+                     f"{lazy or 'none'}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_validation_losses(results: dict, path: Path) -> None:
+    """Validation loss vs step of every experiment (from its CSV logs)."""
+    import matplotlib  # pip install matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, run in results["experiments"].items():
+        losses = {step: loss for step, loss in logged_validation_losses(Path(run["run_dir"])).items() if step > 0}
+        ax.plot(list(losses), list(losses.values()), marker="o", markersize=3,
+                linestyle="--" if name == "reference" else "-",
+                label=f"{name} ({run['layers']} layers): {run['validation_loss']:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"Inheritune, preset {results['preset']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    cli(reproduce)

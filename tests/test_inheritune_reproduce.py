@@ -1,0 +1,64 @@
+"""inheritune/reproduce.py end to end with its tiny preset, on shards made here: every experiment runs through the
+training core and is measured, the table and the plot are written, and a rerun trains nothing again."""
+
+import json
+
+import numpy as np
+import pytest
+
+from inheritune.reproduce import PAPER, reproduce
+from shard_format import PackedDatasetBuilder
+
+SEQ_LEN = 32  # the tiny preset's
+
+
+def write_corpus(directory, split: str, prefix: str, n_blocks: int, seed: int) -> None:
+    """Learnable token streams (arithmetic progressions mod 256), n_blocks blocks of SEQ_LEN + 1 tokens."""
+    rng = np.random.default_rng(seed)
+    builder = PackedDatasetBuilder(directory / split, prefix, chunk_size=(SEQ_LEN + 1) * 8, vocab_size=256)
+    tokens = np.concatenate([(rng.integers(256) + rng.integers(1, 7) * np.arange(40)) % 256
+                             for _ in range(n_blocks * (SEQ_LEN + 1) // 40 + 1)])
+    builder.add_array(tokens[: n_blocks * (SEQ_LEN + 1)].astype(np.uint16))
+    builder.finish()
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    data = root / "data"
+    write_corpus(data, "train", "train_code", 32, seed=1)
+    write_corpus(data, "train", "train_prose", 32, seed=2)
+    write_corpus(data, "validation", "validation_code", 8, seed=3)
+    out = root / "out"
+    results = reproduce(preset="tiny", data_dir=data, out_dir=out, vocab_size=256, accelerator="cpu")
+    return out, data, results
+
+
+def test_every_experiment_is_trained_measured_and_tabulated(reproduced):
+    out, _, results = reproduced
+    experiments = results["experiments"]
+    assert list(experiments) == ["reference", "inheritune", "random T", "random 2T", "last n blocks", "attn", "mlp",
+                                 "attn_mlp"]
+    assert experiments["reference"]["layers"] == 4 and experiments["inheritune"]["layers"] == 2
+    assert experiments["random 2T"]["steps"] == 2 * experiments["random T"]["steps"] == 8
+    assert all(np.isfinite(run["validation_loss"]) for run in experiments.values())
+    # the inherited and the random model are the same size; the reference is larger
+    assert experiments["inheritune"]["parameters"] == experiments["random T"]["parameters"]
+    assert experiments["reference"]["parameters"] > experiments["inheritune"]["parameters"]
+    assert json.loads((out / "results.json").read_text()) == results
+    table = (out / "results.md").read_text()
+    for name, (text, loss) in PAPER.items():
+        assert f"| {name} |" in table and f"{text}: {loss}" in table
+    assert (out / "validation_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(results["attention_rank"]) == {"reference", "inheritune"}
+    assert len(results["attention_rank"]["reference"]) == 4
+    assert results["grow"]["rounds"][0] == {"layers": 2, "validation_loss": experiments["inheritune"]["validation_loss"]}
+
+
+def test_a_rerun_trains_nothing_again(reproduced):
+    out, data, results = reproduced
+    logs_before = sorted(str(path) for path in out.rglob("metrics.csv"))
+    again = reproduce(preset="tiny", data_dir=data, out_dir=out, vocab_size=256, accelerator="cpu")
+    assert sorted(str(path) for path in out.rglob("metrics.csv")) == logs_before  # no new training run
+    for name, run in results["experiments"].items():
+        assert again["experiments"][name]["validation_loss"] == run["validation_loss"]
