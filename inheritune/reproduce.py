@@ -103,7 +103,8 @@ def reproduce(
                     n_layer=k, n_head=settings["n_head"], n_embd=settings["n_embd"],
                     n_query_groups=settings["n_query_groups"], intermediate_size=settings["intermediate_size"])
     training = dict(
-        train_data_dir=data_dir / "train", val_data_dir=data_dir / "validation", train_data_mix="train_code,train_prose",
+        train_data_dir=data_dir / "train", val_data_dir=data_dir / "validation",
+        train_data_mix="train_code,train_prose",
         tokenizer_dir=tokenizer_dir, accelerator=accelerator, devices="1", precision=settings["precision"],
         seed=seed, global_batch_size=settings["global_batch_size"], micro_batch_size=settings["micro_batch_size"],
         learning_rate=settings["learning_rate"], min_lr=settings["min_lr"], warmup_steps=settings["warmup_steps"],

@@ -52,7 +52,8 @@ def test_every_experiment_is_trained_measured_and_tabulated(reproduced):
     assert (out / "validation_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(results["attention_rank"]) == {"reference", "inheritune"}
     assert len(results["attention_rank"]["reference"]) == 4
-    assert results["grow"]["rounds"][0] == {"layers": 2, "validation_loss": experiments["inheritune"]["validation_loss"]}
+    first_round = {"layers": 2, "validation_loss": experiments["inheritune"]["validation_loss"]}
+    assert results["grow"]["rounds"][0] == first_round
 
 
 def test_a_rerun_trains_nothing_again(reproduced):
