@@ -47,9 +47,10 @@ PRESETS = {
     "cpu": dict(n_layer=8, n_embd=256, n_head=4, n_query_groups=2, intermediate_size=704, seq_len=256,
                 global_batch_size=8, micro_batch_size=8, max_steps=300, learning_rate=2e-3, min_lr=2e-4,
                 warmup_steps=20, eval_iters=16, rank_sequences=32, precision="32-true"),
-    # <= 5 minutes on one H100/H200: AMD-Llama-135m's shape, sequences of 512
+    # meant for <= 5 minutes on one H100/H200 (an estimate, not yet measured): AMD-Llama-135m's shape with the demo
+    # vocabulary, sequences of 512, 13M tokens per run of T steps
     "gpu": dict(n_layer=12, n_embd=768, n_head=12, n_query_groups=12, intermediate_size=2048, seq_len=512,
-                global_batch_size=64, micro_batch_size=32, max_steps=600, learning_rate=1e-3, min_lr=1e-4,
+                global_batch_size=64, micro_batch_size=32, max_steps=400, learning_rate=1e-3, min_lr=1e-4,
                 warmup_steps=50, eval_iters=32, rank_sequences=32, precision="bf16-mixed"),
 }
 # The paper's GPT-2 medium runs on OpenWebText (Table 1 and the sub-module ablation): validation loss

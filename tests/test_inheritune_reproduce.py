@@ -2,6 +2,7 @@
 training core and is measured, the table and the plot are written, and a rerun trains nothing again."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +55,20 @@ def test_every_experiment_is_trained_measured_and_tabulated(reproduced):
     assert len(results["attention_rank"]["reference"]) == 4
     first_round = {"layers": 2, "validation_loss": experiments["inheritune"]["validation_loss"]}
     assert results["grow"]["rounds"][0] == first_round
+
+
+def test_the_inherited_model_generates(reproduced):
+    """The end of the chain init_from -> training -> generation: the inherited model's final weights decode."""
+    import torch
+
+    from checkpoint import load_model
+    from generate.base import generate
+
+    _, _, results = reproduced
+    model = load_model(Path(results["experiments"]["inheritune"]["run_dir"]) / "final")
+    assert model.config.n_layer == 2 and model.config.name.endswith("-inherit-2")
+    output = generate(model, torch.tensor([1, 2, 3]), max_new_tokens=5, temperature=0.0)
+    assert output[:3].tolist() == [1, 2, 3] and len(output) == 8
 
 
 def test_a_rerun_trains_nothing_again(reproduced):
