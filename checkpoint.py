@@ -82,12 +82,29 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
             )
 
 
-def load_state_dict(path: Union[str, Path]) -> dict:
-    """The state dict of a `lit_model.pth` (or of a training checkpoint file's "model" entry), memory-mapped."""
+def load_file(path: Union[str, Path]) -> Any:
+    """What `path` holds, loaded with weights_only=True and memory-mapped (tensors are read when used); an empty or
+    unreadable file is an error naming it, not torch's message about mmap or zip archives."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): expected a file written by torch.save (was a copy or a download "
+                         f"interrupted?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError) as error:  # a truncated zip archive; the first line of torch's message says why
+        reason = str(error).split(". ")[0]
+        raise ValueError(f"{path} cannot be read ({reason}): expected a complete file written by torch.save (was it "
+                         f"truncated?)") from error
+
+
+def load_state_dict(path: Union[str, Path]) -> dict:
+    """The state dict of a `lit_model.pth` (or of a training checkpoint file's "model" entry), memory-mapped."""
+    state_dict = load_file(path)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}: expected a state dict (parameter names to "
+                         f"tensors) as save_model_dir writes it")
     return state_dict.get("model", state_dict)
 
 

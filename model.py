@@ -74,7 +74,14 @@ class Config:
             path = path / "model_config.json"
         if not path.is_file():
             raise FileNotFoundError(f"Model config {str(path)!r} does not exist")
-        values = {**json.loads(path.read_text()), **overrides}
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): expected the model config that save_model_dir "
+                             f"writes") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} holds a JSON {type(values).__name__}: expected an object of config fields")
+        values = {**values, **overrides}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

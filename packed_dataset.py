@@ -275,14 +275,20 @@ class PackedBatches:
 
 def training_batches(data_dir: Path, mix: str, block_size: int, micro_batch_size: int, seed: int,
                      num_processes: int, process_rank: int) -> PackedBatches:
-    """The files data_dir/prefix* of each source of `mix` (see parse_data_mix), shuffled, endless, mixed."""
+    """The files data_dir/prefix* of each source of `mix` (see parse_data_mix), shuffled, endless, mixed. Rank 0
+    prints which files each prefix matched: a prefix also matches longer names (train_code: train_code_extra_*)."""
     sources = parse_data_mix(mix)
-    datasets = [
-        PackedDataset(data_files(data_dir, prefix, "--train_data_dir/--train_data_mix"), n_chunks=SHUFFLE_BUFFER_FILES,
-                      block_size=block_size, seed=seed, shuffle=True, wrap=True, num_processes=num_processes,
-                      process_rank=process_rank)
-        for prefix, _ in sources
-    ]
+    datasets = []
+    for prefix, _ in sources:
+        files = data_files(data_dir, prefix, "--train_data_dir/--train_data_mix")
+        dataset = PackedDataset(files, n_chunks=SHUFFLE_BUFFER_FILES, block_size=block_size, seed=seed, shuffle=True,
+                                wrap=True, num_processes=num_processes, process_rank=process_rank)
+        if process_rank == 0:
+            first, last = Path(files[0]).name, Path(files[-1]).name
+            matched = f"1 file, {first}" if len(files) == 1 else f"{len(files)} files, {first} ... {last}"
+            print(f"--train_data_mix {prefix!r}: {matched}, {dataset.n_blocks_total:,} blocks of {block_size} tokens "
+                  f"({dataset.n_blocks_total * block_size:,} tokens)")
+        datasets.append(dataset)
     weights = [weight for _, weight in sources]
     if weights[0] is None:  # every block of every source equally likely
         weights = [dataset.n_blocks_total for dataset in datasets]

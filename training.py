@@ -10,8 +10,9 @@ A batch source (`BatchSource`) yields `(input_ids, targets)` micro-batches of th
 positions that carry no loss; packed shards (packed_dataset.PackedBatches) are one. `fit` does the rest, in nanoGPT's
 order: learning rate -> micro-steps (gradient accumulation, no gradient sync but on the last) -> clipping -> the one
 host sync per step (non-finite loss or gradient, time limit) -> optimizer step -> logging -> validation -> atomic
-checkpoint. A checkpoint holds the model, the optimizer, the step and token counters, every rank's data position
-and RNG states, so a run resumed from it continues exactly as if it had never stopped.
+checkpoint (only of finite weights and optimizer state). A checkpoint holds the model, the optimizer, the step and
+token counters, every rank's data position and RNG states, so a run resumed from it continues exactly as if it had
+never stopped; `--resume auto` takes the newest one that loads, skipping broken ones with a warning.
 
 The loss of a step is summed over its target tokens and divided by the count of target tokens of the whole step
 (all micro-batches, all ranks), so it does not depend on how sequences fall into micro-batches or ranks; for packed
@@ -38,7 +39,7 @@ from lightning_fabric import Fabric
 from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from checkpoint import load_checkpoint, save_model_dir
+from checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, load_file, save_model_dir
 from model import GPT, Config, num_parameters
 from utils import move_into_place, remove_path, write_json
 
@@ -173,6 +174,7 @@ def build_model(fabric: Fabric, config: Config, seed: int, initial_checkpoint_di
 
 def build_optimizer(fabric: Fabric, model: nn.Module, learning_rate: float, weight_decay: float,
                     betas: Tuple[float, float], eps: float, decay_all_params: bool) -> torch.optim.Optimizer:
+    check_optimizer_settings(weight_decay, betas, eps)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, weight_decay, decay_all_params), lr=learning_rate, betas=betas, eps=eps,
         fused=fabric.device.type == "cuda",
@@ -205,8 +207,24 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, w
     return global_batch_size // per_step
 
 
+def check_optimizer_settings(weight_decay: float, betas: Tuple[float, float], eps: float) -> None:
+    """Refuse AdamW settings that make inf or NaN weights (eps 0 divides 0 by 0 where a gradient is 0), naming the
+    flag. The comparisons are written so that NaN fails them."""
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"--weight_decay must be a finite number of at least 0, got {weight_decay}")
+    for name, beta in zip(("beta1", "beta2"), betas):
+        if not 0 <= beta < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {beta}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"--eps must be a finite positive number, got {eps}")
+
+
 def check_settings(settings: TrainingSettings) -> None:
     """Refuse settings that cannot make a run, naming the flag, before anything starts."""
+    for name in ("learning_rate", "min_lr", "grad_clip", "max_time"):  # NaN would pass every comparison below
+        value = getattr(settings, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value}")
     for name in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "eval_iters",
                  "save_interval"):
         if getattr(settings, name) < 1:
@@ -327,7 +345,7 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
     totals = torch.tensor([state["tokens"], state["target_tokens"]], dtype=torch.int64, device=fabric.device)
     interval = torch.zeros(3, dtype=torch.float64, device=fabric.device)
     start = log_start = time.perf_counter()
-    start_step = log_step = state["step"]
+    start_step = state["step"]
     while state["step"] < run.max_steps:
         lr = get_lr(state["step"], settings.learning_rate, settings.min_lr, settings.warmup_steps, run.max_steps,
                     settings.lr_schedule)
@@ -356,12 +374,10 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
         ])
         non_finite, out_of_time, grad_norm = fabric.all_reduce(checks, reduce_op="max").tolist()
         if non_finite:
-            last = latest_checkpoint(out_dir)
             raise FloatingPointError(
                 f"Non-finite loss or gradient at step {state['step'] + 1} (this rank's summed loss "
-                f"{step_loss.item()}, gradient norm {grad_norm}): stopping before the optimizer step. The last "
-                + (f"checkpoint {last} is intact: resume from it (--resume auto) with a lower --learning_rate or a "
-                   f"different --seed." if last else "checkpoint does not exist: nothing was saved.")
+                f"{step_loss.item()}, gradient norm {grad_norm}): stopping before the optimizer step. "
+                + last_checkpoint_hint(out_dir)
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -389,7 +405,7 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
                          f"{grad_norm:.3f}, {tokens_per_sec:,.0f} tokens/s{mfu}, {state['tokens']:,} tokens, "
                          f"{metrics['peak_memory_gb']:.2f} GB peak, about {remaining / 3600:.2f} h to go")
             interval.zero_()
-            log_step, log_start = step, time.perf_counter()
+            log_start = time.perf_counter()
         pause = time.perf_counter()
         if val_data is not None and (step % settings.eval_interval == 0 or step == run.max_steps or out_of_time):
             val_losses[step] = validate(fabric, model, val_data, run.eval_batches)
@@ -497,11 +513,26 @@ def checkpoint_path(out_dir: Path, step: int) -> Path:
     return out_dir / f"step-{step:08d}"
 
 
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    """The checkpoint with the highest step number (not the last by string order), or None."""
+def step_checkpoints(out_dir: Path) -> list:
+    """The `step-N` of out_dir, highest step number first (not by string order)."""
     found = [(int(match.group(1)), path) for path in Path(out_dir).glob("step-*")
              if (match := re.fullmatch(r"step-(\d+)", path.name))]
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The checkpoint with the highest step number, or None."""
+    checkpoints = step_checkpoints(out_dir)
+    return checkpoints[0] if checkpoints else None
+
+
+def last_checkpoint_hint(out_dir: Path) -> str:
+    """What to resume from after a failure: save_checkpoint writes only finite weights, so the latest is sound."""
+    last = latest_checkpoint(out_dir)
+    if last is None:
+        return "The last checkpoint does not exist: nothing was saved."
+    return (f"The last checkpoint {last} is intact: resume from it (--resume auto) with a lower --learning_rate or a "
+            f"different --seed.")
 
 
 def find_resume_checkpoint(fabric: Fabric, resume: Optional[str], out_dir: Path) -> Optional[Path]:
@@ -515,10 +546,60 @@ def find_resume_checkpoint(fabric: Fabric, resume: Optional[str], out_dir: Path)
     if str(resume) == "auto":
         if latest is None:
             fabric.print(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
-        return latest
+            return None
+        # checked on rank 0, which prints the warnings; every rank raises or resumes alike
+        newest, problems = fabric.broadcast(newest_loadable_checkpoint(fabric, out_dir) if fabric.global_rank == 0
+                                            else None)
+        if newest is None:
+            raise ValueError(f"--resume auto: no checkpoint in {out_dir} can be resumed: " + " ".join(problems))
+        return newest
     if not Path(resume).exists():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    problem = fabric.broadcast(checkpoint_problem(Path(resume)) if fabric.global_rank == 0 else None)
+    if problem is not None:
+        raise ValueError(f"--resume {resume}: {problem}")
     return Path(resume)
+
+
+def newest_loadable_checkpoint(fabric: Fabric, out_dir: Path) -> Tuple[Optional[Path], list]:
+    """The highest step-N that can be resumed (or None), and the problems of the higher ones. Each of those is
+    skipped with a printed warning: a copy cut short or an emptied directory must not stop a run that has a sound
+    checkpoint."""
+    problems = []
+    for path in step_checkpoints(out_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, problems
+        fabric.print(f"Warning: --resume auto skips {path.name}: {problem}")
+        problems.append(problem)
+    return None, problems
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a training checkpoint that save_checkpoint wrote, in one sentence naming it; None when it
+    is one. Reads a file's index only (memory-mapped), not its tensors; a sharded directory is checked when loaded."""
+    expected = "expected a step-N file, or a step-N directory of FSDP shards with a .metadata file"
+    if path.is_dir():
+        if (path / ".metadata").is_file():
+            return None
+        if (path / WEIGHTS_FILE).exists() or (path / CONFIG_FILE).exists():
+            return (f"{path} is a directory of final weights ({WEIGHTS_FILE}, {CONFIG_FILE}) without the optimizer "
+                    f"and data position: start from them with --initial_checkpoint_dir {path} instead")
+        what = "an empty directory" if not any(path.iterdir()) else "a directory without .metadata"
+        return f"{path} is {what}: {expected}"
+    try:
+        checkpoint = load_file(path)
+    except ValueError as error:
+        return str(error)
+    if not isinstance(checkpoint, dict):
+        return f"{path} holds a {type(checkpoint).__name__}: {expected}"
+    missing = [key for key in ("model", "optimizer", "step", "train_data", "rng") if key not in checkpoint]
+    if missing and checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        return (f"{path} holds model weights only (a {WEIGHTS_FILE}), without the optimizer and data position: "
+                f"start from them with --initial_checkpoint_dir {path.parent} instead")
+    if missing:
+        return f"{path} lacks {', '.join(missing)}: expected a training checkpoint as save_checkpoint writes it"
+    return None
 
 
 def rng_states() -> dict:
@@ -554,6 +635,11 @@ def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict, train_data: Batc
     """Write `step-N` under a temporary name, then rename it: a crash never leaves a partial `step-N`. It is a file
     (one process, DDP) or a directory of shards (FSDP), as fabric.save writes it."""
     path = checkpoint_path(out_dir, state["step"])
+    if not all_finite(fabric, state["model"], state["optimizer"]):
+        raise FloatingPointError(
+            f"The weights or the optimizer state hold inf or NaN after step {state['step']} (the loss and gradient "
+            f"were finite): not saving {path}. " + last_checkpoint_hint(out_dir)
+        )
     tmp = path.with_name(f".{path.name}.tmp")
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -572,6 +658,17 @@ def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict, train_data: Batc
         move_into_place(tmp, path)
     fabric.barrier()
     fabric.print(f"Saved {path}")
+
+
+def all_finite(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every rank's weights and optimizer state are finite: one all-reduced flag, the one sync of a save."""
+    tensors = [*model.parameters(), *(value for param_state in optimizer.state.values()
+                                      for value in param_state.values() if isinstance(value, torch.Tensor))]
+    local = [tensor.to_local() if hasattr(tensor, "to_local") else tensor for tensor in tensors]  # FSDP: this shard
+    bad = torch.zeros((), dtype=torch.float32, device=fabric.device)
+    for tensor in local:
+        bad += (~torch.isfinite(tensor)).any()
+    return fabric.all_reduce(bad, reduce_op="max").item() == 0
 
 
 def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: BatchSource, config: Config) -> None:

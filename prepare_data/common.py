@@ -1,6 +1,6 @@
-"""What the data preparers share: finding input files, the readers of JSON lines, text and parquet files with bad
-input counted, documents -> token ids with BOS/EOS separators, and the process pool that packs shards with one
-PackedDatasetBuilder per process.
+"""What the data preparers share: finding input files, the readers of JSON (lines or an array), text and parquet
+files with bad input counted, documents -> token ids with BOS/EOS separators, and the process pool that packs shards
+with one PackedDatasetBuilder per process.
 
 A preparer supplies a `read_documents(path, report)` generator that yields `(line, text)` for each document of one
 input file (line: the line or row number, for messages) and records what it skips in `report`. `prepare` does the
@@ -17,9 +17,13 @@ import json
 import os
 import queue
 import resource
+import signal
+import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
@@ -38,10 +42,13 @@ FLUSH_TOKENS = 1 << 18  # ids are handed to the builder in arrays of about this 
 MAX_LISTED_PROBLEMS = 20  # skipped lines listed in the summary per process (all are counted)
 TokenDtype = Literal["uint16", "int32"]  # of the shards' token ids: the preparers' `dtype` parameter
 DTYPE_CHOICES = get_args(TokenDtype)  # checked at run time too, for callers from Python
-# what a directory is searched for: the files read_text_documents reads, and those read_parquet_documents reads
-TEXT_PATTERNS = ("**/*.txt", "**/*.py", "**/*.md", "**/*.rst", "**/*.jsonl", "**/*.jsonl.zst")
-PARQUET_PATTERN = "**/*.parquet"
-JSONL_SUFFIXES = (".jsonl", ".jsonl.zst")
+# The input formats, by file extension in any case: what read_text_documents reads (whole files, JSON lines, and
+# .json: a JSON array when its first non-space byte is "[", as Alpaca's files, else JSON lines), and parquet files
+WHOLE_FILE_SUFFIXES = (".txt", ".py", ".md", ".rst")
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.zst", ".ndjson.zst")
+JSON_SUFFIX = ".json"
+TEXT_SUFFIXES = (*WHOLE_FILE_SUFFIXES, *JSON_LINES_SUFFIXES, JSON_SUFFIX)
+PARQUET_SUFFIX = ".parquet"
 PARQUET_TEXT_COLUMN = "content"  # as in bigcode/starcoderdata
 PARQUET_LANGUAGE_COLUMN = "lang"
 
@@ -51,6 +58,14 @@ SplitKey = Callable[[Path, str], str]
 
 class BadInputError(ValueError):
     """Bad input seen with --strict: the run is refused."""
+
+
+class NothingWrittenError(ValueError):
+    """A run that read its files but kept no document: a wrong --text_key, or nothing but bad input."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main process while `prepare` runs so that its cleanup runs; exits with status 143."""
 
 
 @dataclass
@@ -66,6 +81,7 @@ class Report:
     empty_documents: int = 0  # no non-whitespace character: not written
     skipped: int = 0  # malformed lines, invalid UTF-8, missing text field
     unreadable_files: int = 0
+    unknown_files: int = 0  # of another extension, skipped by a directory walk
     problems: List[str] = field(default_factory=list)  # "file:line: reason", every unreadable file, the first skips
     input_files: int = 0
     input_bytes: int = 0
@@ -104,10 +120,15 @@ class Report:
         return {name: dict(value) if isinstance(value, Counter) else value for name, value in values.items()}
 
 
+def is_glob(source: Union[str, Path]) -> bool:
+    """Whether `source` is a pattern for glob.glob rather than a path."""
+    return any(char in str(source) for char in "*?[")
+
+
 def find_files(source: Union[str, Path], patterns: Sequence[str]) -> List[Path]:
     """Sorted input files. `source` is a file, a glob (`data/**/*.txt`), or a directory searched with `patterns`."""
     source = str(source)
-    if any(char in source for char in "*?["):
+    if is_glob(source):
         files = {Path(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)}
         if not files:
             raise FileNotFoundError(f"No files match {source!r}")
@@ -123,6 +144,26 @@ def find_files(source: Union[str, Path], patterns: Sequence[str]) -> List[Path]:
     return sorted(files)
 
 
+def suffix_of(path: Path, suffixes: Sequence[str]) -> Optional[str]:
+    """The longest of `suffixes` that the file name ends with, in any case (".ndjson", not ".json"); None if none."""
+    name = path.name.lower()
+    return max((suffix for suffix in suffixes if name.endswith(suffix)), key=len, default=None)
+
+
+def find_inputs(source: Union[str, Path], suffixes: Sequence[str]) -> Tuple[List[Path], int]:
+    """Sorted input files with one of `suffixes` (in any case), and the number of other files skipped. `source` is a
+    file, a glob or a directory searched recursively; a file or glob that names another kind of file is refused."""
+    files = find_files(source, ["**/*"])
+    known = [path for path in files if suffix_of(path, suffixes)]
+    unknown = len(files) - len(known)
+    if unknown and (is_glob(source) or not Path(source).is_dir()):
+        path = next(path for path in files if not suffix_of(path, suffixes))
+        raise ValueError(f"{path}: unknown file extension; expected one of {' '.join(suffixes)} (in any case)")
+    if not known:
+        raise FileNotFoundError(f"No {' or '.join(suffixes)} files in {str(source)!r} ({unknown} other files)")
+    return known, unknown
+
+
 class ZstdReader(io.RawIOBase):
     """The decompressed bytes of a .zst file, all frames, streamed. Unlike zstandard's stream_reader, which returns a
     short stream without complaint, a file that ends inside a frame (an interrupted download) raises ZstdError."""
@@ -134,6 +175,7 @@ class ZstdReader(io.RawIOBase):
         self.decompressor = zstandard.ZstdDecompressor()
         self.frame = None  # decompressobj of the frame being read; None between frames
         self.pending = memoryview(b"")
+        self.empty = True  # no byte read yet
 
     def readable(self) -> bool:
         return True
@@ -147,7 +189,10 @@ class ZstdReader(io.RawIOBase):
             if not data:
                 if self.frame is not None:
                     raise zstandard.ZstdError("the file ends inside a zstd frame (truncated?)")
+                if self.empty:
+                    raise zstandard.ZstdError("the file is empty, with no zstd frame (a failed download?)")
                 return 0
+            self.empty = False
             if self.frame is None:
                 self.frame = self.decompressor.decompressobj()
             self.pending = memoryview(self.frame.decompress(data))
@@ -157,13 +202,52 @@ class ZstdReader(io.RawIOBase):
         return n
 
 
+def read_records(path: Path, report: Report) -> Iterator[Tuple[int, dict]]:
+    """(line or item number, object) for every JSON object of a JSON file: a JSON array (a `.json` file whose first
+    non-space byte is "[") or JSON lines (any other file, `.zst` ones decompressed)."""
+    if suffix_of(path, [JSON_SUFFIX]) == JSON_SUFFIX and first_non_space_byte(path) == b"[":
+        yield from read_json_array(path, report)
+    else:
+        yield from read_jsonl(path, report)
+
+
+def first_non_space_byte(path: Path) -> bytes:
+    """The file's first byte that is not whitespace; b"" for a blank or unreadable file (read_jsonl reports it)."""
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 16):
+                if block.strip():
+                    return block.strip()[:1]
+    except OSError:
+        pass
+    return b""
+
+
+def read_json_array(path: Path, report: Report) -> Iterator[Tuple[int, dict]]:
+    """(item number, object) for every object of a file holding one JSON array, read whole (as Alpaca's files)."""
+    try:
+        items = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError) as error:
+        report.unreadable(path, f"unreadable ({error})")
+        return
+    except json.JSONDecodeError as error:
+        report.unreadable(path, f"malformed JSON array ({error.msg} at line {error.lineno} column {error.colno})")
+        return
+    for number, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            report.skip(path, number, f"array item {number} is a {type(item).__name__}, expected a JSON object")
+            continue
+        yield number, item
+
+
 def read_jsonl(path: Path, report: Report) -> Iterator[Tuple[int, dict]]:
-    """(line number, object) for every well-formed line of a `.jsonl` or `.jsonl.zst` file, streamed line by line.
-    Lines are parsed from bytes, so invalid UTF-8 costs only its own line; blank lines are ignored."""
+    """(line number, object) for every well-formed line of a JSON lines file, decompressed if its name ends in `.zst`
+    (in any case), streamed line by line. Lines are parsed from bytes, so invalid UTF-8 costs only its own line; blank
+    lines are ignored."""
     line_number = 0
     try:
         with open(path, "rb") as raw:
-            lines = io.BufferedReader(ZstdReader(raw), 1 << 20) if path.name.endswith(".zst") else raw
+            lines = io.BufferedReader(ZstdReader(raw), 1 << 20) if path.name.lower().endswith(".zst") else raw
             for line_number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
@@ -198,12 +282,13 @@ def read_whole_file(path: Path, report: Report) -> Iterator[Tuple[int, str]]:
 
 
 def read_text_documents(path: Path, report: Report, text_key: str = "text") -> Iterator[Tuple[int, str]]:
-    """Every line's `text_key` field of a JSON lines file, or the whole of any other file (plain text, code)."""
-    if path.name.endswith(JSONL_SUFFIXES):
-        for line, record in read_jsonl(path, report):
+    """Every record's `text_key` field of a JSON file (read_records), or the whole of any other file (plain text,
+    code)."""
+    if suffix_of(path, (*JSON_LINES_SUFFIXES, JSON_SUFFIX)):
+        for line, record in read_records(path, report):
             text = record.get(text_key)
             if not isinstance(text, str):
-                report.skip(path, line, f"no string {text_key!r} field")
+                report.skip(path, line, f"no string {text_key!r} field (--text_key)")
                 continue
             yield line, text
     else:
@@ -332,8 +417,16 @@ class Job:
     def outdir(self, split: str) -> Path:
         return self.destination / split if self.split_subdirs else self.destination
 
-    def shards_on_disk(self) -> List[Path]:
-        return sorted(p for s in self.splits for p in self.outdir(s).glob(f"{s}_{self.name}_[0-9]*.bin"))
+    def shards_on_disk(self, temporaries: bool = False) -> List[Path]:
+        """This job's shards; with temporaries=True also the temporary files of shards being written (atomic_write's
+        `.{shard}.*.tmp`, left behind by a killed process)."""
+        found = []
+        for split in self.splits:
+            pattern = f"{split}_{self.name}_[0-9]*.bin"
+            found += self.outdir(split).glob(pattern)
+            if temporaries:
+                found += self.outdir(split).glob(f".{pattern}.*.tmp")
+        return sorted(found)
 
 
 _progress_queue = None  # set in each worker process by _init_worker
@@ -414,22 +507,25 @@ def peak_memory_mb() -> float:
 def prepare_files(
     files: List[Path], read_documents: ReadDocuments, *, name: str, split: Optional[str], tokenizer_path: Path,
     destination_path: Path, chunk_size: int, num_processes: Optional[int], strict: bool, bos: bool, eos: bool,
-    dtype: Optional[TokenDtype], validation_fraction: float = 0.0,
+    dtype: Optional[TokenDtype], validation_fraction: float = 0.0, unknown_files: int = 0,
 ) -> Report:
     """What the command-line preparers share: their Job from `read_documents` and their common arguments (named
     as on their command lines), run by `prepare` over `files`."""
     job = Job(read_documents=read_documents, tokenizer_path=Path(tokenizer_path), destination=Path(destination_path),
               name=name, split=split, validation_fraction=validation_fraction, chunk_size=chunk_size, bos=bos, eos=eos,
               strict=strict, dtype=dtype)
-    return prepare(job, files, num_processes)
+    return prepare(job, files, num_processes, unknown_files=unknown_files)
 
 
-def prepare(job: Job, files: List[Path], num_processes: Optional[int] = None, quiet: bool = False) -> Report:
+def prepare(
+    job: Job, files: List[Path], num_processes: Optional[int] = None, quiet: bool = False, unknown_files: int = 0
+) -> Report:
     """Pack `files` into shards with `num_processes` processes (default: all cores; file i goes to process
     i mod n); print a summary and write it to `{destination}/summary_{label}.json`: summary_{name}.json for a run that
     splits its documents itself, summary_{split}_{name}.json for a run of one split (so the train and validation runs
-    of a data set into one directory keep a summary each). Refuses to mix with shards of an earlier run, and removes
-    this run's shards if it fails (bad input under --strict, or an error)."""
+    of a data set into one directory keep a summary each). Refuses to mix with shards of an earlier run, removes this
+    run's shards if it fails (bad input under --strict, an error, Ctrl-C or SIGTERM), and raises NothingWrittenError
+    when no document was kept. `unknown_files`: the files of other extensions the caller skipped, for the summary."""
     start = time.perf_counter()
     load_tokenizer(job.tokenizer_path, job.bos, job.eos, job.dtype)  # fail here, not in every process
     existing = job.shards_on_disk()
@@ -442,26 +538,51 @@ def prepare(job: Job, files: List[Path], num_processes: Optional[int] = None, qu
     n = max(1, min(num_processes or os.cpu_count() or 1, len(files)))
     bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=job.label, disable=quiet)
     try:
-        if n == 1:
-            reports = [_pack(job, 0, files, bar.update)]
-        else:
-            reports = _pack_in_processes(job, files, n, bar)
-    except Exception:
-        for shard in job.shards_on_disk():
-            shard.unlink()
+        with sigterm_raises():
+            reports = [_pack(job, 0, files, bar.update)] if n == 1 else _pack_in_processes(job, files, n, bar)
+    except BaseException as error:  # KeyboardInterrupt and Terminated too: no partial output survives a run
+        for path in job.shards_on_disk(temporaries=True):
+            path.unlink()
+        if not isinstance(error, Exception):
+            print(f"\n{job.label}: interrupted ({type(error).__name__}); removed this run's shards", file=sys.stderr)
         raise
     finally:
         bar.close()
-    report = Report()
+    report = Report(unknown_files=unknown_files)
     for process_report in reports:
         report.merge(process_report)
     report.seconds = time.perf_counter() - start
+    if not quiet:
+        print_summary(job, report, n)
+    if not report.shards:
+        raise NothingWrittenError(
+            f"{job.label}: no document kept from {len(files)} files: {report.skipped} lines or documents skipped,"
+            f" {report.unreadable_files} unreadable files, {report.empty_documents} empty and"
+            f" {sum(report.excluded.values())} excluded documents; wrote no shards"
+            + (f"; the first: {report.problems[0]}" if report.problems else "")
+        )
     summary = {"name": job.name, "split": job.split, "processes": n, **report.to_json()}
     summary["shards"] = [os.path.relpath(s, job.destination) for s in report.shards]
     write_json(job.destination / f"summary_{job.label}.json", summary)
-    if not quiet:
-        print_summary(job, report, n)
     return report
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated in the main thread (else it would end the process at once, with no
+    cleanup); the previous handler is restored after it. Elsewhere than in the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _pack_in_processes(job: Job, files: List[Path], n: int, bar: tqdm) -> List[Report]:
@@ -469,15 +590,22 @@ def _pack_in_processes(job: Job, files: List[Path], n: int, bar: tqdm) -> List[R
     progress_queue, stop_event = context.Queue(), context.Event()
     with ProcessPoolExecutor(n, context, initializer=_init_worker, initargs=(progress_queue, stop_event)) as pool:
         futures = [pool.submit(_pack, job, rank, files[rank::n]) for rank in range(n)]
-        while not all(f.done() for f in futures) or not progress_queue.empty():
-            try:
-                bar.update(progress_queue.get(timeout=0.1))
-            except queue.Empty:
-                pass
-            if any(f.done() and f.exception() is not None for f in futures):
-                stop_event.set()
-                break
-        return [f.result() for f in futures]  # raises the first failure, after every process has stopped
+        try:
+            while not all(f.done() for f in futures) or not progress_queue.empty():
+                try:
+                    bar.update(progress_queue.get(timeout=0.1))
+                except queue.Empty:
+                    pass
+                if any(f.done() and f.exception() is not None for f in futures):
+                    stop_event.set()
+                    break
+            return [f.result() for f in futures]  # raises the first failure, after every process has stopped
+        except BaseException:  # Ctrl-C, SIGTERM or a failure: stop the packing processes now, not after their files
+            for process in list(pool._processes.values()):  # (Python 3.14 has pool.terminate_workers())
+                process.terminate()
+            for process in list(pool._processes.values()):
+                process.join()
+            raise
 
 
 def print_summary(job: Job, report: Report, processes: int) -> None:
@@ -493,6 +621,7 @@ def print_summary(job: Job, report: Report, processes: int) -> None:
         f"  empty      {report.empty_documents:>14,} documents (not written)",
         f"  skipped    {report.skipped:>14,} malformed lines or undecodable documents",
         f"  unreadable {report.unreadable_files:>14,} files",
+        *([f"  unknown    {report.unknown_files:>14,} files of other extensions"] if report.unknown_files else []),
         f"  wrote {len(report.shards):,} shards to {where}",
     ]
     if report.problems:

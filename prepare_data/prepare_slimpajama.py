@@ -14,7 +14,7 @@ from typing import Iterator, Literal, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import DEFAULT_CHUNK_SIZE, Report, TokenDtype, find_files, prepare_files, read_jsonl
+from prepare_data.common import DEFAULT_CHUNK_SIZE, Report, TokenDtype, find_files, prepare_files, read_records
 from utils import cli
 
 REDPAJAMA_SETS = (
@@ -26,7 +26,7 @@ DEFAULT_EXCLUDE_SETS = ("RedPajamaGithub",)
 
 def read_documents(path: Path, report: Report, exclude_sets: Sequence[str]) -> Iterator[Tuple[int, str]]:
     """The `text` of each line of a SlimPajama file, unless its `meta.redpajama_set_name` is excluded."""
-    for line, record in read_jsonl(path, report):
+    for line, record in read_records(path, report):
         text = record.get("text")
         if not isinstance(text, str):
             report.skip(path, line, "no string 'text' field")

@@ -1,12 +1,13 @@
-"""Tokenize your own corpus (plain text, .py, or .jsonl / .jsonl.zst with a text field) into train and validation
+"""Tokenize your own corpus (plain text, .py, or JSON lines / a JSON array with a text field) into train and validation
 shards `{split}_{name}_{process}_*.bin`.
 
     python prepare_data/prepare_text.py --source_path "data/gutenberg/**/*.txt" \
         --tokenizer_path checkpoints/AMD-Llama-135m --destination_path data/gutenberg_packed --name gutenberg
 
-A plain text or .py file is one document; a JSON lines file has one document per line. Each document goes to the
-validation split with probability validation_fraction, by a hash of its text: the split is stable from run to run
-and independent of file order and process count.
+A plain text or .py file is one document; a JSON lines file (.jsonl, .ndjson, their .zst) has one document per line,
+and so has a .json file, unless it holds a JSON array (its first non-space character is "["): one document per item.
+Each document goes to the validation split with probability validation_fraction, by a hash of its text: the split is
+stable from run to run and independent of file order and process count.
 """
 
 import sys
@@ -17,7 +18,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prepare_data.common import (
-    DEFAULT_CHUNK_SIZE, TEXT_PATTERNS, Report, TokenDtype, find_files, prepare_files, read_text_documents,
+    DEFAULT_CHUNK_SIZE, TEXT_SUFFIXES, Report, TokenDtype, find_inputs, prepare_files, read_text_documents,
 )  # fmt: skip
 from utils import cli
 
@@ -39,12 +40,13 @@ def main(
     """Tokenize your own corpus into train and validation shards {split}_{name}_{process}_*.bin in destination_path.
 
     Args:
-        source_path: a directory (searched for .txt, .py, .md, .rst, .jsonl, .jsonl.zst), a glob (quote it), or a file
+        source_path: a directory (searched for .txt .py .md .rst .jsonl .ndjson .jsonl.zst .ndjson.zst .json, in any
+            case; other files are skipped and counted), a glob (quote it), or a file
         tokenizer_path: directory with tokenizer.model, or the file itself
         destination_path: where the shards and summary_{name}.json are written
         name: shards are {split}_{name}_*.bin
         validation_fraction: the share of documents that go to the validation split (chosen by a hash of the text)
-        text_key: the field of a JSON line that holds the document
+        text_key: the field of a JSON record that holds the document
         chunk_size: tokens per shard
         num_processes: processes that pack the files; none: all cores
         strict: refuse the run at the first bad line or file (else skip it, counted and reported)
@@ -56,12 +58,12 @@ def main(
         raise ValueError(f"validation_fraction must be in [0, 1], got {validation_fraction}")
     if not name or "/" in name:
         raise ValueError(f"name must be a non-empty file name part, got {name!r}")
-    files = find_files(source_path, TEXT_PATTERNS)
+    files, unknown_files = find_inputs(source_path, TEXT_SUFFIXES)
     return prepare_files(
         files, partial(read_text_documents, text_key=text_key), name=name, split=None,
         tokenizer_path=tokenizer_path, destination_path=destination_path, chunk_size=chunk_size,
         num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype,
-        validation_fraction=validation_fraction,
+        validation_fraction=validation_fraction, unknown_files=unknown_files,
     )
 
 

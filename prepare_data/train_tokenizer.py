@@ -4,10 +4,10 @@
     python prepare_data/train_tokenizer.py --source_path "data/gutenberg/**/*.txt" \
         --destination_path checkpoints/my-model --vocab_size 32000
 
-source_path is anything the preparers read: a directory or glob of .jsonl.zst / .jsonl (the `text` field), .parquet
-(the `content` column), or plain text and .py files (one document per file). Training reads at most max_characters of
-text, spread evenly over the files in sorted order, and trains on its lines; a line longer than sentencepiece's
-max_sentence_length is cut into pieces at spaces (sentencepiece would leave it out).
+source_path is anything the preparers read: a directory or glob of JSON lines (.jsonl, .ndjson, their .zst) or .json
+files (the `text` field), .parquet (the `content` column), or plain text and .py files (one document per file).
+Training reads at most max_characters of text, spread evenly over the files in sorted order, and trains on its lines;
+a line longer than sentencepiece's max_sentence_length is cut into pieces at spaces (sentencepiece would leave it out).
 """
 
 import io
@@ -24,7 +24,8 @@ import sentencepiece as spm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prepare_data.common import (
-    PARQUET_PATTERN, TEXT_PATTERNS, Report, find_files, read_parquet_documents, read_text_documents, sample_documents,
+    PARQUET_SUFFIX, TEXT_SUFFIXES, Report, find_inputs, read_parquet_documents, read_text_documents, sample_documents,
+    suffix_of,
 )  # fmt: skip
 from utils import atomic_write, cli
 
@@ -138,7 +139,7 @@ def train_tokenizer(
 
 def read_any(path: Path, report: Report, text_key: str = "text") -> Iterator:
     """The documents of a file of any input format the preparers know, by its suffix."""
-    if path.suffix == ".parquet":
+    if suffix_of(path, [PARQUET_SUFFIX]):
         return read_parquet_documents(path, report)
     return read_text_documents(path, report, text_key=text_key)
 
@@ -153,13 +154,13 @@ def main(
     """Train a Llama-2-style BPE tokenizer on a sample of source_path; write destination_path/tokenizer.model.
 
     Args:
-        source_path: a directory, a glob (quote it) or a file: .jsonl(.zst), .parquet, plain text or .py
+        source_path: a directory, a glob (quote it) or a file: .jsonl(.zst), .ndjson(.zst), .json, .parquet, text, .py
         destination_path: tokenizer.model is written here
         vocab_size: the number of tokens
         max_characters: text sampled for training, spread evenly over the files (sentencepiece keeps it in memory)
         text_key: the field of a JSON line that holds the document
     """
-    files = find_files(source_path, [*TEXT_PATTERNS, PARQUET_PATTERN])
+    files, unknown_files = find_inputs(source_path, [*TEXT_SUFFIXES, PARQUET_SUFFIX])
     report, counts = Report(), LineCounts()
     documents = sample_documents(files, partial(read_any, text_key=text_key), max_characters, report)
     try:
@@ -172,7 +173,8 @@ def main(
             + "".join(f"\n  {problem}" for problem in report.problems)
         ) from None
     max_bytes = LLAMA2_SPEC["max_sentence_length"]
-    print(f"Wrote {path} ({vocab_size} tokens) from {len(files)} files: {counts.lines:,} lines, of which"
+    print(f"Wrote {path} ({vocab_size} tokens) from {len(files)} files ({unknown_files} of other extensions skipped):"
+          f" {counts.lines:,} lines, of which"
           f" {counts.cut_lines:,} longer than {max_bytes} bytes were cut into {counts.pieces:,} pieces; left out"
           f" {counts.invalid_lines:,} lines with a lone surrogate")
     if report.skipped or report.unreadable_files:

@@ -15,15 +15,16 @@ import sys
 import typing
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from packed_dataset import parse_data_mix, training_batches, validation_batches
 from tokenizer import Tokenizer
 from training import (
-    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer, check_settings,
-    find_resume_checkpoint, fit, gradient_accumulation_steps, launch_fabric, model_config, resolve_devices,
+    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer,
+    check_optimizer_settings, check_settings, find_resume_checkpoint, fit, gradient_accumulation_steps, launch_fabric,
+    model_config, resolve_devices,
 )
 from utils import cli
 
@@ -94,7 +95,7 @@ def setup(
         strategy: fsdp (FSDP2, every Block sharded) or ddp; a single process uses neither
         precision: bf16-mixed, bf16-true or 32-true
         compile: wrap the model in torch.compile
-        resume: auto (the highest out_dir/step-N, if any) or a checkpoint path
+        resume: auto (the highest out_dir/step-N that loads, if any) or a checkpoint path
         seed: seed of the initial weights and the data order
         seq_len: tokens per sequence; none: the model's block_size
         global_batch_size: sequences per optimizer step, over all devices and nodes
@@ -130,6 +131,7 @@ def setup(
     # everything that can be checked is checked before processes are launched
     check_choices(accelerator=accelerator, strategy=strategy, precision=precision, lr_schedule=lr_schedule)
     check_settings(settings)
+    check_optimizer_settings(weight_decay, (beta1, beta2), eps)
     if num_nodes < 1:
         raise ValueError(f"--num_nodes must be at least 1, got {num_nodes}")
     if str(devices) != "auto" and not (str(devices).isdigit() and int(devices) >= 1):

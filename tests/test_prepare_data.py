@@ -1,14 +1,18 @@
 """The data preparers against independent references: shards decoded by a hand-written LITPKDS parser (struct +
 np.fromfile) compared with sentencepiece's own encoding of every kept document; inputs built in the test."""
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import random
 import re
+import signal
 import struct
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +25,9 @@ import zstandard
 
 from prepare_data import prepare_demo, prepare_slimpajama, prepare_starcoder, prepare_text
 from prepare_data import train_tokenizer as train_tokenizer_script
-from prepare_data.common import BadInputError, Report, find_files, load_tokenizer, sample_documents
+from prepare_data.common import (
+    BadInputError, NothingWrittenError, Report, find_files, load_tokenizer, sample_documents,
+)  # fmt: skip
 from prepare_data.train_tokenizer import LLAMA2_SPEC, LineCounts, cut_line, read_any, train_tokenizer
 from shard_format import PackedDatasetBuilder
 from utils import cli
@@ -266,6 +272,10 @@ def test_prepare_text_split_is_complete_and_deterministic(tmp_path, tokenizer_di
 
     by_dir = prepare_text.main(str(source), tokenizer_dir, tmp_path / "a", name="mine", validation_fraction=0.3,
                                text_key="body", num_processes=1)
+    assert by_dir.unknown_files == 1  # a directory walk skips (and counts) notes.csv; a glob that names it is refused
+    with pytest.raises(ValueError, match=re.escape(f"{source / 'notes.csv'}: unknown file extension; expected one of")):
+        prepare_text.main(f"{source}/**/*.*", tokenizer_dir, tmp_path / "b", name="mine", text_key="body")
+    (source / "notes.csv").unlink()
     by_glob = prepare_text.main(f"{source}/**/*.*", tokenizer_dir, tmp_path / "b", name="mine", validation_fraction=0.3,
                                 text_key="body", num_processes=2)
     assert by_dir.skipped == 3  # the line without "body", the malformed line, the latin-1 file
@@ -278,12 +288,9 @@ def test_prepare_text_split_is_complete_and_deterministic(tmp_path, tokenizer_di
             for rank in range(processes):
                 found += split_documents(read_prefix(out, f"{split}_mine_{rank}"))
             results[out.name, split] = Counter(found)
-    csv = "ignored: not a text suffix"  # a directory is searched by suffix; a glob takes what it matches
     for split in ("train", "validation"):
         wanted = Counter(tuple(sp.encode(t)) for t in documents if expected_split(t, 0.3) == split)
-        assert results["a", split] == wanted
-        wanted[tuple(sp.encode(csv))] += expected_split(csv, 0.3) == split
-        assert results["b", split] == wanted
+        assert results["a", split] == wanted == results["b", split]
     assert 0 < sum(results["a", "validation"].values()) < len(documents)
     summary = json.loads((tmp_path / "a" / "summary_mine.json").read_text())  # one per run, both splits
     assert summary["documents"] == {s: sum(results["a", s].values()) for s in ("train", "validation")}
@@ -484,3 +491,108 @@ def test_lone_surrogates_and_missing_text_are_skipped(tmp_path, tokenizer_dir, s
     assert ":4: expected a JSON object" in problems
     expected = [t for text in ("good one", "good two") for t in [BOS] + sp.encode(text) + [EOS]]
     assert read_prefix(tmp_path / "out", "train_slimpajama_0") == expected
+
+
+def test_json_records_are_read_whatever_the_extension_and_its_case(tmp_path, tokenizer_dir, sp):
+    source = tmp_path / "corpus"
+    source.mkdir()
+    texts = sentences(12, seed=31)
+    lines = [[json.dumps({"text": t}) + "\n" for t in texts[i : i + 3]] for i in range(0, 9, 3)]
+    (source / "a.ndjson").write_text("".join(lines[0]))
+    (source / "b.json").write_text("".join(lines[1]))  # JSON lines, though named .json
+    write_zst(source / "c.Jsonl.ZST", [line.rstrip("\n").encode() for line in lines[2]])
+    array = [{"text": texts[9], "input": ""}, 7, {"text": texts[10]}, {"text": texts[11]}]  # as Alpaca's files
+    (source / "d.JSON").write_text("\n  " + json.dumps(array, indent=1))
+    (source / "notes.csv").write_text("not a known extension")
+
+    def documents(source_path, out):
+        report = prepare_text.main(str(source_path), tokenizer_dir, tmp_path / out, validation_fraction=0,
+                                   num_processes=1)
+        return report, split_documents(read_prefix(tmp_path / out, "train_text_0"))
+
+    report, found = documents(source, "walk")
+    assert found == [tuple(sp.encode(t)) for t in texts]  # every record, none as raw JSON text
+    assert (report.unknown_files, report.skipped) == (1, 1)
+    assert f"{source / 'd.JSON'}:2: array item 2 is a int, expected a JSON object" in report.problems
+    summary = json.loads((tmp_path / "walk" / "summary_text.json").read_text())
+    assert summary["unknown_files"] == 1
+    assert documents(source / "a.ndjson", "file")[1] == [tuple(sp.encode(t)) for t in texts[:3]]
+    assert documents(f"{source}/[bc]*", "glob")[1] == [tuple(sp.encode(t)) for t in texts[3:9]]
+    for named in (source / "notes.csv", f"{source}/*.csv", f"{source}/*"):
+        with pytest.raises(ValueError, match=re.escape(f"{source / 'notes.csv'}: unknown file extension; expected one"
+                                                       " of .txt .py .md .rst .jsonl .ndjson")):
+            prepare_text.main(str(named), tokenizer_dir, tmp_path / "refused")
+
+
+def test_a_run_that_keeps_no_document_fails_and_names_why(tmp_path, tokenizer_dir, slimpajama):
+    source = tmp_path / "c.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(5, seed=3)))
+    expected = f"text: no document kept from 1 files: 5 lines or documents skipped, 0 unreadable files, 0 empty and 0" \
+               f" excluded documents; wrote no shards; the first: {source}:1: no string 'txt' field (--text_key)"
+    with pytest.raises(NothingWrittenError, match=re.escape(expected)):
+        prepare_text.main(str(source), tokenizer_dir, tmp_path / "out", text_key="txt", num_processes=1)
+    array = tmp_path / "alpaca.json"
+    array.write_text('[{"text": "unterminated"')
+    with pytest.raises(NothingWrittenError, match=re.escape(f"{array}: malformed JSON array")):
+        prepare_text.main(str(array), tokenizer_dir, tmp_path / "out", num_processes=1)
+    assert not list((tmp_path / "out").iterdir())  # no shards, no summary
+
+    empty = slimpajama[0] / "train" / "chunk2" / "empty.jsonl.zst"  # a download that failed
+    empty.write_bytes(b"")
+    report = prepare_slimpajama.main(slimpajama[0], tokenizer_dir, tmp_path / "slim", num_processes=1)
+    assert report.unreadable_files == 1 and report.documents["train"] == len(slimpajama[1])
+    assert f"{empty}: unreadable after line 0 (the file is empty, with no zstd frame" in "\n".join(report.problems)
+    only_empty = tmp_path / "only_empty" / "train" / "chunk1"
+    only_empty.mkdir(parents=True)
+    (only_empty / "a.jsonl.zst").write_bytes(b"")
+    with pytest.raises(NothingWrittenError, match="0 lines or documents skipped, 1 unreadable files"):
+        prepare_slimpajama.main(only_empty.parent.parent, tokenizer_dir, tmp_path / "slim_empty", num_processes=1)
+
+
+@pytest.mark.parametrize("signum, processes", [(signal.SIGTERM, 2), (signal.SIGINT, 2), (signal.SIGTERM, 1)])
+def test_an_interrupted_run_removes_its_shards_and_stops_its_processes(tmp_path, tokenizer_dir, signum, processes):
+    source, out = tmp_path / "corpus", tmp_path / "out"
+    source.mkdir()
+    for i in range(4):  # with 8 tokens a shard, a run of 30,000 shards: ~20 s, far more than the test waits
+        (source / f"{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(3000, seed=i)))
+    script = Path(__file__).resolve().parent.parent / "prepare_data" / "prepare_text.py"
+    run = subprocess.Popen([sys.executable, str(script), "--source_path", str(source), "--tokenizer_path",
+                            str(tokenizer_dir), "--destination_path", str(out), "--chunk_size", "8",
+                            "--num_processes", str(processes)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*.bin")):  # mid-run: shards are being written
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.02)
+        workers = [int(p.name) for p in Path("/proc").glob("[0-9]*") if proc_stat(p.name)[1:2] == [str(run.pid)]]
+        run.send_signal(signum)
+        _, stderr = run.communicate(timeout=10)  # the packing processes are stopped, not waited for
+    finally:
+        if run.poll() is None:  # the test failed: leave nothing running
+            kill([run.pid, *workers])
+    assert run.returncode in ((128 + signum), -signum), stderr.decode()
+    assert sorted(p.name for p in out.iterdir()) == []  # no shard, no temporary file, no summary
+    assert "interrupted" in stderr.decode() and "removed this run's shards" in stderr.decode()
+    assert len(workers) >= (processes if processes > 1 else 0)  # (one process packs in the main process)
+    deadline = time.monotonic() + 5  # the packing processes end with the run (zombies may wait for init to reap them)
+    running = workers
+    while running and time.monotonic() < deadline:
+        time.sleep(0.05)
+        running = [pid for pid in running if proc_stat(pid)[:1] not in ([], ["Z"])]
+    kill(running)
+    assert not running, f"processes {running} of the interrupted run still run"
+
+
+def kill(pids):
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def proc_stat(pid):
+    """The fields of /proc/{pid}/stat after the command name (state, parent pid, ...); [] once the process ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
