@@ -8,8 +8,16 @@ A checkpoint directory holds
 
 Pretraining's final weights, the Hugging Face converter and every later producer write it through `save_model_dir`;
 every consumer reads it through `load_model` (or `load_state_dict` + `check_state_dict`).
+
+Training checkpoints sharded by FSDP (a directory of `.distcp` files and a `.metadata` index, as
+torch.distributed.checkpoint writes them) are read through `load_shards`, which unpickles nothing but the index's own
+classes and loads every non-tensor item with `weights_only=True`: like every other load here, a checkpoint from an
+untrusted source cannot run code.
 """
 
+import io
+import os
+import pickle
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +28,18 @@ import torch
 from model import GPT, Config, build_rope_cache
 from tokenizer import TOKENIZER_FILES
 from utils import atomic_directory, atomic_write, write_json
+
+# what the `.metadata` index of torch.distributed.checkpoint pickles (as torch 2.13 writes it): its dataclasses,
+# torch.Size, dtypes and layouts, and the checkpoint's path; anything else in it is refused
+SHARD_INDEX_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath"},
+}
 
 WEIGHTS_FILE = "lit_model.pth"
 CONFIG_FILE = "model_config.json"
@@ -62,9 +82,16 @@ def write_model_files(state_dict: Mapping[str, torch.Tensor], config: Config, js
 
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> None:
-    """torch.save through `atomic_write`."""
+    """torch.save straight into a temporary file beside `path` (through `atomic_write`: fsynced, then renamed), then
+    the directory fsynced, so that the rename survives a power cut. Nothing is staged in memory or in $TMPDIR: torch
+    writes tensor by tensor into the file."""
     with atomic_write(path) as tmp:
         torch.save(obj, tmp)
+    directory = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -127,3 +154,86 @@ def load_model(checkpoint_dir: Union[str, Path], device: Union[str, torch.device
     # the rope caches are not in the checkpoint: compute them on the CPU, then move the model
     model.cos, model.sin = build_rope_cache(config)
     return model.to(device=device, dtype=dtype).eval()
+
+
+class UnsafeCheckpointError(ValueError):
+    """A sharded checkpoint holds something other than its index and tensors (pickled objects that could run code)."""
+
+
+class _ShardIndexUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in SHARD_INDEX_CLASSES.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self.path} pickles {module}.{name}: expected only the index classes of torch.distributed.checkpoint "
+            f"(refused, since unpickling it could run code; was the checkpoint tampered with?)")
+
+
+def read_shard_index(directory: Path):
+    """The `.metadata` index of a sharded checkpoint directory, unpickled with only its own classes allowed; an
+    index naming a file outside `directory` is refused too."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = Path(directory) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            index = _ShardIndexUnpickler(f, path).load()
+    except UnsafeCheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read ({error}): expected the index torch.distributed.checkpoint "
+                         f"writes (was it truncated?)") from error
+    if not isinstance(index, Metadata):
+        raise ValueError(f"{path} holds a {type(index).__name__}: expected the index (Metadata) that "
+                         f"torch.distributed.checkpoint writes")
+    outside = [info.relative_path for info in (index.storage_data or {}).values()
+               if Path(info.relative_path).name != info.relative_path]
+    if outside:
+        raise UnsafeCheckpointError(f"{path} points at {outside[0]!r}, outside {directory}: expected only the shard "
+                                    f"files of the directory")
+    return index
+
+
+def load_shards(directory: Path, state_dict: dict) -> None:
+    """torch.distributed.checkpoint.load of `directory` into `state_dict` (in place, resharded to this process
+    group), with the index read by `read_shard_index` and every non-tensor item loaded with weights_only=True.
+    Called by every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    directory = Path(directory)
+    index = read_shard_index(directory)  # here, not inside dcp.load, which would hide the error behind its own
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self):  # no `rank` keyword: dcp then looks for no rank-local index files either
+            index.storage_meta = index.storage_meta or dcp.metadata.StorageMeta()
+            index.storage_meta.load_id = self.load_id
+            return index
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as error:
+                file = directory / index.storage_data[read_item.storage_index].relative_path
+                reason = str(error).split("\n")[0]
+                raise UnsafeCheckpointError(
+                    f"{file}: item {read_item.dest_index.fqn!r} is not loadable with weights_only=True ({reason}): "
+                    f"expected plain numbers, strings and tensors (refused, since it could run code)") from None
+            if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes, which loads with weights_only=False
+                dcp._nested_dict.set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    try:
+        dcp.load(state_dict, storage_reader=Reader(directory), planner=Planner())
+    except CheckpointException as error:  # with a process group, dcp wraps every rank's error: show ours
+        ours = [exc for exc, _ in error.failures.values() if isinstance(exc, UnsafeCheckpointError)]
+        if ours:
+            raise ours[0] from None
+        raise

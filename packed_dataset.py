@@ -23,20 +23,26 @@ recomputing that epoch's order from the seed (no replay). Ranks step in lockstep
 rank. The state is exact with num_workers=0, which is what pretraining uses; with workers, the main process sees no
 worker's position, and a loaded state only tells the workers where the rank's stream starts.
 
+Completeness. training_batches and validation_batches read only shards that a manifest of their directory lists with
+their size (see `shard_format.py`): an interrupted preparer run writes none, so its partial shards are refused with
+the command to rerun. The manifests' vocabulary size and max token id are checked against the model's vocab_size by
+`PackedBatches.check_vocabulary`, before the first step.
+
 CombinedDataset draws the source of each block at random with the given weights (TinyLlama: SlimPajama 0.693584,
 StarCoder 0.306416), deterministically for a seed; it stops when the drawn source is exhausted (only a source with
 wrap=False ever is).
 """
 
+import re
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from shard_format import HDR_SIZE, read_header
+from shard_format import HDR_SIZE, WRITE_MANIFEST_COMMAND, read_header, read_manifests, uncovered
 
 _DRAWS_PER_BATCH = 1024  # CombinedDataset draws its uniforms in batches, each batch seeded by (seed, batch index)
 
@@ -243,13 +249,27 @@ SHUFFLE_BUFFER_FILES = 8  # files whose blocks are shuffled together (TinyLlama'
 class PackedBatches:
     """A batch source for training.fit: micro-batches of `micro_batch_size` blocks of T + 1 tokens, as
     `(input_ids, targets) = (blocks[:, :-1], blocks[:, 1:])`. Every position is a target and nothing is padding.
-    `len()` is the micro-batches per process in one epoch of a single source; the state is the dataset's."""
+    `len()` is the micro-batches per process in one epoch of a single source; the state is the dataset's.
+    `manifests`: those that cover the files read (see `covering_manifests`), for check_vocabulary."""
 
     pad_id = None
 
     def __init__(self, dataset: Union["CombinedDataset", PackedDataset], micro_batch_size: int,
-                 description: str) -> None:
+                 description: str, manifests: Sequence[dict] = ()) -> None:
         self.dataset, self.micro_batch_size, self.description = dataset, micro_batch_size, description
+        self.manifests = list(manifests)
+
+    def check_vocabulary(self, vocab_size: int, model: str) -> None:
+        """Every token id must be one of the model's `vocab_size` tokens (`model` names the config): a larger id would
+        fail inside model.forward, and data of a larger vocabulary was made with another tokenizer."""
+        for manifest in self.manifests:
+            vocabulary, max_id = manifest.get("vocab_size"), manifest["max_token_id"]
+            if max_id >= vocab_size or (vocabulary or 0) > vocab_size:
+                recorded = f"a {vocabulary}-token vocabulary" if vocabulary else "an unrecorded vocabulary"
+                raise ValueError(f"{self.description}: {manifest['path']} records shards of {recorded} with max token "
+                                 f"id {max_id}, but {model} has vocab_size={vocab_size}: "
+                                 f"prepare the data with the model's tokenizer, or choose a model whose vocab_size "
+                                 f"exceeds {max_id}")
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         blocks = iter(self.dataset)
@@ -278,9 +298,10 @@ def training_batches(data_dir: Path, mix: str, block_size: int, micro_batch_size
     """The files data_dir/prefix* of each source of `mix` (see parse_data_mix), shuffled, endless, mixed. Rank 0
     prints which files each prefix matched: a prefix also matches longer names (train_code: train_code_extra_*)."""
     sources = parse_data_mix(mix)
-    datasets = []
+    datasets, manifests = [], {}  # by path: the sources of one directory share its manifests
     for prefix, _ in sources:
         files = data_files(data_dir, prefix, "--train_data_dir/--train_data_mix")
+        manifests.update((manifest["path"], manifest) for manifest in covering_manifests(data_dir, files))
         dataset = PackedDataset(files, n_chunks=SHUFFLE_BUFFER_FILES, block_size=block_size, seed=seed, shuffle=True,
                                 wrap=True, num_processes=num_processes, process_rank=process_rank)
         if process_rank == 0:
@@ -293,16 +314,17 @@ def training_batches(data_dir: Path, mix: str, block_size: int, micro_batch_size
     if weights[0] is None:  # every block of every source equally likely
         weights = [dataset.n_blocks_total for dataset in datasets]
     return PackedBatches(CombinedDataset(datasets, seed=seed, weights=weights), micro_batch_size,
-                         f"--train_data_mix {mix!r}")
+                         f"--train_data_mix {mix!r}", list(manifests.values()))
 
 
 def validation_batches(data_dir: Path, block_size: int, micro_batch_size: int, num_processes: int,
                        process_rank: int) -> PackedBatches:
     """The files data_dir/validation*, in order; each iter() starts from the beginning."""
-    dataset = PackedDataset(data_files(data_dir, "validation", "--val_data_dir"), n_chunks=SHUFFLE_BUFFER_FILES,
-                            block_size=block_size, shuffle=False, num_processes=num_processes,
-                            process_rank=process_rank)
-    return PackedBatches(dataset, micro_batch_size, f"--val_data_dir {data_dir}")
+    files = data_files(data_dir, "validation", "--val_data_dir")
+    manifests = covering_manifests(data_dir, files)
+    dataset = PackedDataset(files, n_chunks=SHUFFLE_BUFFER_FILES, block_size=block_size, shuffle=False,
+                            num_processes=num_processes, process_rank=process_rank)
+    return PackedBatches(dataset, micro_batch_size, f"--val_data_dir {data_dir}", manifests)
 
 
 def parse_data_mix(mix: str) -> list:
@@ -329,3 +351,31 @@ def data_files(data_dir: Path, prefix: str, flag: str) -> list:
         raise FileNotFoundError(f"No data files {str(Path(data_dir) / prefix)}* (from {flag}): prepare the data with "
                                 f"a script of prepare_data/ first")
     return files
+
+
+def covering_manifests(data_dir: Path, files: Sequence[str]) -> List[dict]:
+    """The manifests of data_dir that list `files`; a file that none lists with its current size is refused, with the
+    preparer command to rerun (its run did not finish) and the command for shards made elsewhere."""
+    manifests = read_manifests(data_dir)
+    missing = uncovered(files, manifests)
+    if missing is not None:
+        path, why = missing
+        raise ValueError(f"{path} {why}: the preparer run that wrote it did not finish (interrupted or killed) "
+                         f"or the file changed since. "
+                         f"Remove that run's shards and rerun it ({rerun_command(path)}); for shards made elsewhere "
+                         f"(lit-gpt's, TinyLlama's), run {WRITE_MANIFEST_COMMAND} {data_dir}")
+    names = {Path(f).name for f in files}
+    return [m for m in manifests if names & m["files"].keys()]
+
+
+def rerun_command(path: Path) -> str:
+    """The preparer command that writes shards named as `path` ({split}_{name}_{process}_{counter}.bin)."""
+    match = re.fullmatch(r"(train|validation)_(.+)_\d+_\d{10}\.bin", path.name)
+    if match is None:
+        return "the preparer command that wrote it"
+    split, name = match.groups()
+    if name in ("slimpajama", "starcoder"):
+        return f"python prepare_data/prepare_{name}.py --split {split} --destination_path {path.parent} ..."
+    if name in ("code", "prose") and path.parent.name == split:
+        return f"python prepare_data/prepare_demo.py --destination_path {path.parent.parent}"
+    return f"python prepare_data/prepare_text.py --name {name} --destination_path {path.parent} ..."

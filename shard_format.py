@@ -12,16 +12,23 @@ Fixed on purpose, compared with the original:
   real token count, and the reader reads every file's own header, so no fake token can be read as data.
 - Every file's header is checked (magic, version, dtype code, file size = 24 + chunk_size * itemsize), not only the
   first one's: a truncated or foreign file is an error that names it.
+
+Manifests. A complete set of shards is one whose directory holds a manifest listing it (`manifest*.json`: each file's
+name, size in bytes and token count, the max token id, the tokenizer's vocabulary size and SHA-256 when known).
+Each preparer run writes `manifest_{run}.json` last, so an interrupted run leaves shards that no manifest covers;
+`prepare_data/write_manifest.py` writes `manifest.json` for shards made elsewhere, after scanning them.
 """
 
+import hashlib
+import json
 import os
 import struct
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from utils import atomic_write
+from utils import atomic_write, write_json
 
 HDR_MAGIC = b"LITPKDS"
 HDR_SIZE = 24  # bytes
@@ -29,6 +36,9 @@ HDR_VERSION = 1
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16}
 TOKEN_DTYPE_CODES = (1, 2, 3, 4, 5, 8)  # token ids are integers: codes 6 and 7 (floats) are refused
 _HEADER = struct.Struct("<7sQBQ")  # magic, version, dtype code, chunk size: 7 + 8 + 1 + 8 = 24 bytes, no padding
+MANIFEST_PATTERN = "manifest*.json"
+SCANNED_MANIFEST = "manifest.json"  # what write_manifest.py writes
+WRITE_MANIFEST_COMMAND = "python prepare_data/write_manifest.py"
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -99,6 +109,7 @@ class PackedDatasetBuilder:
         self.vocab_size = vocab_size
         self.filenames: list = []
         self.n_tokens = 0
+        self.max_token_id = -1  # of every id added; -1 before any
         self._buffer = np.empty(chunk_size, dtype=self.dtype)
         self._filled = 0
 
@@ -114,6 +125,7 @@ class PackedDatasetBuilder:
             raise ValueError(f"token id {low if low < 0 else high} is out of range: ids must be in "
                              f"[0, {self.vocab_size - 1}] (vocab_size {self.vocab_size}, dtype {self.dtype.name}, "
                              f"whose max id is {np.iinfo(self.dtype).max})")
+        self.max_token_id = max(self.max_token_id, high)
         start = 0
         while start < arr.size:
             n = min(self.chunk_size - self._filled, arr.size - start)
@@ -137,3 +149,83 @@ class PackedDatasetBuilder:
             f.write(self._buffer[:self._filled])
         self.filenames.append(str(path))
         self._filled = 0
+
+
+def manifest_name(run: str) -> str:
+    """The manifest of one preparer run (e.g. `train_slimpajama`), so the runs into one directory keep one each."""
+    return f"manifest_{run}.json"
+
+
+def scan_shard(path: Union[str, Path]) -> Tuple[int, int]:
+    """Check one file's header and size, then read its tokens (memory-mapped) once: (token count, max id or -1)."""
+    dtype, chunk_size = read_header(str(path))
+    if chunk_size == 0:
+        return 0, -1
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=HDR_SIZE, shape=(chunk_size,))
+    return chunk_size, int(tokens.max())
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Union[str, Path], shards: Optional[Sequence[Union[str, Path]]] = None, *,
+                   name: str = SCANNED_MANIFEST, max_token_id: Optional[int] = None, vocab_size: Optional[int] = None,
+                   tokenizer_sha256: Optional[str] = None) -> Path:
+    """Write `directory/name`, the manifest that lets training read `shards` (files of `directory`; default: every
+    *.bin in it). With max_token_id None (shards made elsewhere) every file is scanned for it; else only the headers
+    are checked. Atomic: the manifest is complete or absent. Returns its path."""
+    directory = Path(directory)
+    paths = sorted(directory.glob("*.bin")) if shards is None else sorted(map(Path, shards))
+    if not paths:
+        raise FileNotFoundError(f"No .bin shards in {str(directory)!r} to write a manifest for")
+    files, max_ids = {}, []
+    for path in paths:
+        if path.parent != directory:
+            raise ValueError(f"{path} is not in {directory}: a manifest lists the files of its own directory")
+        if max_token_id is None:
+            tokens, high = scan_shard(path)
+            max_ids.append(high)
+        else:
+            tokens = read_header(str(path))[1]
+        files[path.name] = {"bytes": path.stat().st_size, "tokens": tokens}
+    manifest = dict(format=f"LITPKDS v{HDR_VERSION}", vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha256,
+                    max_token_id=max(max_ids) if max_token_id is None else max_token_id,
+                    tokens=sum(entry["tokens"] for entry in files.values()), files=files)
+    write_json(directory / name, manifest)
+    return directory / name
+
+
+def read_manifests(directory: Union[str, Path]) -> List[dict]:
+    """Every manifest of `directory`, each with its "path" added."""
+    manifests = []
+    for path in sorted(Path(directory).glob(MANIFEST_PATTERN)):
+        try:
+            manifest = json.loads(path.read_text())
+            if not isinstance(manifest.get("files"), dict) or "max_token_id" not in manifest:
+                raise ValueError("no 'files' object or no 'max_token_id'")
+        except (ValueError, AttributeError) as error:
+            raise ValueError(f"{path} is not a valid shard manifest ({error}); rewrite it with "
+                             f"{WRITE_MANIFEST_COMMAND} {Path(directory)}") from None
+        manifests.append({**manifest, "path": str(path)})
+    return manifests
+
+
+def uncovered(files: Sequence[Union[str, Path]], manifests: List[dict]) -> Optional[Tuple[Path, str]]:
+    """The first of `files` that no manifest lists with its current size, and why; None when every one is covered."""
+    sizes: dict = {}  # file name -> {size: manifest}
+    for manifest in manifests:
+        for name, entry in manifest["files"].items():
+            sizes.setdefault(name, {})[entry.get("bytes")] = manifest["path"]
+    for path in map(Path, files):
+        size = path.stat().st_size
+        if path.name not in sizes:
+            return path, f"is listed in no manifest ({MANIFEST_PATTERN}) of {path.parent}"
+        if size not in sizes[path.name]:
+            listed, manifest = next(iter(sizes[path.name].items()))
+            return path, f"is {size} bytes, but {manifest} lists it with {listed} bytes"
+    return None

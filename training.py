@@ -39,7 +39,9 @@ from lightning_fabric import Fabric
 from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, load_file, save_model_dir
+from checkpoint import (
+    CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, load_file, load_shards, read_shard_index, save_atomic, save_model_dir,
+)
 from model import GPT, Config, num_parameters
 from utils import move_into_place, remove_path, write_json
 
@@ -577,10 +579,14 @@ def newest_loadable_checkpoint(fabric: Fabric, out_dir: Path) -> Tuple[Optional[
 
 def checkpoint_problem(path: Path) -> Optional[str]:
     """Why `path` is not a training checkpoint that save_checkpoint wrote, in one sentence naming it; None when it
-    is one. Reads a file's index only (memory-mapped), not its tensors; a sharded directory is checked when loaded."""
+    is one. Reads a file's index only (memory-mapped), not its tensors; of a sharded directory, its .metadata index."""
     expected = "expected a step-N file, or a step-N directory of FSDP shards with a .metadata file"
     if path.is_dir():
         if (path / ".metadata").is_file():
+            try:
+                read_shard_index(path)  # refuses an index that would run code, before any rank unpickles it
+            except ValueError as error:
+                return str(error)
             return None
         if (path / WEIGHTS_FILE).exists() or (path / CONFIG_FILE).exists():
             return (f"{path} is a directory of final weights ({WEIGHTS_FILE}, {CONFIG_FILE}) without the optimizer "
@@ -633,17 +639,17 @@ def gather_objects(fabric: Fabric, obj) -> list:
 def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict, train_data: BatchSource, hparams: dict,
                     config: Config) -> None:
     """Write `step-N` under a temporary name, then rename it: a crash never leaves a partial `step-N`. It is a file
-    (one process, DDP) or a directory of shards (FSDP), as fabric.save writes it."""
+    (one process, DDP; written by rank 0, fsynced) or a directory of shards (FSDP, written by fabric.save)."""
     path = checkpoint_path(out_dir, state["step"])
     if not all_finite(fabric, state["model"], state["optimizer"]):
         raise FloatingPointError(
             f"The weights or the optimizer state hold inf or NaN after step {state['step']} (the loss and gradient "
             f"were finite): not saving {path}. " + last_checkpoint_hint(out_dir)
         )
-    tmp = path.with_name(f".{path.name}.tmp")
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        remove_path(tmp)  # left by a crash
+        for stale in out_dir.glob(".step-*.tmp"):  # left by a kill during an earlier save
+            remove_path(stale)
     fabric.barrier()
     checkpoint = {
         **state,
@@ -652,10 +658,18 @@ def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict, train_data: Batc
         "hparams": hparams,
         "model_config": vars(config).copy(),
     }
-    fabric.save(tmp, checkpoint)
-    fabric.barrier()
-    if fabric.global_rank == 0:
-        move_into_place(tmp, path)
+    if isinstance(fabric.strategy, ModelParallelStrategy):  # every rank writes its own shard file
+        tmp = path.with_name(f".{path.name}.tmp")
+        fabric.save(tmp, checkpoint)
+        fabric.barrier()
+        if fabric.global_rank == 0:
+            move_into_place(tmp, path)
+    else:
+        # what fabric.save gathers, written by torch.save straight into .step-N.<random>.tmp beside the destination:
+        # fabric.save would serialise all of it into memory first and stage it in $TMPDIR
+        checkpoint.update(model=state["model"].module.state_dict(), optimizer=state["optimizer"].state_dict())
+        if fabric.global_rank == 0:
+            save_atomic(checkpoint, path)
     fabric.barrier()
     fabric.print(f"Saved {path}")
 
@@ -676,7 +690,10 @@ def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: Bat
         raise ValueError(f"{path} is a sharded checkpoint written by FSDP: resume it with --strategy fsdp on as many "
                          f"processes (devices x num_nodes) as wrote it")
     checkpoint = {**state, "train_data": None, "rng": None, "hparams": None, "model_config": None}
-    fabric.load(path, checkpoint, weights_only=True)
+    if Path(path).is_dir():
+        load_sharded_training_state(fabric, Path(path), checkpoint)
+    else:
+        fabric.load(path, checkpoint, weights_only=True)
     if checkpoint["model_config"] != vars(config):
         raise ValueError(f"{path} holds a model {checkpoint['model_config']}, not {vars(config)}")
     if len(checkpoint["train_data"]) != fabric.world_size:
@@ -686,6 +703,32 @@ def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: Bat
     set_rng_states(checkpoint["rng"][fabric.global_rank])
     for key in ("step", "tokens", "target_tokens"):
         state[key] = checkpoint[key]
+
+
+def load_sharded_training_state(fabric: Fabric, path: Path, checkpoint: dict) -> None:
+    """What fabric.load does for a directory under ModelParallelStrategy, but through checkpoint.load_shards, whose
+    reads cannot run code: the model's and the optimizer's shards into `checkpoint["model"]` and
+    `checkpoint["optimizer"]` (in place), and the other keys from meta.pt (weights_only)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
+    )
+
+    module, optimizer = checkpoint["model"].module, checkpoint["optimizer"].optimizer
+    model_state = {"model": get_model_state_dict(module)}
+    load_shards(path, model_state)
+    module.load_state_dict(model_state["model"])
+    optimizer_state = {"optimizer": get_optimizer_state_dict(module, optimizer)}  # loaded apart, as Fabric does
+    load_shards(path, optimizer_state)
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state["optimizer"],
+                             options=StateDictOptions(cpu_offload=True))
+    others = load_file(path / "meta.pt")  # fabric.save's file of everything but the model and the optimizer
+    keys = [key for key in checkpoint if key not in ("model", "optimizer")]
+    missing = [key for key in keys if key not in others]
+    if missing:
+        raise ValueError(f"{path / 'meta.pt'} lacks {', '.join(missing)}: expected the non-tensor state of a "
+                         f"training checkpoint as save_checkpoint writes it")
+    checkpoint.update({key: others[key] for key in keys})
+    fabric.barrier()
 
 
 def save_final_weights(fabric: Fabric, model: nn.Module, config: Config, tokenizer_dir: Optional[Path],

@@ -5,7 +5,7 @@ with one PackedDatasetBuilder per process.
 A preparer supplies a `read_documents(path, report)` generator that yields `(line, text)` for each document of one
 input file (line: the line or row number, for messages) and records what it skips in `report`. `prepare` does the
 rest: it splits the sorted files across processes, encodes and packs every document, shows progress, prints a
-summary and writes it as JSON next to the shards.
+summary and writes it as JSON next to the shards, and last the run's manifest (see `shard_format.py`).
 
 Imports no torch (nor anything that does), so each packing process starts in a fraction of a second.
 """
@@ -33,7 +33,7 @@ import numpy as np
 import zstandard
 from tqdm import tqdm
 
-from shard_format import PackedDatasetBuilder, token_dtype
+from shard_format import PackedDatasetBuilder, file_sha256, manifest_name, token_dtype, write_manifest
 from tokenizer import Tokenizer
 from utils import write_json
 
@@ -86,6 +86,7 @@ class Report:
     input_files: int = 0
     input_bytes: int = 0
     shards: List[str] = field(default_factory=list)
+    max_token_id: int = -1  # of every token written
     seconds: float = 0.0  # wall time of the run
     cpu_seconds: float = 0.0  # CPU time of the packing, all processes together (start-up and imports excluded)
     peak_memory_mb: float = 0.0  # the largest resident set of any process that packed
@@ -114,6 +115,7 @@ class Report:
         self.problems += other.problems
         self.shards += other.shards
         self.peak_memory_mb = max(self.peak_memory_mb, other.peak_memory_mb)
+        self.max_token_id = max(self.max_token_id, other.max_token_id)
 
     def to_json(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "strict"}
@@ -488,6 +490,7 @@ def _pack(job: Job, rank: int, files: List[Path], progress: Optional[Callable[[i
             flush(split)
         if split in builders:
             report.shards += [str(f) for f in builders[split].finish()]
+            report.max_token_id = max(report.max_token_id, builders[split].max_token_id)
     report.seconds = time.perf_counter() - start
     report.cpu_seconds = time.process_time() - cpu_start
     report.peak_memory_mb = peak_memory_mb()
@@ -523,17 +526,21 @@ def prepare(
     """Pack `files` into shards with `num_processes` processes (default: all cores; file i goes to process
     i mod n); print a summary and write it to `{destination}/summary_{label}.json`: summary_{name}.json for a run that
     splits its documents itself, summary_{split}_{name}.json for a run of one split (so the train and validation runs
-    of a data set into one directory keep a summary each). Refuses to mix with shards of an earlier run, removes this
-    run's shards if it fails (bad input under --strict, an error, Ctrl-C or SIGTERM), and raises NothingWrittenError
-    when no document was kept. `unknown_files`: the files of other extensions the caller skipped, for the summary."""
+    of a data set into one directory keep a summary each). Last, it writes `manifest_{label}.json` next to the shards
+    (in each split directory with split_subdirs), which training requires: a run killed before that leaves shards
+    that training refuses. Refuses to mix with shards of an earlier run, removes this run's shards if it fails (bad
+    input under --strict, an error, Ctrl-C or SIGTERM), and raises NothingWrittenError when no document was kept.
+    `unknown_files`: the files of other extensions the caller skipped, for the summary."""
     start = time.perf_counter()
-    load_tokenizer(job.tokenizer_path, job.bos, job.eos, job.dtype)  # fail here, not in every process
+    tokenizer, _ = load_tokenizer(job.tokenizer_path, job.bos, job.eos, job.dtype)  # fail here, not in every process
     existing = job.shards_on_disk()
     if existing:
         raise FileExistsError(
             f"{len(existing)} shards from an earlier run are in the destination (e.g. {existing[0]}); "
             f"remove them or choose another destination_path"
         )
+    for split in job.splits:  # an earlier run's manifest must not cover what this run writes until it is complete
+        (job.outdir(split) / manifest_name(job.label)).unlink(missing_ok=True)
     job.destination.mkdir(parents=True, exist_ok=True)
     n = max(1, min(num_processes or os.cpu_count() or 1, len(files)))
     bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=job.label, disable=quiet)
@@ -564,6 +571,11 @@ def prepare(
     summary = {"name": job.name, "split": job.split, "processes": n, **report.to_json()}
     summary["shards"] = [os.path.relpath(s, job.destination) for s in report.shards]
     write_json(job.destination / f"summary_{job.label}.json", summary)
+    tokenizer_sha256 = file_sha256(tokenizer.path)
+    for outdir in sorted({Path(shard).parent for shard in report.shards}):
+        write_manifest(outdir, [s for s in report.shards if Path(s).parent == outdir], name=manifest_name(job.label),
+                       max_token_id=report.max_token_id, vocab_size=tokenizer.vocab_size,
+                       tokenizer_sha256=tokenizer_sha256)
     return report
 
 

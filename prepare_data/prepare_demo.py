@@ -7,8 +7,10 @@
     python prepare_data/prepare_demo.py --destination_path data/demo
 
 Writes `tokenizer.model` (trained here on the train split unless present), shards `train/train_{code,prose}_*.bin`
-and `validation/validation_{code,prose}_*.bin`, `summary_code.json` and `summary_prose.json` (what each was packed
-from), and last `summary.json` (the settings and both summaries), which makes a later call return at once.
+and `validation/validation_{code,prose}_*.bin` with their manifests `{train,validation}/manifest_{code,prose}.json`,
+`summary_code.json` and `summary_prose.json` (what each was packed from), and last `summary.json` (the settings and
+both summaries), which makes a later call return at once if every shard is in a manifest (a corpus built before
+manifests existed is rebuilt).
 
 A standard library file goes to validation with probability validation_fraction, by a hash of its path, and its code
 and its prose go there together: the prose is the code's own docstrings, so splitting them apart would put validation
@@ -28,12 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prepare_data.common import Job, Report, hashed_split, prepare, read_whole_file, sample_documents
 from prepare_data.train_tokenizer import LineCounts, train_tokenizer
+from shard_format import read_manifests, uncovered
 from utils import cli, write_json
 
 VOCAB_SIZE = 4096
 CHUNK_SIZE = (256 + 1) * 64  # per shard: 64 blocks of the demo model's 256 tokens + 1 (the last target)
 VALIDATION_FRACTION = 0.05
 TOKENIZER_SAMPLE_CHARACTERS = 8_000_000
+SPLITS = ("train", "validation")
 EXCLUDED_DIRECTORIES = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
 DOCS_SOURCES = "/usr/share/doc/python3*/html/_sources"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -141,7 +145,11 @@ def prepare_demo(
             raise ValueError(
                 f"{destination_path} holds a demo corpus built with {built}; remove it to build one with {settings}"
             )
-        return destination_path
+        if all(uncovered(sorted(destination_path.glob(f"{split}/*.bin")), read_manifests(destination_path / split))
+               is None for split in SPLITS):
+            return destination_path
+        if not quiet:
+            print(f"{destination_path}: shards without a manifest (built before manifests, or interrupted); rebuilding")
 
     code_files = stdlib_files(max_files)
     all_files = code_files + docs_files(max_files)

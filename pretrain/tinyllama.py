@@ -152,6 +152,9 @@ def setup(
     train_data = training_batches(Path(train_data_dir), train_data_mix, seq_len + 1, micro_batch_size, seed, **ranks)
     val_data = (None if val_data_dir is None
                 else validation_batches(Path(val_data_dir), seq_len + 1, micro_batch_size, **ranks))
+    for batches in (train_data, val_data):  # an id beyond the embedding would fail inside the first forward pass
+        if batches is not None:
+            batches.check_vocabulary(config.vocab_size, f"the model {config.name!r}")
     resume_path = find_resume_checkpoint(fabric, resume, settings.out_dir)
     model = build_model(fabric, config, seed, initial_checkpoint_dir if resume_path is None else None, compile)
     optimizer = build_optimizer(fabric, model, learning_rate, weight_decay, (beta1, beta2), eps, decay_all_params)

@@ -22,7 +22,7 @@ from checkpoint import save_model_dir
 from inheritune.grow import grow, validation_loss
 from model import GPT, Config, num_parameters
 from pretrain.tinyllama import setup
-from shard_format import PackedDatasetBuilder
+from shard_format import PackedDatasetBuilder, write_manifest
 from utils import cli
 
 T = 4  # steps of every round
@@ -228,6 +228,7 @@ def write_tokens(directory: Path, prefix: str, n_blocks: int, seed: int) -> np.n
     builder = PackedDatasetBuilder(directory, prefix, chunk_size=4 * (SEQ_LEN + 1), vocab_size=256)
     builder.add_array(tokens)
     builder.finish()
+    write_manifest(directory)
     return tokens
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from inheritune.reproduce import PAPER, reproduce
-from shard_format import PackedDatasetBuilder
+from shard_format import PackedDatasetBuilder, write_manifest
 
 SEQ_LEN = 32  # the tiny preset's
 
@@ -21,6 +21,7 @@ def write_corpus(directory, split: str, prefix: str, n_blocks: int, seed: int) -
                              for _ in range(n_blocks * (SEQ_LEN + 1) // 40 + 1)])
     builder.add_array(tokens[: n_blocks * (SEQ_LEN + 1)].astype(np.uint16))
     builder.finish()
+    write_manifest(directory / split)
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,26 @@ def read_prefix(directory, prefix, chunk_size=None):
     return np.concatenate([tokens for _, tokens in chunks]).tolist() if chunks else []
 
 
+def assert_manifest_written_last(destination, run, pattern, tokenizer_file, directories=("",)):
+    """Each directory's manifest_{run}.json lists exactly the run's shards there (`pattern`) with their sizes and
+    token counts (read by hand), the max id of all of them, the tokenizer's vocabulary and SHA-256; and it was
+    written after every one of them and after the run's summary."""
+    tokens = {}
+    for directory in directories:
+        tokens.update({path: read_shard(path)[1] for path in (destination / directory).glob(pattern)})
+    vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
+    for directory in directories:
+        manifest_path = destination / directory / f"manifest_{run}.json"
+        manifest = json.loads(manifest_path.read_text())
+        mine = {path: ids for path, ids in tokens.items() if path.parent == manifest_path.parent}
+        assert manifest["files"] == {p.name: {"bytes": p.stat().st_size, "tokens": len(ids)} for p, ids in mine.items()}
+        assert manifest["max_token_id"] == max(int(ids.max()) for ids in tokens.values())
+        assert manifest["vocab_size"] == vocab_size
+        assert manifest["tokenizer_sha256"] == hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+        earlier = [*mine, destination / f"summary_{run}.json"]
+        assert manifest_path.stat().st_mtime_ns >= max(path.stat().st_mtime_ns for path in earlier)
+
+
 def split_documents(tokens):
     """Split a BOS ... EOS stream back into documents (the tokenizer never emits BOS or EOS for text)."""
     documents, current = [], None
@@ -134,6 +154,7 @@ def test_slimpajama_tokens_in_order_and_counters(slimpajama, tokenizer_dir, sp, 
     summary = json.loads((tmp_path / "out" / "summary_train_slimpajama.json").read_text())
     assert summary["documents"] == {"train": len(kept)} and summary["skipped"] == 12
     assert len(summary["shards"]) == -(-len(expected) // 64)
+    assert_manifest_written_last(tmp_path / "out", "train_slimpajama", "*.bin", tokenizer_dir / "tokenizer.model")
 
 
 def test_slimpajama_exclude_sets_and_no_separators_from_the_command_line(slimpajama, tokenizer_dir, sp, tmp_path):
@@ -226,6 +247,7 @@ def test_starcoder_languages_row_groups_and_unreadable_files(tmp_path, tokenizer
     assert read_prefix(tmp_path / "out", "train_starcoder_0") == expected
     assert report.excluded == {"java": 3, "c": 3}
     assert (report.empty_documents, report.unreadable_files) == (2, 1)
+    assert_manifest_written_last(tmp_path / "out", "train_starcoder", "*.bin", tokenizer_dir / "tokenizer.model")
     assert any(p.startswith(f"{broken}: not a readable parquet file") for p in report.problems)
 
     everything = prepare_starcoder.main(source, tokenizer_dir, tmp_path / "all", num_processes=1)
@@ -293,6 +315,7 @@ def test_prepare_text_split_is_complete_and_deterministic(tmp_path, tokenizer_di
         assert results["a", split] == wanted == results["b", split]
     assert 0 < sum(results["a", "validation"].values()) < len(documents)
     summary = json.loads((tmp_path / "a" / "summary_mine.json").read_text())  # one per run, both splits
+    assert_manifest_written_last(tmp_path / "b", "mine", "*.bin", tokenizer_dir / "tokenizer.model")
     assert summary["documents"] == {s: sum(results["a", s].values()) for s in ("train", "validation")}
 
 
@@ -397,6 +420,9 @@ def test_prepare_demo_four_prefixes_and_idempotent(tmp_path, monkeypatch):
     summaries = {kind: json.loads((destination / f"summary_{kind}.json").read_text()) for kind in ("code", "prose")}
     for kind, summary in summaries.items():
         assert summary["documents"] == {s: sum(found[s, kind].values()) for s in ("train", "validation")}
+    for kind in ("code", "prose"):
+        assert_manifest_written_last(destination, kind, f"*_{kind}_*.bin", destination / "tokenizer.model",
+                                     directories=("train", "validation"))
     marker = json.loads((destination / "summary.json").read_text())
     assert marker["settings"] == settings
     assert all(marker[kind]["documents"] == summary["documents"] for kind, summary in summaries.items())
@@ -413,6 +439,15 @@ def test_prepare_demo_four_prefixes_and_idempotent(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="vocab_size"):
         prepare_demo.prepare_demo(tmp_path / "demo", vocab_size=1024, max_files=12, quiet=True)
 
+    # A corpus built before manifests (or whose rebuild was killed) is rebuilt, keeping its tokenizer
+    monkeypatch.undo()
+    (destination / "validation" / "manifest_prose.json").unlink()
+    tokenizer = (destination / "tokenizer.model").read_bytes()
+    prepare_demo.prepare_demo(destination, **settings, num_processes=1, quiet=True)
+    assert_manifest_written_last(destination, "prose", "*_prose_*.bin", destination / "tokenizer.model",
+                                 directories=("train", "validation"))
+    assert (destination / "tokenizer.model").read_bytes() == tokenizer
+
 
 def test_extract_prose_takes_docstrings_and_comments_not_code():
     source = (
@@ -425,8 +460,8 @@ def test_extract_prose_takes_docstrings_and_comments_not_code():
 def test_data_preparation_never_imports_torch():
     """What a spawned packing process imports; torch would cost each process seconds and hundreds of MB."""
     modules = ["prepare_data.common", "prepare_data.prepare_slimpajama", "prepare_data.prepare_starcoder",
-               "prepare_data.prepare_text", "prepare_data.train_tokenizer", "prepare_data.prepare_demo", "shard_format",
-               "tokenizer"]
+               "prepare_data.prepare_text", "prepare_data.train_tokenizer", "prepare_data.prepare_demo",
+               "prepare_data.write_manifest", "shard_format", "tokenizer"]
     code = (f"import importlib, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
             "    assert 'torch' not in sys.modules, f'importing {name} imported torch'")
     root = Path(__file__).resolve().parent.parent

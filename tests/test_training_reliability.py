@@ -16,7 +16,7 @@ from checkpoint import load_state_dict
 from model import Config
 from packed_dataset import training_batches
 from pretrain.tinyllama import setup
-from shard_format import PackedDatasetBuilder
+from shard_format import PackedDatasetBuilder, write_manifest
 from test_training import SETTINGS, logged
 from training import build_model, fit, launch_fabric
 
@@ -28,6 +28,7 @@ def write_shards(directory: Path, prefix: str, n_blocks: int) -> None:
     builder = PackedDatasetBuilder(directory, prefix, chunk_size=4 * (SEQ_LEN + 1), vocab_size=256)
     builder.add_array(np.random.default_rng(0).integers(0, 256, n_blocks * (SEQ_LEN + 1)).astype(np.uint16))
     builder.finish()
+    write_manifest(directory)
 
 
 @pytest.fixture(scope="module")
