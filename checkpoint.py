@@ -27,7 +27,7 @@ import torch
 
 from model import GPT, Config, build_rope_cache
 from tokenizer import TOKENIZER_FILES
-from utils import atomic_directory, atomic_write, write_json
+from utils import UserError, atomic_directory, atomic_write, write_json
 
 # what the `.metadata` index of torch.distributed.checkpoint pickles (as torch 2.13 writes it): its dataclasses,
 # torch.Size, dtypes and layouts, and the checkpoint's path; anything else in it is refused
@@ -156,7 +156,7 @@ def load_model(checkpoint_dir: Union[str, Path], device: Union[str, torch.device
     return model.to(device=device, dtype=dtype).eval()
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError):
     """A sharded checkpoint holds something other than its index and tensors (pickled objects that could run code)."""
 
 

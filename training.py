@@ -43,7 +43,7 @@ from checkpoint import (
     CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, load_file, load_shards, read_shard_index, save_atomic, save_model_dir,
 )
 from model import GPT, Config, num_parameters
-from utils import move_into_place, remove_path, write_json
+from utils import UserError, move_into_place, remove_path, write_json
 
 IGNORE_INDEX = -100  # targets that carry no loss (padding, prompts), as F.cross_entropy's default ignore_index
 # Dense bf16 peak of one device, for MFU; other devices and precisions report tokens/s only
@@ -150,11 +150,11 @@ def model_config(model_name: Optional[str], initial_checkpoint_dir: Optional[Pat
     named config."""
     if initial_checkpoint_dir is None:
         if model_name is None:
-            raise ValueError("Give --model_name (a config of model.py) or --initial_checkpoint_dir")
+            raise UserError("Give --model_name (a config of model.py) or --initial_checkpoint_dir")
         return Config.from_name(model_name)
     config = Config.from_file(Path(initial_checkpoint_dir) / "model_config.json")
     if model_name is not None and config.name != model_name:
-        raise ValueError(f"{initial_checkpoint_dir}/model_config.json is a {config.name!r} model, but --model_name "
+        raise UserError(f"{initial_checkpoint_dir}/model_config.json is a {config.name!r} model, but --model_name "
                          f"is {model_name!r}")
     return config
 
@@ -204,7 +204,7 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, w
     if global_batch_size % per_step:
         hint = (f"choose a --micro_batch_size that divides {global_batch_size // world_size}"
                 if global_batch_size % world_size == 0 else "it must be a multiple of the number of processes")
-        raise ValueError(f"--global_batch_size {global_batch_size} is not a multiple of --micro_batch_size "
+        raise UserError(f"--global_batch_size {global_batch_size} is not a multiple of --micro_batch_size "
                          f"{micro_batch_size} x {world_size} processes (devices x num_nodes) = {per_step}: {hint}")
     return global_batch_size // per_step
 
@@ -213,12 +213,12 @@ def check_optimizer_settings(weight_decay: float, betas: Tuple[float, float], ep
     """Refuse AdamW settings that make inf or NaN weights (eps 0 divides 0 by 0 where a gradient is 0), naming the
     flag. The comparisons are written so that NaN fails them."""
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"--weight_decay must be a finite number of at least 0, got {weight_decay}")
+        raise UserError(f"--weight_decay must be a finite number of at least 0, got {weight_decay}")
     for name, beta in zip(("beta1", "beta2"), betas):
         if not 0 <= beta < 1:
-            raise ValueError(f"--{name} must be in [0, 1), got {beta}")
+            raise UserError(f"--{name} must be in [0, 1), got {beta}")
     if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"--eps must be a finite positive number, got {eps}")
+        raise UserError(f"--eps must be a finite positive number, got {eps}")
 
 
 def check_settings(settings: TrainingSettings) -> None:
@@ -226,21 +226,21 @@ def check_settings(settings: TrainingSettings) -> None:
     for name in ("learning_rate", "min_lr", "grad_clip", "max_time"):  # NaN would pass every comparison below
         value = getattr(settings, name)
         if value is not None and not math.isfinite(value):
-            raise ValueError(f"--{name} must be a finite number, got {value}")
+            raise UserError(f"--{name} must be a finite number, got {value}")
     for name in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "eval_iters",
                  "save_interval"):
         if getattr(settings, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(settings, name)}")
+            raise UserError(f"--{name} must be at least 1, got {getattr(settings, name)}")
     for name in ("max_steps", "max_tokens", "max_time", "epochs", "seq_len"):  # none of them may make an empty run
         value = getattr(settings, name)
         if value is not None and value <= 0:
-            raise ValueError(f"--{name} must be positive, got {value}")
+            raise UserError(f"--{name} must be positive, got {value}")
     if settings.warmup_steps < 0:
-        raise ValueError(f"--warmup_steps must be at least 0, got {settings.warmup_steps}")
+        raise UserError(f"--warmup_steps must be at least 0, got {settings.warmup_steps}")
     if settings.grad_clip <= 0:
-        raise ValueError(f"--grad_clip must be positive, got {settings.grad_clip}")
+        raise UserError(f"--grad_clip must be positive, got {settings.grad_clip}")
     if not 0 <= settings.min_lr <= settings.learning_rate:
-        raise ValueError(f"--min_lr {settings.min_lr} must be in [0, --learning_rate {settings.learning_rate}]")
+        raise UserError(f"--min_lr {settings.min_lr} must be in [0, --learning_rate {settings.learning_rate}]")
 
 
 def run_length(fabric: Fabric, settings: TrainingSettings, train_data: BatchSource, accumulation: int) -> int:
@@ -250,10 +250,10 @@ def run_length(fabric: Fabric, settings: TrainingSettings, train_data: BatchSour
         limits.append(settings.max_steps)
     if settings.max_tokens is not None:
         if settings.seq_len is None:
-            raise ValueError("--max_tokens needs sequences of a fixed length; give --max_steps or --epochs")
+            raise UserError("--max_tokens needs sequences of a fixed length; give --max_steps or --epochs")
         tokens_per_step = settings.global_batch_size * settings.seq_len
         if settings.max_tokens < tokens_per_step:
-            raise ValueError(f"--max_tokens {settings.max_tokens:,} is less than one step of {tokens_per_step:,} "
+            raise UserError(f"--max_tokens {settings.max_tokens:,} is less than one step of {tokens_per_step:,} "
                              f"tokens (--global_batch_size {settings.global_batch_size} sequences of "
                              f"{settings.seq_len} tokens): it would train nothing")
         limits.append(settings.max_tokens // tokens_per_step)
@@ -262,7 +262,7 @@ def run_length(fabric: Fabric, settings: TrainingSettings, train_data: BatchSour
         # n / P) / m) / a) = floor(n / G) steps of the n sequences of an epoch stay within it
         steps_per_epoch = len(train_data) // accumulation
         if steps_per_epoch == 0:
-            raise ValueError(f"One epoch of the training data ({len(train_data)} micro-batches of "
+            raise UserError(f"One epoch of the training data ({len(train_data)} micro-batches of "
                              f"{settings.micro_batch_size} per process) makes no full global batch of "
                              f"{settings.global_batch_size}")
         left_out = len(train_data) - steps_per_epoch * accumulation
@@ -270,7 +270,7 @@ def run_length(fabric: Fabric, settings: TrainingSettings, train_data: BatchSour
                      f"{left_out} micro-batches per process make no full global batch and start the next epoch")
         limits.append(settings.epochs * steps_per_epoch)
     if not limits:
-        raise ValueError("Give at least one of --max_steps, --max_tokens and --epochs")
+        raise UserError("Give at least one of --max_steps, --max_tokens and --epochs")
     return min(limits)
 
 
@@ -465,7 +465,7 @@ def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def eval_batch_count(fabric: Fabric, val_data: BatchSource, eval_iters: int) -> int:
     """Micro-batches per process and validation: eval_iters, or fewer if not every process has that many."""
     if len(val_data) == 0:
-        raise ValueError(f"The validation data make no micro-batch on each of the {fabric.world_size} processes")
+        raise UserError(f"The validation data make no micro-batch on each of the {fabric.world_size} processes")
     return min(eval_iters, len(val_data))
 
 
@@ -553,13 +553,13 @@ def find_resume_checkpoint(fabric: Fabric, resume: Optional[str], out_dir: Path)
         newest, problems = fabric.broadcast(newest_loadable_checkpoint(fabric, out_dir) if fabric.global_rank == 0
                                             else None)
         if newest is None:
-            raise ValueError(f"--resume auto: no checkpoint in {out_dir} can be resumed: " + " ".join(problems))
+            raise UserError(f"--resume auto: no checkpoint in {out_dir} can be resumed: " + " ".join(problems))
         return newest
     if not Path(resume).exists():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     problem = fabric.broadcast(checkpoint_problem(Path(resume)) if fabric.global_rank == 0 else None)
     if problem is not None:
-        raise ValueError(f"--resume {resume}: {problem}")
+        raise UserError(f"--resume {resume}: {problem}")
     return Path(resume)
 
 
@@ -687,7 +687,7 @@ def all_finite(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimize
 
 def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: BatchSource, config: Config) -> None:
     if Path(path).is_dir() and not isinstance(fabric.strategy, ModelParallelStrategy):
-        raise ValueError(f"{path} is a sharded checkpoint written by FSDP: resume it with --strategy fsdp on as many "
+        raise UserError(f"{path} is a sharded checkpoint written by FSDP: resume it with --strategy fsdp on as many "
                          f"processes (devices x num_nodes) as wrote it")
     checkpoint = {**state, "train_data": None, "rng": None, "hparams": None, "model_config": None}
     if Path(path).is_dir():
@@ -695,9 +695,9 @@ def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: Bat
     else:
         fabric.load(path, checkpoint, weights_only=True)
     if checkpoint["model_config"] != vars(config):
-        raise ValueError(f"{path} holds a model {checkpoint['model_config']}, not {vars(config)}")
+        raise UserError(f"{path} holds a model {checkpoint['model_config']}, not {vars(config)}")
     if len(checkpoint["train_data"]) != fabric.world_size:
-        raise ValueError(f"{path} was written by {len(checkpoint['train_data'])} processes; resume it with as many "
+        raise UserError(f"{path} was written by {len(checkpoint['train_data'])} processes; resume it with as many "
                          f"(devices x num_nodes), not {fabric.world_size}: each holds its own data position")
     train_data.load_state_dict(checkpoint["train_data"][fabric.global_rank])
     set_rng_states(checkpoint["rng"][fabric.global_rank])
@@ -725,7 +725,7 @@ def load_sharded_training_state(fabric: Fabric, path: Path, checkpoint: dict) ->
     keys = [key for key in checkpoint if key not in ("model", "optimizer")]
     missing = [key for key in keys if key not in others]
     if missing:
-        raise ValueError(f"{path / 'meta.pt'} lacks {', '.join(missing)}: expected the non-tensor state of a "
+        raise UserError(f"{path / 'meta.pt'} lacks {', '.join(missing)}: expected the non-tensor state of a "
                          f"training checkpoint as save_checkpoint writes it")
     checkpoint.update({key: others[key] for key in keys})
     fabric.barrier()

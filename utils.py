@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Literal, Mapping, Optional, Union
 
 
+# Set to 1 to see the traceback of a user error too (by default the CLI prints its one-line message)
+TRACEBACK_VARIABLE = "SMALL_LLAMA_TRACEBACK"
+
+
+class UserError(ValueError):
+    """Bad input from the user (an argument, a file, data): `cli` prints its message as one line and exits with 2.
+    Every other exception keeps its traceback, so that real bugs stay visible."""
+
+
 @contextmanager
 def atomic_write(path: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; once the block has written it, flush it to disk and rename it to
@@ -96,6 +105,10 @@ def cli(fn: Callable, argv: Optional[list] = None, *, defaults: Optional[Mapping
     name -> value) replace the defaults of `fn`'s parameters, in --help and where a flag is not given; a name that
     is not a parameter of `fn` raises TypeError. `description` replaces the docstring's text before `Args:` (the
     per-flag help still comes from `fn`'s docstring).
+
+    A `UserError` raised by `fn` (bad input: an argument, a file, data) is printed as one line, `PROG: error: ...`,
+    and exits with 2, as argparse's own errors; SMALL_LLAMA_TRACEBACK=1 shows its traceback. Other exceptions keep
+    theirs.
     """
     parameters = inspect.signature(fn).parameters
     defaults = dict(defaults or {})
@@ -134,7 +147,13 @@ def cli(fn: Callable, argv: Optional[list] = None, *, defaults: Optional[Mapping
         else:
             kwargs["type"] = _none_or(kind, optional)
         parser.add_argument(f"--{name}", **kwargs)
-    return fn(**vars(parser.parse_args(argv)))
+    arguments = vars(parser.parse_args(argv))
+    try:
+        return fn(**arguments)
+    except UserError as error:
+        if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
+            raise
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 _ARGS_HEADING = re.compile(r"^[ \t]*Args:[ \t]*$", re.M)

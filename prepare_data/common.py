@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from shard_format import PackedDatasetBuilder, file_sha256, manifest_name, token_dtype, write_manifest
 from tokenizer import Tokenizer
-from utils import write_json
+from utils import UserError, write_json
 
 DEFAULT_CHUNK_SIZE = (2048 + 1) * 1024  # tokens per shard, as TinyLlama
 FLUSH_TOKENS = 1 << 18  # ids are handed to the builder in arrays of about this many tokens
@@ -56,11 +56,11 @@ ReadDocuments = Callable[[Path, "Report"], Iterator[Tuple[int, str]]]
 SplitKey = Callable[[Path, str], str]
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError):
     """Bad input seen with --strict: the run is refused."""
 
 
-class NothingWrittenError(ValueError):
+class NothingWrittenError(UserError):
     """A run that read its files but kept no document: a wrong --text_key, or nothing but bad input."""
 
 

@@ -27,7 +27,7 @@ from prepare_data.common import (
     PARQUET_SUFFIX, TEXT_SUFFIXES, Report, find_inputs, read_parquet_documents, read_text_documents, sample_documents,
     suffix_of,
 )  # fmt: skip
-from utils import atomic_write, cli
+from utils import UserError, atomic_write, cli
 
 VOCAB_SIZE = 32000
 MAX_CHARACTERS = 100_000_000  # of text sampled for training; sentencepiece keeps it all in memory
@@ -56,7 +56,7 @@ LLAMA2_SPEC = dict(
 )
 
 
-class NoTextError(ValueError):
+class NoTextError(UserError):
     """Nothing but blank lines to train on."""
 
 

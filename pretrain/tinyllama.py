@@ -26,7 +26,7 @@ from training import (
     check_optimizer_settings, check_settings, find_resume_checkpoint, fit, gradient_accumulation_steps, launch_fabric,
     model_config, resolve_devices,
 )
-from utils import cli
+from utils import UserError, cli
 
 DEFAULT_MODEL = "tiny_LLaMA_1b"
 
@@ -133,9 +133,9 @@ def setup(
     check_settings(settings)
     check_optimizer_settings(weight_decay, (beta1, beta2), eps)
     if num_nodes < 1:
-        raise ValueError(f"--num_nodes must be at least 1, got {num_nodes}")
+        raise UserError(f"--num_nodes must be at least 1, got {num_nodes}")
     if str(devices) != "auto" and not (str(devices).isdigit() and int(devices) >= 1):
-        raise ValueError(f"--devices must be auto or a number of at least 1, got {devices!r}")
+        raise UserError(f"--devices must be auto or a number of at least 1, got {devices!r}")
     parse_data_mix(train_data_mix)
     gradient_accumulation_steps(global_batch_size, micro_batch_size, resolve_devices(devices, accelerator) * num_nodes)
 
@@ -143,7 +143,7 @@ def setup(
     config = model_config(model_name or (None if initial_checkpoint_dir else DEFAULT_MODEL), initial_checkpoint_dir)
     seq_len = seq_len or config.block_size
     if seq_len > config.block_size:
-        raise ValueError(f"--seq_len {seq_len} exceeds the block_size {config.block_size} of {config.name!r}")
+        raise UserError(f"--seq_len {seq_len} exceeds the block_size {config.block_size} of {config.name!r}")
     settings = replace(settings, seq_len=seq_len)
     if tokenizer_dir is not None:
         check_tokenizer(Path(tokenizer_dir), config.vocab_size, initial_checkpoint_dir, config.name)
@@ -167,7 +167,7 @@ def check_choices(**values: str) -> None:
     for name, value in values.items():
         allowed = typing.get_args(hints[name])
         if value not in allowed:
-            raise ValueError(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
+            raise UserError(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
 
 
 def check_tokenizer(tokenizer_dir: Path, vocab_size: int, initial_checkpoint_dir: Optional[Path],

@@ -10,7 +10,7 @@ import torch
 
 from checkpoint import check_state_dict, load_checkpoint, load_model, save_atomic, save_model_dir
 from model import GPT, Config
-from utils import cli
+from utils import TRACEBACK_VARIABLE, UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,3 +184,30 @@ def test_generation_and_checkpoints_never_load_lightning_or_transformers():
     result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_user_error_is_one_line_and_other_errors_keep_their_traceback(capsys, monkeypatch):
+    def main(steps: int = 1):
+        if steps < 1:
+            raise UserError(f"--steps must be at least 1, got {steps}")
+        raise RuntimeError("a bug")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(main, ["--steps", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --steps must be at least 1, got 0")
+    with pytest.raises(RuntimeError, match="a bug"):  # not a user error: the traceback stays
+        cli(main, [])
+    monkeypatch.setenv(TRACEBACK_VARIABLE, "1")
+    with pytest.raises(UserError):
+        cli(main, ["--steps", "0"])
+
+
+def test_a_bad_argument_of_a_script_prints_one_line():
+    result = subprocess.run([sys.executable, "pretrain/tinyllama.py", "--global_batch_size", "10", "--micro_batch_size",
+                             "4", "--accelerator", "cpu", "--devices", "1"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "tinyllama.py: error: --global_batch_size 10 is not a multiple of --micro_batch_size 4")
