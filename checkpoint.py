@@ -104,7 +104,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
                        f"unexpected keys {unexpected[:10]}")
     for key, value in state_dict.items():
         if value.shape != expected[key].shape:
-            raise ValueError(
+            raise UserError(
                 f"{source}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
             )
 
@@ -116,13 +116,13 @@ def load_file(path: Union[str, Path]) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (0 bytes): expected a file written by torch.save (was a copy or a download "
+        raise UserError(f"{path} is empty (0 bytes): expected a file written by torch.save (was a copy or a download "
                          f"interrupted?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError) as error:  # a truncated zip archive; the first line of torch's message says why
         reason = str(error).split(". ")[0]
-        raise ValueError(f"{path} cannot be read ({reason}): expected a complete file written by torch.save (was it "
+        raise UserError(f"{path} cannot be read ({reason}): expected a complete file written by torch.save (was it "
                          f"truncated?)") from error
 
 
@@ -130,7 +130,7 @@ def load_state_dict(path: Union[str, Path]) -> dict:
     """The state dict of a `lit_model.pth` (or of a training checkpoint file's "model" entry), memory-mapped."""
     state_dict = load_file(path)
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{path} holds a {type(state_dict).__name__}: expected a state dict (parameter names to "
+        raise UserError(f"{path} holds a {type(state_dict).__name__}: expected a state dict (parameter names to "
                          f"tensors) as save_model_dir writes it")
     return state_dict.get("model", state_dict)
 
@@ -186,10 +186,10 @@ def read_shard_index(directory: Path):
     except UnsafeCheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
-        raise ValueError(f"{path} cannot be read ({error}): expected the index torch.distributed.checkpoint "
+        raise UserError(f"{path} cannot be read ({error}): expected the index torch.distributed.checkpoint "
                          f"writes (was it truncated?)") from error
     if not isinstance(index, Metadata):
-        raise ValueError(f"{path} holds a {type(index).__name__}: expected the index (Metadata) that "
+        raise UserError(f"{path} holds a {type(index).__name__}: expected the index (Metadata) that "
                          f"torch.distributed.checkpoint writes")
     outside = [info.relative_path for info in (index.storage_data or {}).values()
                if Path(info.relative_path).name != info.relative_path]

@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shard_format import HDR_SIZE, WRITE_MANIFEST_COMMAND, read_header, read_manifests, uncovered
+from utils import UserError
 
 _DRAWS_PER_BATCH = 1024  # CombinedDataset draws its uniforms in batches, each batch seeded by (seed, batch index)
 
@@ -73,7 +74,7 @@ class PackedDataset(IterableDataset):
         self.n_skipped_tokens = int((self._chunk_sizes % block_size).sum())
         self.n_blocks_total = int(self._blocks_per_file.sum())
         if self.n_blocks_total == 0:
-            raise ValueError(f"None of the {len(self.filenames)} files (the first is {self.filenames[0]!r}) holds a "
+            raise UserError(f"None of the {len(self.filenames)} files (the first is {self.filenames[0]!r}) holds a "
                              f"whole block of {block_size} tokens: the largest has {self._chunk_sizes.max()} tokens")
         if self.n_skipped_tokens:
             n_empty = len(self.filenames) - len(self._files_with_blocks)
@@ -82,7 +83,7 @@ class PackedDataset(IterableDataset):
                           f"shorter than one block)")
         self.n_blocks = len(range(process_rank, self.n_blocks_total, num_processes))  # this rank's, per epoch
         if self.n_blocks == 0:
-            raise ValueError(f"{self.n_blocks_total} blocks of {block_size} tokens cannot be shared by "
+            raise UserError(f"{self.n_blocks_total} blocks of {block_size} tokens cannot be shared by "
                              f"{num_processes} processes: rank {process_rank} would get none")
         self._start = 0  # blocks_consumed at which the next iter() starts (set by load_state_dict)
         self._iterator: Optional[PackedDatasetIterator] = None
@@ -266,7 +267,7 @@ class PackedBatches:
             vocabulary, max_id = manifest.get("vocab_size"), manifest["max_token_id"]
             if max_id >= vocab_size or (vocabulary or 0) > vocab_size:
                 recorded = f"a {vocabulary}-token vocabulary" if vocabulary else "an unrecorded vocabulary"
-                raise ValueError(f"{self.description}: {manifest['path']} records shards of {recorded} with max token "
+                raise UserError(f"{self.description}: {manifest['path']} records shards of {recorded} with max token "
                                  f"id {max_id}, but {model} has vocab_size={vocab_size}: "
                                  f"prepare the data with the model's tokenizer, or choose a model whose vocab_size "
                                  f"exceeds {max_id}")
@@ -283,7 +284,7 @@ class PackedBatches:
     def __len__(self) -> int:
         sources = self.dataset.datasets if isinstance(self.dataset, CombinedDataset) else [self.dataset]
         if len(sources) != 1:
-            raise ValueError(f"--epochs needs a single training source; {self.description} mixes {len(sources)}")
+            raise UserError(f"--epochs needs a single training source; {self.description} mixes {len(sources)}")
         return sources[0].n_blocks_total // sources[0].num_processes // self.micro_batch_size
 
     def state_dict(self) -> dict:
@@ -333,15 +334,15 @@ def parse_data_mix(mix: str) -> list:
     for item in mix.split(","):
         prefix, _, weight = item.strip().partition(":")
         if not prefix:
-            raise ValueError(f"--train_data_mix {mix!r}: expected 'prefix:weight,...' or 'prefix,...'")
+            raise UserError(f"--train_data_mix {mix!r}: expected 'prefix:weight,...' or 'prefix,...'")
         try:
             entries.append((prefix, float(weight) if weight else None))
         except ValueError:
-            raise ValueError(f"--train_data_mix {mix!r}: the weight {weight!r} of {prefix!r} is not a number") from None
+            raise UserError(f"--train_data_mix {mix!r}: the weight {weight!r} of {prefix!r} is not a number") from None
     if len({weight is None for _, weight in entries}) > 1:
-        raise ValueError(f"--train_data_mix {mix!r}: give a weight to every prefix or to none (then by size)")
+        raise UserError(f"--train_data_mix {mix!r}: give a weight to every prefix or to none (then by size)")
     if any(weight is not None and weight <= 0 for _, weight in entries):
-        raise ValueError(f"--train_data_mix {mix!r}: weights must be positive")
+        raise UserError(f"--train_data_mix {mix!r}: weights must be positive")
     return entries
 
 
@@ -360,7 +361,7 @@ def covering_manifests(data_dir: Path, files: Sequence[str]) -> List[dict]:
     missing = uncovered(files, manifests)
     if missing is not None:
         path, why = missing
-        raise ValueError(f"{path} {why}: the preparer run that wrote it did not finish (interrupted or killed) "
+        raise UserError(f"{path} {why}: the preparer run that wrote it did not finish (interrupted or killed) "
                          f"or the file changed since. "
                          f"Remove that run's shards and rerun it ({rerun_command(path)}); for shards made elsewhere "
                          f"(lit-gpt's, TinyLlama's), run {WRITE_MANIFEST_COMMAND} {data_dir}")

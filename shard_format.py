@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from utils import atomic_write, write_json
+from utils import UserError, atomic_write, write_json
 
 HDR_MAGIC = b"LITPKDS"
 HDR_SIZE = 24  # bytes
@@ -76,19 +76,19 @@ def read_header(path: str) -> Tuple[np.dtype, int]:
     with open(path, "rb") as f:
         header = f.read(HDR_SIZE)
     if len(header) < HDR_SIZE:
-        raise ValueError(f"{path!r} is not a LITPKDS file: {size} bytes, shorter than the {HDR_SIZE}-byte header")
+        raise UserError(f"{path!r} is not a LITPKDS file: {size} bytes, shorter than the {HDR_SIZE}-byte header")
     magic, version, code, chunk_size = _HEADER.unpack(header)
     if magic != HDR_MAGIC:
-        raise ValueError(f"{path!r} is not a LITPKDS file: it starts with {magic!r}, expected {HDR_MAGIC!r}")
+        raise UserError(f"{path!r} is not a LITPKDS file: it starts with {magic!r}, expected {HDR_MAGIC!r}")
     if version != HDR_VERSION:
-        raise ValueError(f"{path!r} has LITPKDS version {version}, only version {HDR_VERSION} is supported")
+        raise UserError(f"{path!r} has LITPKDS version {version}, only version {HDR_VERSION} is supported")
     if code not in TOKEN_DTYPE_CODES:
-        raise ValueError(f"{path!r} has dtype code {code}, expected a token dtype code {TOKEN_DTYPE_CODES} "
+        raise UserError(f"{path!r} has dtype code {code}, expected a token dtype code {TOKEN_DTYPE_CODES} "
                          f"(8 = uint16, 4 = int32)")
     dtype = np.dtype(DTYPES[code])
     expected = HDR_SIZE + chunk_size * dtype.itemsize
     if size != expected:
-        raise ValueError(f"{path!r} is {size} bytes, but its header says {chunk_size} {dtype.name} tokens "
+        raise UserError(f"{path!r} is {size} bytes, but its header says {chunk_size} {dtype.name} tokens "
                          f"({expected} bytes): the file is truncated or corrupt")
     return dtype, chunk_size
 
@@ -209,7 +209,7 @@ def read_manifests(directory: Union[str, Path]) -> List[dict]:
             if not isinstance(manifest.get("files"), dict) or "max_token_id" not in manifest:
                 raise ValueError("no 'files' object or no 'max_token_id'")
         except (ValueError, AttributeError) as error:
-            raise ValueError(f"{path} is not a valid shard manifest ({error}); rewrite it with "
+            raise UserError(f"{path} is not a valid shard manifest ({error}); rewrite it with "
                              f"{WRITE_MANIFEST_COMMAND} {Path(directory)}") from None
         manifests.append({**manifest, "path": str(path)})
     return manifests

@@ -153,7 +153,8 @@ def cli(fn: Callable, argv: Optional[list] = None, *, defaults: Optional[Mapping
     except UserError as error:
         if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
             raise
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        # once, not by every process of a launched run
+        parser.exit(2, f"{parser.prog}: error: {error}\n" if launched_as_rank_zero() else None)
 
 
 _ARGS_HEADING = re.compile(r"^[ \t]*Args:[ \t]*$", re.M)
@@ -179,6 +180,12 @@ def _arg_help(args_section: str) -> Dict[str, str]:
                 indent = depth
                 helps[name] = entry[2].strip()
     return helps
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether the launcher (Fabric's, torchrun, SLURM) made this process rank 0: the rank variables it sets are all
+    unset or 0 there."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 class _CommaSeparated(argparse.Action):

@@ -33,7 +33,6 @@ import gc
 import importlib.util
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from packed_dataset import validation_batches
 from pretrain.tinyllama import setup
 from tokenizer import TOKENIZER_FILES
 from training import IGNORE_INDEX, Accelerator, Precision, Schedule, Strategy, latest_checkpoint, loss_sum
-from utils import atomic_write, cli, write_json
+from utils import atomic_write, cli, launched_as_rank_zero, write_json
 
 RESULTS_FILE = "grow.json"
 PLOT_FILE = "grow.png"
@@ -250,9 +249,7 @@ def is_main_process() -> bool:
     """Rank 0: the process that writes and measures."""
     if distributed():
         return torch.distributed.get_rank() == 0
-    # before this run's first training sets up the process group: the ranks a launcher (Fabric's, torchrun, SLURM)
-    # gives its processes, all unset or 0 on rank 0
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+    return launched_as_rank_zero()  # before this run's first training sets up the process group
 
 
 def distributed() -> bool:
