@@ -117,13 +117,13 @@ def load_file(path: Union[str, Path]) -> Any:
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty (0 bytes): expected a file written by torch.save (was a copy or a download "
-                         f"interrupted?)")
+                        f"interrupted?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError) as error:  # a truncated zip archive; the first line of torch's message says why
         reason = str(error).split(". ")[0]
         raise UserError(f"{path} cannot be read ({reason}): expected a complete file written by torch.save (was it "
-                         f"truncated?)") from error
+                        f"truncated?)") from error
 
 
 def load_state_dict(path: Union[str, Path]) -> dict:
@@ -131,7 +131,7 @@ def load_state_dict(path: Union[str, Path]) -> dict:
     state_dict = load_file(path)
     if not isinstance(state_dict, dict):
         raise UserError(f"{path} holds a {type(state_dict).__name__}: expected a state dict (parameter names to "
-                         f"tensors) as save_model_dir writes it")
+                        f"tensors) as save_model_dir writes it")
     return state_dict.get("model", state_dict)
 
 
@@ -187,10 +187,10 @@ def read_shard_index(directory: Path):
         raise
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
         raise UserError(f"{path} cannot be read ({error}): expected the index torch.distributed.checkpoint "
-                         f"writes (was it truncated?)") from error
+                        f"writes (was it truncated?)") from error
     if not isinstance(index, Metadata):
         raise UserError(f"{path} holds a {type(index).__name__}: expected the index (Metadata) that "
-                         f"torch.distributed.checkpoint writes")
+                        f"torch.distributed.checkpoint writes")
     outside = [info.relative_path for info in (index.storage_data or {}).values()
                if Path(info.relative_path).name != info.relative_path]
     if outside:

@@ -75,7 +75,7 @@ class PackedDataset(IterableDataset):
         self.n_blocks_total = int(self._blocks_per_file.sum())
         if self.n_blocks_total == 0:
             raise UserError(f"None of the {len(self.filenames)} files (the first is {self.filenames[0]!r}) holds a "
-                             f"whole block of {block_size} tokens: the largest has {self._chunk_sizes.max()} tokens")
+                            f"whole block of {block_size} tokens: the largest has {self._chunk_sizes.max()} tokens")
         if self.n_skipped_tokens:
             n_empty = len(self.filenames) - len(self._files_with_blocks)
             warnings.warn(f"{self.n_skipped_tokens} tokens are not read: they do not fill a whole block of "
@@ -84,7 +84,7 @@ class PackedDataset(IterableDataset):
         self.n_blocks = len(range(process_rank, self.n_blocks_total, num_processes))  # this rank's, per epoch
         if self.n_blocks == 0:
             raise UserError(f"{self.n_blocks_total} blocks of {block_size} tokens cannot be shared by "
-                             f"{num_processes} processes: rank {process_rank} would get none")
+                            f"{num_processes} processes: rank {process_rank} would get none")
         self._start = 0  # blocks_consumed at which the next iter() starts (set by load_state_dict)
         self._iterator: Optional[PackedDatasetIterator] = None
 
@@ -268,9 +268,9 @@ class PackedBatches:
             if max_id >= vocab_size or (vocabulary or 0) > vocab_size:
                 recorded = f"a {vocabulary}-token vocabulary" if vocabulary else "an unrecorded vocabulary"
                 raise UserError(f"{self.description}: {manifest['path']} records shards of {recorded} with max token "
-                                 f"id {max_id}, but {model} has vocab_size={vocab_size}: "
-                                 f"prepare the data with the model's tokenizer, or choose a model whose vocab_size "
-                                 f"exceeds {max_id}")
+                                f"id {max_id}, but {model} has vocab_size={vocab_size}: "
+                                f"prepare the data with the model's tokenizer, or choose a model whose vocab_size "
+                                f"exceeds {max_id}")
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         blocks = iter(self.dataset)
@@ -362,9 +362,9 @@ def covering_manifests(data_dir: Path, files: Sequence[str]) -> List[dict]:
     if missing is not None:
         path, why = missing
         raise UserError(f"{path} {why}: the preparer run that wrote it did not finish (interrupted or killed) "
-                         f"or the file changed since. "
-                         f"Remove that run's shards and rerun it ({rerun_command(path)}); for shards made elsewhere "
-                         f"(lit-gpt's, TinyLlama's), run {WRITE_MANIFEST_COMMAND} {data_dir}")
+                        f"or the file changed since. "
+                        f"Remove that run's shards and rerun it ({rerun_command(path)}); for shards made elsewhere "
+                        f"(lit-gpt's, TinyLlama's), run {WRITE_MANIFEST_COMMAND} {data_dir}")
     names = {Path(f).name for f in files}
     return [m for m in manifests if names & m["files"].keys()]
 

@@ -84,12 +84,12 @@ def read_header(path: str) -> Tuple[np.dtype, int]:
         raise UserError(f"{path!r} has LITPKDS version {version}, only version {HDR_VERSION} is supported")
     if code not in TOKEN_DTYPE_CODES:
         raise UserError(f"{path!r} has dtype code {code}, expected a token dtype code {TOKEN_DTYPE_CODES} "
-                         f"(8 = uint16, 4 = int32)")
+                        f"(8 = uint16, 4 = int32)")
     dtype = np.dtype(DTYPES[code])
     expected = HDR_SIZE + chunk_size * dtype.itemsize
     if size != expected:
         raise UserError(f"{path!r} is {size} bytes, but its header says {chunk_size} {dtype.name} tokens "
-                         f"({expected} bytes): the file is truncated or corrupt")
+                        f"({expected} bytes): the file is truncated or corrupt")
     return dtype, chunk_size
 
 
@@ -210,7 +210,7 @@ def read_manifests(directory: Union[str, Path]) -> List[dict]:
                 raise ValueError("no 'files' object or no 'max_token_id'")
         except (ValueError, AttributeError) as error:
             raise UserError(f"{path} is not a valid shard manifest ({error}); rewrite it with "
-                             f"{WRITE_MANIFEST_COMMAND} {Path(directory)}") from None
+                            f"{WRITE_MANIFEST_COMMAND} {Path(directory)}") from None
         manifests.append({**manifest, "path": str(path)})
     return manifests
 

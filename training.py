@@ -155,7 +155,7 @@ def model_config(model_name: Optional[str], initial_checkpoint_dir: Optional[Pat
     config = Config.from_file(Path(initial_checkpoint_dir) / "model_config.json")
     if model_name is not None and config.name != model_name:
         raise UserError(f"{initial_checkpoint_dir}/model_config.json is a {config.name!r} model, but --model_name "
-                         f"is {model_name!r}")
+                        f"is {model_name!r}")
     return config
 
 
@@ -205,7 +205,7 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, w
         hint = (f"choose a --micro_batch_size that divides {global_batch_size // world_size}"
                 if global_batch_size % world_size == 0 else "it must be a multiple of the number of processes")
         raise UserError(f"--global_batch_size {global_batch_size} is not a multiple of --micro_batch_size "
-                         f"{micro_batch_size} x {world_size} processes (devices x num_nodes) = {per_step}: {hint}")
+                        f"{micro_batch_size} x {world_size} processes (devices x num_nodes) = {per_step}: {hint}")
     return global_batch_size // per_step
 
 
@@ -254,8 +254,8 @@ def run_length(fabric: Fabric, settings: TrainingSettings, train_data: BatchSour
         tokens_per_step = settings.global_batch_size * settings.seq_len
         if settings.max_tokens < tokens_per_step:
             raise UserError(f"--max_tokens {settings.max_tokens:,} is less than one step of {tokens_per_step:,} "
-                             f"tokens (--global_batch_size {settings.global_batch_size} sequences of "
-                             f"{settings.seq_len} tokens): it would train nothing")
+                            f"tokens (--global_batch_size {settings.global_batch_size} sequences of "
+                            f"{settings.seq_len} tokens): it would train nothing")
         limits.append(settings.max_tokens // tokens_per_step)
     if settings.epochs is not None:
         # every process reads len(train_data) micro-batches per epoch, `accumulation` of them per step: floor(floor(
@@ -263,8 +263,8 @@ def run_length(fabric: Fabric, settings: TrainingSettings, train_data: BatchSour
         steps_per_epoch = len(train_data) // accumulation
         if steps_per_epoch == 0:
             raise UserError(f"One epoch of the training data ({len(train_data)} micro-batches of "
-                             f"{settings.micro_batch_size} per process) makes no full global batch of "
-                             f"{settings.global_batch_size}")
+                            f"{settings.micro_batch_size} per process) makes no full global batch of "
+                            f"{settings.global_batch_size}")
         left_out = len(train_data) - steps_per_epoch * accumulation
         fabric.print(f"One epoch: {steps_per_epoch:,} steps of {settings.global_batch_size} sequences; the last "
                      f"{left_out} micro-batches per process make no full global batch and start the next epoch")
@@ -688,7 +688,7 @@ def all_finite(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimize
 def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: BatchSource, config: Config) -> None:
     if Path(path).is_dir() and not isinstance(fabric.strategy, ModelParallelStrategy):
         raise UserError(f"{path} is a sharded checkpoint written by FSDP: resume it with --strategy fsdp on as many "
-                         f"processes (devices x num_nodes) as wrote it")
+                        f"processes (devices x num_nodes) as wrote it")
     checkpoint = {**state, "train_data": None, "rng": None, "hparams": None, "model_config": None}
     if Path(path).is_dir():
         load_sharded_training_state(fabric, Path(path), checkpoint)
@@ -698,7 +698,7 @@ def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: Bat
         raise UserError(f"{path} holds a model {checkpoint['model_config']}, not {vars(config)}")
     if len(checkpoint["train_data"]) != fabric.world_size:
         raise UserError(f"{path} was written by {len(checkpoint['train_data'])} processes; resume it with as many "
-                         f"(devices x num_nodes), not {fabric.world_size}: each holds its own data position")
+                        f"(devices x num_nodes), not {fabric.world_size}: each holds its own data position")
     train_data.load_state_dict(checkpoint["train_data"][fabric.global_rank])
     set_rng_states(checkpoint["rng"][fabric.global_rank])
     for key in ("step", "tokens", "target_tokens"):
@@ -726,7 +726,7 @@ def load_sharded_training_state(fabric: Fabric, path: Path, checkpoint: dict) ->
     missing = [key for key in keys if key not in others]
     if missing:
         raise UserError(f"{path / 'meta.pt'} lacks {', '.join(missing)}: expected the non-tensor state of a "
-                         f"training checkpoint as save_checkpoint writes it")
+                        f"training checkpoint as save_checkpoint writes it")
     checkpoint.update({key: others[key] for key in keys})
     fabric.barrier()
 
