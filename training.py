@@ -22,6 +22,7 @@ the CPU: no device sync) and all-reduced as one small device tensor.
 """
 
 import importlib.util
+import itertools
 import math
 import random
 import re
@@ -469,20 +470,25 @@ def eval_batch_count(fabric: Fabric, val_data: BatchSource, eval_iters: int) -> 
     return min(eval_iters, len(val_data))
 
 
-@torch.no_grad()
 def validate(fabric: Fabric, model: nn.Module, val_data: BatchSource, eval_batches: int) -> float:
     """Loss over the target tokens of the first `eval_batches` micro-batches of every process."""
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=fabric.device)  # summed loss, target tokens
-    iterator = iter(val_data)
-    for _ in range(eval_batches):
-        input_ids, targets = next(iterator)
-        targets = to_device(targets, fabric.device)
-        loss = loss_sum(model(to_device(input_ids, fabric.device)), targets)
-        totals += torch.stack([loss.double(), (targets != IGNORE_INDEX).sum().double()])
+    totals = summed_loss(model, val_data, eval_batches, fabric.device)
     model.train()
     loss_total, target_tokens = fabric.all_reduce(totals, reduce_op="sum").tolist()
     return loss_total / max(target_tokens, 1)
+
+
+@torch.no_grad()
+def summed_loss(model: nn.Module, batches: BatchSource, n_batches: int, device: torch.device) -> torch.Tensor:
+    """[cross-entropy summed over the target tokens, target tokens] of the first `n_batches` micro-batches of
+    `batches` (a fresh iteration), float64 on `device`: no host sync."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for input_ids, targets in itertools.islice(batches, n_batches):
+        targets = to_device(targets, device)
+        loss = loss_sum(model(to_device(input_ids, device)), targets)
+        totals += torch.stack([loss.double(), (targets != IGNORE_INDEX).sum().double()])
+    return totals
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------------

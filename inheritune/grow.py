@@ -31,7 +31,6 @@ and measures, and it tells the others when to stop.
 import csv
 import gc
 import importlib.util
-import itertools
 import json
 import sys
 import time
@@ -48,7 +47,7 @@ from model import GPT, Config, num_parameters
 from packed_dataset import validation_batches
 from pretrain.tinyllama import setup
 from tokenizer import TOKENIZER_FILES
-from training import IGNORE_INDEX, Accelerator, Precision, Schedule, Strategy, latest_checkpoint, loss_sum
+from training import Accelerator, Precision, Schedule, Strategy, latest_checkpoint, summed_loss
 from utils import atomic_write, cli, launched_as_rank_zero, write_json
 
 RESULTS_FILE = "grow.json"
@@ -231,14 +230,9 @@ def validation_loss(checkpoint_dir: Path, val_data_dir: Path, seq_len: int, micr
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # training sets TF32 ("high") for the whole process
     try:
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
-        for input_ids, targets in itertools.islice(batches, eval_iters):
-            targets = targets.to(device)
-            loss = loss_sum(model(input_ids.to(device)), targets)
-            totals += torch.stack([loss.double(), (targets != IGNORE_INDEX).sum().double()])
+        loss_total, target_tokens = summed_loss(model, batches, eval_iters, torch.device(device)).tolist()
     finally:
         torch.set_float32_matmul_precision(previous)
-    loss_total, target_tokens = totals.tolist()
     if target_tokens == 0:
         raise ValueError(f"--val_data_dir {val_data_dir} makes no micro-batch of {micro_batch_size} blocks of "
                          f"{seq_len + 1} tokens with a target")
