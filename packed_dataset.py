@@ -299,10 +299,11 @@ def training_batches(data_dir: Path, mix: str, block_size: int, micro_batch_size
     """The files data_dir/prefix* of each source of `mix` (see parse_data_mix), shuffled, endless, mixed. Rank 0
     prints which files each prefix matched: a prefix also matches longer names (train_code: train_code_extra_*)."""
     sources = parse_data_mix(mix)
+    in_directory = read_manifests(data_dir)  # once: every source is in data_dir
     datasets, manifests = [], {}  # by path: the sources of one directory share its manifests
     for prefix, _ in sources:
         files = data_files(data_dir, prefix, "--train_data_dir/--train_data_mix")
-        manifests.update((manifest["path"], manifest) for manifest in covering_manifests(data_dir, files))
+        manifests.update((manifest["path"], manifest) for manifest in covering_manifests(data_dir, files, in_directory))
         dataset = PackedDataset(files, n_chunks=SHUFFLE_BUFFER_FILES, block_size=block_size, seed=seed, shuffle=True,
                                 wrap=True, num_processes=num_processes, process_rank=process_rank)
         if process_rank == 0:
@@ -322,7 +323,7 @@ def validation_batches(data_dir: Path, block_size: int, micro_batch_size: int, n
                        process_rank: int) -> PackedBatches:
     """The files data_dir/validation*, in order; each iter() starts from the beginning."""
     files = data_files(data_dir, "validation", "--val_data_dir")
-    manifests = covering_manifests(data_dir, files)
+    manifests = covering_manifests(data_dir, files, read_manifests(data_dir))
     dataset = PackedDataset(files, n_chunks=SHUFFLE_BUFFER_FILES, block_size=block_size, shuffle=False,
                             num_processes=num_processes, process_rank=process_rank)
     return PackedBatches(dataset, micro_batch_size, f"--val_data_dir {data_dir}", manifests)
@@ -354,10 +355,9 @@ def data_files(data_dir: Path, prefix: str, flag: str) -> list:
     return files
 
 
-def covering_manifests(data_dir: Path, files: Sequence[str]) -> List[dict]:
-    """The manifests of data_dir that list `files`; a file that none lists with its current size is refused, with the
-    preparer command to rerun (its run did not finish) and the command for shards made elsewhere."""
-    manifests = read_manifests(data_dir)
+def covering_manifests(data_dir: Path, files: Sequence[str], manifests: List[dict]) -> List[dict]:
+    """Those of data_dir's `manifests` that list `files`; a file that none lists with its current size is refused,
+    with the preparer command to rerun (its run did not finish) and the command for shards made elsewhere."""
     missing = uncovered(files, manifests)
     if missing is not None:
         path, why = missing
