@@ -4,7 +4,8 @@ load weights without the training stack.
 A checkpoint directory holds
 - `lit_model.pth`: the full (unsharded) state dict of `model.GPT`, loaded with `weights_only=True`;
 - `model_config.json`: the `Config`, read by `Config.from_file`;
-- the tokenizer files (`tokenizer.model` or `tokenizer.json`, and their configs), when there is a tokenizer.
+- the tokenizer files (`tokenizer.model` or `tokenizer.json`, and their configs), when there is a tokenizer;
+- what a producer adds: a chat template (`chat_template.jinja`), a finetuning's LoRA adapters and their config.
 
 Pretraining's final weights, the Hugging Face converter and every later producer write it through `save_model_dir`;
 every consumer reads it through `load_model` (or `load_state_dict` + `check_state_dict`).
@@ -47,10 +48,12 @@ CONFIG_FILE = "model_config.json"
 
 def save_model_dir(model_or_state_dict: Union[torch.nn.Module, Mapping[str, torch.Tensor]], config: Config,
                    tokenizer_dir: Optional[Path], out_dir: Path,
-                   json_files: Optional[Mapping[str, Any]] = None) -> None:
+                   json_files: Optional[Mapping[str, Any]] = None, text_files: Optional[Mapping[str, str]] = None,
+                   tensor_files: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> None:
     """Write `out_dir` as a checkpoint directory: the weights, the config and the tokenizer files of `tokenizer_dir`
-    (none: no tokenizer), and `json_files` ({file name: object}, e.g. provenance) as JSON. The weights are checked
-    against `config` first.
+    (none: no tokenizer), and {file name: content} of `json_files` (objects, e.g. provenance) as JSON,
+    `text_files` (e.g. chat_template.jinja) as UTF-8 text and `tensor_files` (state dicts) by torch.save; these
+    replace a tokenizer file of the same name. The weights are checked against `config` first.
 
     A new `out_dir` is built under a temporary name and renamed when complete, replacing an older one whole. When
     `out_dir` is `tokenizer_dir` itself (a converted Hugging Face directory, whose own files stay), the weights and
@@ -63,14 +66,25 @@ def save_model_dir(model_or_state_dict: Union[torch.nn.Module, Mapping[str, torc
     out_dir = Path(out_dir)
     json_files = json_files or {}
     if tokenizer_dir is not None and out_dir.resolve() == Path(tokenizer_dir).resolve():
+        write_extra_files(text_files or {}, tensor_files or {}, out_dir)
         write_model_files(state_dict, config, json_files, out_dir)
         return
     with atomic_directory(out_dir) as tmp:
-        write_model_files(state_dict, config, json_files, tmp)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        write_extra_files(text_files or {}, tensor_files or {}, tmp)
+        write_model_files(state_dict, config, json_files, tmp)
+
+
+def write_extra_files(text_files: Mapping[str, str], tensor_files: Mapping[str, Mapping[str, torch.Tensor]],
+                      directory: Path) -> None:
+    for name, text in text_files.items():
+        with atomic_write(directory / name) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+    for name, tensors in tensor_files.items():
+        save_atomic(dict(tensors), directory / name)
 
 
 def write_model_files(state_dict: Mapping[str, torch.Tensor], config: Config, json_files: Mapping[str, Any],

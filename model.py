@@ -132,6 +132,11 @@ configs = {
         block_size=256, vocab_size=4096, n_layer=4, n_head=4, n_embd=256, n_query_groups=2,
         intermediate_size=704,
     ),
+    # The target that bench/speculative.py pairs with "demo" as its draft: ~6x demo's FLOPs per token, same tokenizer
+    "demo-512": dict(
+        block_size=256, vocab_size=4096, n_layer=8, n_head=8, n_embd=512, n_query_groups=4,
+        intermediate_size=1408,
+    ),
     "micro": dict(
         block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64, n_query_groups=2, intermediate_size=176,
     ),
@@ -326,6 +331,11 @@ class CausalSelfAttention(nn.Module):
             if input_pos is not None:
                 k, v = self.kv_cache.update(input_pos, k, v)
             gqa = cfg.n_query_groups != cfg.n_head
+            # The masked grouped-head call of the KV-cache steps: SDPA's CUDA flash kernel takes no mask and its
+            # efficient kernel no grouped heads, so torch's order leaves cuDNN (which takes both) or math; on the CPU
+            # the flash CPU kernel runs. Left to SDPA on purpose: the static cache gives every decode step one shape,
+            # so cuDNN's per-shape plan is built once, not once per KV length as with a growing cache.
+            # bench/generate_throughput.py reports the backend a decode step runs.
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(cfg.head_size), enable_gqa=gqa
             ).transpose(1, 2)

@@ -7,11 +7,14 @@
     fit(fabric, model, optimizer, config, train_batches, val_batches, settings, hparams, resume_path)
 
 A batch source (`BatchSource`) yields `(input_ids, targets)` micro-batches of this process, with -100 at target
-positions that carry no loss; packed shards (packed_dataset.PackedBatches) are one. `fit` does the rest, in nanoGPT's
+positions that carry no loss, or `(input_ids, targets, document_ids)` for rows that pack several examples, each
+attending only itself at positions restarting from 0 (model.packed_documents); packed shards
+(packed_dataset.PackedBatches) and finetune/sft.py's SFTBatches are batch sources. `fit` does the rest, in nanoGPT's
 order: learning rate -> micro-steps (gradient accumulation, no gradient sync but on the last) -> clipping -> the one
 host sync per step (non-finite loss or gradient, time limit) -> optimizer step -> logging -> validation -> atomic
-checkpoint (only of finite weights and optimizer state). A checkpoint holds the model, the optimizer, the step and
-token counters, every rank's data position and RNG states, so a run resumed from it continues exactly as if it had
+checkpoint (only of finite weights and optimizer state). A checkpoint holds the parameters that train (all of them,
+or only the adapters of a LoRA model, whose frozen weights come from its initial checkpoint), the optimizer, the step
+and token counters, every rank's data position and RNG states, so a run resumed from it continues exactly as if it had
 never stopped; `--resume auto` takes the newest one that loads, skipping broken ones with a warning.
 
 The loss of a step is summed over its target tokens and divided by the count of target tokens of the whole step
@@ -30,7 +33,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Protocol, Tuple
+from typing import Callable, Iterator, Literal, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -43,7 +46,7 @@ from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 from checkpoint import (
     CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, load_file, load_shards, read_shard_index, save_atomic, save_model_dir,
 )
-from model import GPT, Config, num_parameters
+from model import GPT, Config, num_parameters, packed_documents
 from utils import UserError, move_into_place, remove_path, write_json
 
 IGNORE_INDEX = -100  # targets that carry no loss (padding, prompts), as F.cross_entropy's default ignore_index
@@ -53,12 +56,15 @@ Schedule = Literal["cosine", "linear", "constant"]
 Strategy = Literal["fsdp", "ddp"]
 Precision = Literal["bf16-mixed", "bf16-true", "32-true"]
 Accelerator = Literal["auto", "cpu", "cuda"]
+SaveFinal = Callable[[Mapping[str, torch.Tensor], Path], None]  # writes (the full state dict) into (out_dir/final)
 
 
 class BatchSource(Protocol):
     """This process's micro-batches: `(input_ids, targets)`, both (micro_batch_size, T) int64 on the CPU, targets
-    -100 where no loss is taken. `iter()` continues from the position of the last `load_state_dict` (or the start);
-    `len()` is the number of micro-batches per process in one epoch, the same on every process."""
+    -100 where no loss is taken; or `(input_ids, targets, document_ids)`, document_ids (micro_batch_size, T) equal
+    within each packed example (see model.packed_documents). `iter()` continues from the position of the last
+    `load_state_dict` (or the start); `len()` is the number of micro-batches per process in one epoch, the same on
+    every process."""
 
     pad_id: Optional[int]  # the input id of padding, which costs no FLOPs and is not counted as a token; None: none
 
@@ -161,15 +167,18 @@ def model_config(model_name: Optional[str], initial_checkpoint_dir: Optional[Pat
 
 
 def build_model(fabric: Fabric, config: Config, seed: int, initial_checkpoint_dir: Optional[Path],
-                compile: bool) -> nn.Module:
+                compile: bool, adapt: Optional[Callable[[GPT], None]] = None) -> nn.Module:
     """GPT(config) with model.py's init from `seed` (the same on every rank, whatever the strategy), or the weights
-    of `initial_checkpoint_dir`; then compiled if asked, and set up (sharded, wrapped) by Fabric."""
+    of `initial_checkpoint_dir`; then changed by `adapt` if given (e.g. lora.add_lora, under the same seed), compiled
+    if asked, and set up (sharded, wrapped) by Fabric."""
     fabric.seed_everything(seed)
     # built whole on the device by every rank, then sharded (ModelParallelStrategy does not place it itself)
     with fabric.init_module(empty_init=False), torch.device(fabric.device):
         model = GPT(config)
     if initial_checkpoint_dir is not None:
         load_checkpoint(model, Path(initial_checkpoint_dir) / "lit_model.pth")
+    if adapt is not None:
+        adapt(model)
     if compile:
         model = torch.compile(model)
     return fabric.setup(model)
@@ -186,11 +195,12 @@ def build_optimizer(fabric: Fabric, model: nn.Module, learning_rate: float, weig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_all_params: bool) -> list:
-    """Weight decay on matrices only: not on norms, biases or embeddings (unless decay_all_params, as TinyLlama)."""
+    """The parameters that train (requires_grad), with weight decay on matrices only: not on norms, biases or
+    embeddings (unless decay_all_params, as TinyLlama)."""
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for param in module.parameters(recurse=False):
-            if id(param) in seen:
+            if id(param) in seen or not param.requires_grad:
                 continue
             seen.add(id(param))
             is_matrix = param.ndim >= 2 and not isinstance(module, nn.Embedding)
@@ -291,10 +301,11 @@ class Run:
 
 def fit(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, config: Config,
         train_data: BatchSource, val_data: Optional[BatchSource], settings: TrainingSettings, hparams: dict,
-        resume_path: Optional[Path] = None) -> int:
-    """Train to the end of the run (or `max_time`), then write the final weights to out_dir/final (lit_model.pth,
-    model_config.json and the tokenizer of `settings.tokenizer_dir`) when the run is complete. `hparams` are
-    written to out_dir/hyperparameters.json and into every checkpoint. Returns the step reached."""
+        resume_path: Optional[Path] = None, save_final: Optional[SaveFinal] = None) -> int:
+    """Train to the end of the run (or `max_time`), then write the final weights to out_dir/final when the run is
+    complete: by `save_final(full state dict, out_dir/final)` on rank 0 if given (e.g. LoRA's merged weights), else
+    checkpoint.save_model_dir (lit_model.pth, model_config.json and the tokenizer of `settings.tokenizer_dir`).
+    `hparams` are written to out_dir/hyperparameters.json and into every checkpoint. Returns the step reached."""
     check_settings(settings)
     out_dir = Path(settings.out_dir)
     accumulation = gradient_accumulation_steps(settings.global_batch_size, settings.micro_batch_size,
@@ -302,11 +313,13 @@ def fit(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, conf
     max_steps = run_length(fabric, settings, train_data, accumulation)
     eval_batches = 0 if val_data is None else eval_batch_count(fabric, val_data, settings.eval_iters)
     n_params = num_parameters(model)
+    n_trained = sum(param.numel() for param in model.parameters() if param.requires_grad)
     flops_per_token = training_flops_per_token(config, n_params, settings.seq_len or config.block_size)
     device_name = torch.cuda.get_device_name(fabric.device) if fabric.device.type == "cuda" else None
     run = Run(accumulation, max_steps, eval_batches, flops_per_token,
               peak_flops(device_name, fabric.strategy.precision.precision))
-    fabric.print(f"{config.name}: {n_params:,} parameters, {flops_per_token / 1e9:.3f} GFLOPs per token; "
+    trained = "" if n_trained == n_params else f" ({n_trained:,} trained)"
+    fabric.print(f"{config.name}: {n_params:,} parameters{trained}, {flops_per_token / 1e9:.3f} GFLOPs per token; "
                  f"{fabric.world_size} processes x {settings.micro_batch_size} sequences x {accumulation} "
                  f"accumulation = {settings.global_batch_size} sequences per step; {max_steps:,} steps")
 
@@ -328,7 +341,8 @@ def fit(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, conf
                      f"in {checkpoint_path(out_dir, state['step'])}. Continue it with the same command and --resume "
                      f"auto; the final weights go to {final} when it reaches step {max_steps}{earlier}.")
     else:
-        save_final_weights(fabric, model, config, settings.tokenizer_dir, final)
+        save_final_weights(fabric, model, final, save_final or (
+            lambda state_dict, directory: save_model_dir(state_dict, config, settings.tokenizer_dir, directory)))
     return state["step"]
 
 
@@ -359,10 +373,10 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
         # each rank's gradients are averaged over the ranks: x world_size makes them sum(losses) / all targets
         scale = fabric.world_size / counts[1].clamp(min=1)
         step_loss = torch.zeros((), dtype=torch.float64, device=fabric.device)
-        for micro_step, (input_ids, targets) in enumerate(micro_batches):
-            input_ids, targets = to_device(input_ids, fabric.device), to_device(targets, fabric.device)
+        for micro_step, micro_batch in enumerate(micro_batches):
+            targets = to_device(micro_batch[1], fabric.device)
             with fabric.no_backward_sync(model, enabled=micro_step < run.accumulation - 1):
-                loss = loss_sum(model(input_ids), targets)
+                loss = loss_sum(forward(model, micro_batch, fabric.device), targets)
                 fabric.backward(loss * scale)
             step_loss += loss.detach()
         grad_norm = fabric.clip_gradients(model, optimizer, max_norm=settings.grad_clip, error_if_nonfinite=False)
@@ -447,9 +461,19 @@ def token_counts(micro_batches: list, pad_id: Optional[int], device: torch.devic
     """[non-padding input tokens, target tokens] of a step's micro-batches, counted on the host (they are CPU
     tensors: no device sync), as an int64 tensor on `device` for the all-reduce."""
     inputs = sum(input_ids.numel() if pad_id is None else int((input_ids != pad_id).sum())
-                 for input_ids, _ in micro_batches)
-    targets = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches)
+                 for input_ids, *_ in micro_batches)
+    targets = sum(int((targets != IGNORE_INDEX).sum()) for _, targets, *_ in micro_batches)
     return torch.tensor([inputs, targets], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def forward(model: nn.Module, micro_batch: tuple, device: torch.device) -> torch.Tensor:
+    """The logits (B, T, vocab) of a micro-batch `(input_ids, targets)`, or `(input_ids, targets, document_ids)` of
+    packed examples (block-diagonal causal attention, positions restarting at each example)."""
+    input_ids = to_device(micro_batch[0], device)
+    if len(micro_batch) == 2:
+        return model(input_ids)
+    input_pos, attention_mask = packed_documents(to_device(micro_batch[2], device))
+    return model(input_ids, input_pos, attention_mask)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -484,9 +508,9 @@ def summed_loss(model: nn.Module, batches: BatchSource, n_batches: int, device: 
     """[cross-entropy summed over the target tokens, target tokens] of the first `n_batches` micro-batches of
     `batches` (a fresh iteration), float64 on `device`: no host sync."""
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for input_ids, targets in itertools.islice(batches, n_batches):
-        targets = to_device(targets, device)
-        loss = loss_sum(model(to_device(input_ids, device)), targets)
+    for micro_batch in itertools.islice(batches, n_batches):
+        targets = to_device(micro_batch[1], device)
+        loss = loss_sum(forward(model, micro_batch, device), targets)
         totals += torch.stack([loss.double(), (targets != IGNORE_INDEX).sum().double()])
     return totals
 
@@ -666,18 +690,55 @@ def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict, train_data: Batc
     }
     if isinstance(fabric.strategy, ModelParallelStrategy):  # every rank writes its own shard file
         tmp = path.with_name(f".{path.name}.tmp")
-        fabric.save(tmp, checkpoint)
+        save_sharded_training_state(fabric, tmp, checkpoint)
         fabric.barrier()
         if fabric.global_rank == 0:
             move_into_place(tmp, path)
     else:
         # what fabric.save gathers, written by torch.save straight into .step-N.<random>.tmp beside the destination:
         # fabric.save would serialise all of it into memory first and stage it in $TMPDIR
-        checkpoint.update(model=state["model"].module.state_dict(), optimizer=state["optimizer"].state_dict())
+        checkpoint.update(model=saved_model_state(state["model"].module), optimizer=state["optimizer"].state_dict())
         if fabric.global_rank == 0:
             save_atomic(checkpoint, path)
     fabric.barrier()
     fabric.print(f"Saved {path}")
+
+
+def save_sharded_training_state(fabric: Fabric, path: Path, checkpoint: dict) -> None:
+    """What fabric.save writes for a directory under ModelParallelStrategy (the model's and the optimizer's shards by
+    torch.distributed.checkpoint, the other keys in meta.pt by rank 0), but without the frozen parameters, which
+    fabric.save cannot leave out of a sharded checkpoint. Called by every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+    )
+
+    module, optimizer = checkpoint["model"].module, checkpoint["optimizer"].optimizer
+    options = StateDictOptions(cpu_offload=True)
+    frozen = frozen_parameter_names(module)
+    model_state = get_model_state_dict(module, options=options)
+    dcp.save({"model": {name: tensor for name, tensor in model_state.items() if unprefixed(name) not in frozen},
+              "optimizer": get_optimizer_state_dict(module, optimizer, options=options)}, checkpoint_id=path)
+    if fabric.global_rank == 0:
+        torch.save({key: value for key, value in checkpoint.items() if key not in ("model", "optimizer")},
+                   path / "meta.pt")
+
+
+def frozen_parameter_names(model: nn.Module) -> set:
+    """The parameters that do not train (a LoRA model's base weights), by unprefixed name: a training checkpoint
+    leaves them out, they come from the initial checkpoint."""
+    return {unprefixed(name) for name, param in model.named_parameters() if not param.requires_grad}
+
+
+def unprefixed(name: str) -> str:
+    """A state-dict name without torch.compile's `_orig_mod.`, which some of torch's state-dict functions drop."""
+    return name.replace("_orig_mod.", "")
+
+
+def saved_model_state(module: nn.Module) -> dict:
+    """What a training checkpoint holds of the model: its state dict less the frozen parameters."""
+    frozen = frozen_parameter_names(module)
+    return {name: tensor for name, tensor in module.state_dict().items() if unprefixed(name) not in frozen}
 
 
 def all_finite(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
@@ -699,7 +760,15 @@ def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: Bat
     if Path(path).is_dir():
         load_sharded_training_state(fabric, Path(path), checkpoint)
     else:
+        checkpoint["model"] = None  # Fabric puts the saved state dict here, loaded below: it lacks frozen weights
         fabric.load(path, checkpoint, weights_only=True)
+        module = state["model"].module
+        expected, saved = set(saved_model_state(module)), checkpoint["model"]
+        if set(saved) != expected:
+            missing, unexpected = sorted(expected - set(saved))[:5], sorted(set(saved) - expected)[:5]
+            raise UserError(f"{path} holds other weights than this model trains (missing {missing}, unexpected "
+                            f"{unexpected}): resume it with the settings that wrote it (e.g. the same --lora_* flags)")
+        module.load_state_dict(saved, strict=False)
     if checkpoint["model_config"] != vars(config):
         raise UserError(f"{path} holds a model {checkpoint['model_config']}, not {vars(config)}")
     if len(checkpoint["train_data"]) != fabric.world_size:
@@ -720,9 +789,11 @@ def load_sharded_training_state(fabric: Fabric, path: Path, checkpoint: dict) ->
     )
 
     module, optimizer = checkpoint["model"].module, checkpoint["optimizer"].optimizer
-    model_state = {"model": get_model_state_dict(module)}
+    frozen = frozen_parameter_names(module)
+    model_state = {"model": {name: tensor for name, tensor in get_model_state_dict(module).items()
+                             if unprefixed(name) not in frozen}}
     load_shards(path, model_state)
-    module.load_state_dict(model_state["model"])
+    module.load_state_dict(model_state["model"], strict=not frozen)  # frozen weights: the initial checkpoint's
     optimizer_state = {"optimizer": get_optimizer_state_dict(module, optimizer)}  # loaded apart, as Fabric does
     load_shards(path, optimizer_state)
     set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state["optimizer"],
@@ -737,15 +808,14 @@ def load_sharded_training_state(fabric: Fabric, path: Path, checkpoint: dict) ->
     fabric.barrier()
 
 
-def save_final_weights(fabric: Fabric, model: nn.Module, config: Config, tokenizer_dir: Optional[Path],
-                       out_dir: Path) -> None:
-    """The full (unsharded) weights as a checkpoint directory (checkpoint.save_model_dir), for generate/base.py, the
-    converters and finetuning."""
+def save_final_weights(fabric: Fabric, model: nn.Module, out_dir: Path, save: SaveFinal) -> None:
+    """The full (unsharded) weights, saved by rank 0 as a checkpoint directory (`save`: checkpoint.save_model_dir or
+    a wrapper of it), for generate/base.py, the converters and finetuning."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     # gathers FSDP shards; with cpu_offload only rank 0 receives the full tensors
     state_dict = get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if fabric.global_rank == 0:
-        save_model_dir(state_dict, config, tokenizer_dir, out_dir)
+        save(state_dict, out_dir)
         fabric.print(f"Saved the final weights to {out_dir}")
     fabric.barrier()

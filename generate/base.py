@@ -2,15 +2,19 @@
 
 gpt-fast style: the prompt is prefilled in one forward pass into a static KV cache, then tokens are decoded one at a
 time with fixed shapes (a (1, 1) token, a (1,) position, a cache of constant size) and no host syncs in the step,
-so the decode step can later be compiled or captured in a CUDA graph.
+so the decode step can be compiled and captured in a CUDA graph (--compile).
 
     python generate/base.py --checkpoint_dir out/demo/final --prompt "def fibonacci(n):" --max_new_tokens 100
+    python generate/base.py --checkpoint_dir out/demo/final --prompt "def fibonacci(n):" --compile
+
+With --compile the KV cache has one length for every prompt (--max_seq_length, default the block size), so a prompt
+of another length reuses the compiled step; the prefill stays eager (one call per prompt, of the prompt's shape).
 """
 
 import sys
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Dict, Literal, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,8 +27,9 @@ from utils import cli
 
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 # A per-token `.item()` makes the host wait for the device after every step, so it can no longer queue the next
-# step's kernels while the device works. Checking for EOS every few tokens costs at most this many - 1 wasted steps.
-EOS_CHECK_INTERVAL = 8
+# step's kernels while the device works. Checking for a stop id every few tokens costs at most this many - 1 wasted
+# steps (with `on_token`, streaming needs the sync anyway and each token is checked).
+STOP_CHECK_INTERVAL = 8
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> None:
@@ -63,7 +68,11 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
     """Token ids (int64) of shape logits.shape[:-1]; temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return sample_probs(logits_to_probs(logits, temperature, top_k, top_p))
+
+
+def sample_probs(probs: torch.Tensor) -> torch.Tensor:
+    """Token ids (int64) of shape probs.shape[:-1], drawn from the distributions `probs` (..., vocab)."""
     # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is distributed as Categorical(p), like torch.multinomial
     # but without its host sync. Filtered tokens have p_i = 0 and can never win.
     race = torch.empty_like(probs).exponential_(1)
@@ -71,54 +80,97 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
 
 
 def next_token(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor, **sampling) -> torch.Tensor:
-    """Feed idx (1, T) at positions input_pos (T,) through the KV cache and sample the token that follows."""
+    """Feed idx (1, T) at positions input_pos (T,) through the KV cache and sample the token that follows: (1,)."""
     logits = model(idx, input_pos)
     # sample only among the real vocabulary, never the rows that pad the embedding to a multiple of 64
-    return sample(logits[0, -1, : model.config.vocab_size], **sampling)
+    return sample(logits[0, -1:, : model.config.vocab_size], **sampling)
+
+
+def ensure_kv_cache(model: GPT, batch_size: int, max_seq_length: int) -> None:
+    """Allocate the static KV cache unless the model already has one of this shape, dtype and device.
+
+    Reusing it needs no reset: each prompt's prefill overwrites the slots it attends, and a query never attends a
+    slot past its own position. Keeping the same tensors keeps a compiled decode step valid (no recompilation).
+    """
+    weight = model.lm_head.weight
+    cache = model.transformer.h[0].attn.kv_cache
+    if (cache is None or model.mask_cache is None or model.mask_cache.size(0) != max_seq_length
+            or cache.k.size(0) != batch_size or cache.k.dtype != weight.dtype or cache.k.device != weight.device):
+        model.set_kv_cache(batch_size=batch_size, max_seq_length=max_seq_length)
 
 
 @torch.inference_mode()
 def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None) -> torch.Tensor:
-    """Return the 1-D prompt followed by up to `max_new_tokens` new tokens, ending at the first `eos_id` if any.
+             top_k: Optional[int] = None, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+             on_token: Optional[Callable[[int], None]] = None, max_seq_length: Optional[int] = None,
+             compiled: bool = False) -> torch.Tensor:
+    """Return the 1-D prompt followed by up to `max_new_tokens` new tokens, ending at the first generated id that is
+    in `stop_ids` (kept in the output).
 
-    The whole sequence never exceeds `block_size`: fewer tokens are generated when the prompt leaves less room.
-    Sets the model's KV cache to batch size 1 and the length needed.
+    on_token: called with each new token id as soon as it is sampled (one host sync per token: for streaming).
+    max_seq_length: the KV cache length, fixed across calls so that a compiled step never recompiles; default the
+        prompt plus max_new_tokens. The whole sequence never exceeds it nor `block_size`: fewer tokens are generated
+        when the prompt leaves less room.
+    compiled: decode with `compiled_step` (torch.compile; CUDA graphs on CUDA); the prefill stays eager.
     """
     check_generation_args(max_new_tokens, temperature, top_k, top_p)
     if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
         raise ValueError(f"prompt_ids must be a non-empty 1-D tensor, got shape {tuple(prompt_ids.shape)}")
     T = prompt_ids.numel()
-    block_size = model.config.block_size
-    if T >= block_size:
-        raise ValueError(f"The prompt has {T} tokens; it must be shorter than block_size={block_size}")
+    max_seq_length = max_seq_length or min(T + max_new_tokens, model.config.block_size)
+    if T >= max_seq_length:
+        limits = f"block_size={model.config.block_size}" + (
+            f" and max_seq_length={max_seq_length}" if max_seq_length < model.config.block_size else "")
+        raise ValueError(f"The prompt has {T} tokens; it must be shorter than {limits}")
     device = model.lm_head.weight.device
-    max_seq_length = min(T + max_new_tokens, block_size)
-    model.set_kv_cache(batch_size=1, max_seq_length=max_seq_length, device=device)
+    ensure_kv_cache(model, batch_size=1, max_seq_length=max_seq_length)
+    length = min(T + max_new_tokens, max_seq_length)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    step = compiled_step(next_token, device) if compiled else next_token
 
-    tokens = torch.empty(max_seq_length, dtype=torch.long, device=device)
+    tokens = torch.empty(length, dtype=torch.long, device=device)
     tokens[:T] = prompt_ids
     token = next_token(model, tokens[:T].view(1, -1), torch.arange(T, device=device), **sampling)
-    tokens[T] = token
-    eos_seen = token == eos_id if eos_id is not None else None
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    stop_seen = torch.zeros(1, dtype=torch.bool, device=device)
     input_pos = torch.tensor([T], device=device)
-    length = max_seq_length
-    for i in range(T + 1, max_seq_length):
-        if eos_seen is not None and (i - T) % EOS_CHECK_INTERVAL == 0 and eos_seen.item():
-            length = i
-            break
-        token = next_token(model, token.view(1, 1), input_pos, **sampling)
-        tokens[i] = token
-        input_pos += 1
-        if eos_seen is not None:
-            eos_seen |= token == eos_id
-    tokens = tokens[:length]
-    if eos_id is not None:
-        eos_positions = (tokens[T:] == eos_id).nonzero()
-        if len(eos_positions):
-            tokens = tokens[: T + eos_positions[0].item() + 1]
+    end = length
+    for i in range(T, length):
+        if i > T:
+            # the clone: a CUDA graph's output is overwritten by its next replay
+            token = step(model, token.view(1, 1), input_pos, **sampling).clone()
+            input_pos += 1
+        tokens[i] = token[0]
+        if on_token is not None:
+            token_id = token.item()
+            on_token(token_id)
+            if token_id in stop_ids:
+                end = i + 1
+                break
+        elif len(stop_ids):
+            stop_seen |= torch.isin(token, stops)
+            if (i + 1 - T) % STOP_CHECK_INTERVAL == 0 and stop_seen.item():
+                end = i + 1
+                break
+    tokens = tokens[:end]
+    if on_token is None and len(stop_ids):
+        stop_positions = torch.isin(tokens[T:], stops).nonzero()
+        if len(stop_positions):
+            tokens = tokens[: T + stop_positions[0].item() + 1]
     return tokens
+
+
+def compiled_step(step: Callable, device: torch.device) -> Callable:
+    """`step` compiled once per device type, with CUDA graphs on CUDA ("reduce-overhead": the ~10 us launch of each of
+    a decode step's hundreds of small kernels is what bounds batch-1 decoding there)."""
+    key = (step, device.type)
+    if key not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        _COMPILED[key] = torch.compile(step, mode=mode, fullgraph=True)
+    return _COMPILED[key]
+
+
+_COMPILED: Dict[Tuple[Callable, str], Callable] = {}
 
 
 def main(
@@ -130,6 +182,8 @@ def main(
     top_p: float = 1.0,
     seed: int = 1234,
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
+    compile: bool = False,
+    max_seq_length: Optional[int] = None,
 ) -> None:
     """Print the prompt and its continuation; the speed goes to stderr.
 
@@ -142,37 +196,31 @@ def main(
         top_p: nucleus sampling: the smallest set of tokens whose probability reaches top_p
         seed: random seed for sampling
         precision: 32-true, bf16-true or 16-true; default bf16-true on CUDA, 32-true on CPU
+        compile: compile the one-token decode step (CUDA graphs on CUDA); a warm-up run compiles it before timing
+        max_seq_length: KV cache length, fixed so that prompts of any length reuse one compiled step; default the
+            block size with --compile, else the prompt plus max_new_tokens
     """
     check_generation_args(max_new_tokens, temperature, top_k, top_p)
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = precision or ("bf16-true" if device.type == "cuda" else "32-true")
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
-    torch.manual_seed(seed)
-
-    tokenizer = Tokenizer(checkpoint_dir)
-    t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, device=device, dtype=PRECISIONS[precision])
-    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({precision} on {device})", file=sys.stderr)
-    tokenizer.check_fits(model.config.vocab_size, str(checkpoint_dir / "model_config.json"))
-
-    prompt_ids = torch.tensor(tokenizer.encode(prompt, bos=tokenizer.bos_id is not None), dtype=torch.int,
-                              device=device)
-    room = model.config.block_size - len(prompt_ids)
+    model, tokenizer = load_for_generation(checkpoint_dir, device, precision)
+    if compile:
+        max_seq_length = max_seq_length or model.config.block_size
+    prompt_ids = encode_prompt(tokenizer, prompt, device)
+    room = min(max_seq_length or model.config.block_size, model.config.block_size) - len(prompt_ids)
     if 0 < room < max_new_tokens:
-        print(f"Only {room} new tokens fit in block_size={model.config.block_size} after the "
-              f"{len(prompt_ids)}-token prompt", file=sys.stderr)
+        print(f"Only {room} new tokens fit after the {len(prompt_ids)}-token prompt", file=sys.stderr)
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_seq_length=max_seq_length,
+                    compiled=compile, stop_ids=[] if tokenizer.eos_id is None else [tokenizer.eos_id])
+    if compile:
+        t0 = time.perf_counter()
+        generate(model, prompt_ids, 2, **settings)
+        print(f"Compiled the decode step in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    torch.manual_seed(seed)
+    synchronize(device)
     t0 = time.perf_counter()
-    output = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      eos_id=tokenizer.eos_id)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    output = generate(model, prompt_ids, max_new_tokens, **settings)
+    synchronize(device)
     elapsed = time.perf_counter() - t0
 
     print(tokenizer.decode(output))
@@ -180,6 +228,35 @@ def main(
     print(f"Generated {n_new} tokens in {elapsed:.2f} s: {n_new / elapsed:.2f} tokens/s on {device}", file=sys.stderr)
     if device.type == "cuda":
         print(f"Memory used: {torch.cuda.max_memory_allocated() / 1e9:.02f} GB", file=sys.stderr)
+
+
+def load_for_generation(checkpoint_dir: Path, device: torch.device,
+                        precision: Optional[str] = None) -> Tuple[GPT, Tokenizer]:
+    """The model of a checkpoint directory in `precision` (default bf16-true on CUDA, 32-true on CPU) on `device`,
+    and its tokenizer, checked to fit the model's vocabulary."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist")
+    precision = precision or ("bf16-true" if device.type == "cuda" else "32-true")
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+    tokenizer = Tokenizer(checkpoint_dir)
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_dir, device=device, dtype=PRECISIONS[precision])
+    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({precision} on {device})", file=sys.stderr)
+    tokenizer.check_fits(model.config.vocab_size, str(checkpoint_dir / "model_config.json"))
+    return model, tokenizer
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, device: torch.device) -> torch.Tensor:
+    """(T,) int64 ids of `prompt`, after BOS when the tokenizer has one."""
+    return torch.tensor(tokenizer.encode(prompt, bos=tokenizer.bos_id is not None), dtype=torch.long, device=device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

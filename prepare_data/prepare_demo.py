@@ -20,6 +20,7 @@ text in the training data. A documentation file goes by a hash of its text.
 import ast
 import glob
 import json
+import os
 import sys
 import sysconfig
 from functools import partial
@@ -44,11 +45,12 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def stdlib_files(max_files: Optional[int] = None) -> List[Path]:
-    files = sorted(
-        path
-        for path in STDLIB.rglob("*.py")
-        if not EXCLUDED_DIRECTORIES & set(path.relative_to(STDLIB).parts[:-1]) and not path.name.startswith("test_")
-    )
+    files = []
+    for directory, subdirectories, names in os.walk(STDLIB):
+        # pruned in place, so the walk never enters site-packages (torch alone holds thousands of files)
+        subdirectories[:] = [d for d in subdirectories if d not in EXCLUDED_DIRECTORIES]
+        files += [Path(directory, name) for name in names if name.endswith(".py") and not name.startswith("test_")]
+    files.sort()
     if not files:
         raise FileNotFoundError(f"No standard library .py files in {str(STDLIB)!r}")
     return files[:max_files]

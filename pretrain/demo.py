@@ -61,7 +61,7 @@ def demo(data_dir: Path = Path("data/demo"), out_dir: Path = Path("out/demo"), m
     model = load_model(final)
     torch.manual_seed(DEMO["seed"])
     prompt = torch.tensor(tokenizer.encode(PROMPT, bos=tokenizer.bos_id is not None))
-    output = generate(model, prompt, max_new_tokens=100, temperature=0.8, top_k=50, eos_id=tokenizer.eos_id)
+    output = generate(model, prompt, max_new_tokens=100, temperature=0.8, top_k=50, stop_ids=[tokenizer.eos_id])
     print(f"\nSample from {final}:\n{tokenizer.decode(output)}\n")
     print(f"More: python generate/base.py --checkpoint_dir {final} --prompt 'import os'")
 

@@ -7,6 +7,10 @@ from `checkpoint_dir` and writes `lit_model.pth` and `model_config.json` beside 
 
 Shards are read one at a time, so memory stays about one model's size. The key map and the config translation are
 hf.py's; this script reads the files and writes the checkpoint directory through checkpoint.save_model_dir.
+
+The tokenizer files and the chat template (`chat_template.jinja`, or tokenizer_config.json's `chat_template`) stay
+where they are, so generate/chat.py and every checkpoint made from this one (which copy them) use the model's own
+template; the conversion says which template it found.
 """
 
 import json
@@ -19,10 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from chat_template import ChatTemplate
 from checkpoint import save_model_dir
 from hf import config_from_hf, lit_state_dict
 from model import Config
-from utils import cli
+from utils import UserError, cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,7 +96,22 @@ def convert_hf_checkpoint(
         f"Config {config.name or '(custom: no named config matches)'}; wrote {len(state_dict)} tensors to "
         f"{checkpoint_dir / 'lit_model.pth'}; skipped {len(skipped)} keys" + (f" {skipped_kinds}" if skipped else "")
     )
+    report_chat_template(checkpoint_dir)
     return config
+
+
+def report_chat_template(checkpoint_dir: Path) -> None:
+    """Say which chat template the checkpoint carries; one that does not compile is reported, not fatal (chat.py
+    can take --chat_template instead)."""
+    try:
+        template = ChatTemplate.from_checkpoint(checkpoint_dir)
+    except UserError as error:
+        print(f"WARNING: {error}")
+        return
+    if template is None:
+        print("No chat template: generate/chat.py will need --chat_template")
+    else:
+        print(f"Chat template kept: {template.name} (sha256 {template.sha256[:12]})")
 
 
 if __name__ == "__main__":

@@ -360,3 +360,55 @@ def test_missing_inputs(tmp_path):
         convert_hf_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="model_config.json"):
         convert_lit_checkpoint(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece_zephyr_in_config", "chatml_jinja", "sentencepiece_override"])
+def test_export_carries_the_chat_template(tmp_path, kind):
+    """After export, transformers renders and tokenizes a chat as we do, and generate stops at a turn's end."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from chat_template import BUILTIN_TEMPLATES, ChatTemplate
+    from tests.test_chat_template import CONVERSATION, FORGED
+    from tests.test_tokenizer import train_chatml_tokenizer, train_sentencepiece
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_dir.mkdir()
+    if kind == "chatml_jinja":
+        train_chatml_tokenizer(tokenizer_dir)
+        # EOS is not the end-of-turn token here (as in Qwen's base models): generation_config lists both
+        config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+        ChatTemplate.builtin("chatml").save(tokenizer_dir)
+        expected_name, chat_template = "chatml", None
+    else:
+        train_sentencepiece(tokenizer_dir)
+        # a template in tokenizer_config.json, as TinyLlama-Chat v1.0 ships it
+        config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "legacy": False,
+                  "tokenizer_class": "LlamaTokenizer", "chat_template": BUILTIN_TEMPLATES["zephyr"]}
+        (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(config))
+        expected_name, chat_template = ("guanaco", "guanaco") if kind.endswith("override") else ("zephyr", None)
+    tokenizer = Tokenizer(tokenizer_dir)
+    config = Config.from_name("micro", vocab_size=tokenizer.vocab_size)
+    save_model_dir(GPT(config).state_dict(), config, tokenizer_dir, tmp_path / "lit")
+
+    convert_lit_checkpoint(tmp_path / "lit", tmp_path / "hf", chat_template=chat_template)
+    template = ChatTemplate.from_checkpoint(tmp_path / "hf")
+    assert template.name == expected_name
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for messages in (CONVERSATION, FORGED):
+        text = template.render(messages, True, ChatTemplate.special_tokens(tokenizer))
+        assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+        expected = hf.apply_chat_template(messages, add_generation_prompt=True, sanitize_control_tokens=True)
+        bos = [] if kind == "chatml_jinja" else [tokenizer.bos_id]  # chatml's tokenizer has no BOS
+        assert template.encode(tokenizer, messages) == bos + expected["input_ids"]
+    eos_ids = GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id
+    if kind == "chatml_jinja":
+        im_end = tokenizer.special_token_ids(["<|im_end|>"])[0]
+        assert eos_ids == [tokenizer.eos_id, im_end] and tokenizer.eos_id == 0
+        assert template.stop_ids(tokenizer) == [im_end, 0]
+    else:  # the turns end with EOS itself
+        assert eos_ids == tokenizer.eos_id == 2 and template.stop_ids(tokenizer) == [2]
+
+    # and back: the converted directory keeps the template
+    convert_hf_checkpoint(tmp_path / "hf")
+    assert ChatTemplate.from_checkpoint(tmp_path / "hf").sha256 == template.sha256

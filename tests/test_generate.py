@@ -79,7 +79,7 @@ def test_eos_stops_generation(eos_index):
     new = reference[5:].tolist()
     eos_id = new[eos_index]
     first = new.index(eos_id)  # the token may occur earlier: generation ends at its first occurrence
-    output = generate(model, prompt, 30, temperature=0.0, eos_id=eos_id)
+    output = generate(model, prompt, 30, temperature=0.0, stop_ids=[eos_id])
     assert output.tolist() == reference[: 5 + first + 1].tolist()
 
 
@@ -88,14 +88,39 @@ def test_eos_never_generated_gives_full_length():
     prompt = torch.randint(0, 200, (5,))
     reference = greedy_reference(model, prompt, 30)
     absent = next(i for i in range(200) if i not in reference[5:].tolist())
-    assert generate(model, prompt, 30, temperature=0.0, eos_id=absent).tolist() == reference.tolist()
+    assert generate(model, prompt, 30, temperature=0.0, stop_ids=[absent]).tolist() == reference.tolist()
+
+
+def test_stop_ids_end_at_the_first_of_several():
+    model = micro_model()
+    prompt = torch.randint(0, 200, (5,))
+    reference = greedy_reference(model, prompt, 30)
+    new = reference[5:].tolist()
+    stop_ids = [new[11], new[4], 199 if 199 not in new else 198]
+    first = min(new.index(i) for i in stop_ids if i in new)
+    output = generate(model, prompt, 30, temperature=0.0, stop_ids=stop_ids)
+    assert output.tolist() == reference[: 5 + first + 1].tolist()
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_on_token_streams_each_new_token(stop):
+    model = micro_model()
+    prompt = torch.randint(0, 200, (5,))
+    reference = greedy_reference(model, prompt, 20)[5:].tolist()
+    stop_ids = [reference[6]] if stop else []
+    streamed = []
+    output = generate(model, prompt, 20, temperature=0.0, stop_ids=stop_ids, on_token=streamed.append)
+    expected = reference[: reference.index(reference[6]) + 1] if stop else reference
+    assert streamed == expected and output[5:].tolist() == expected
+    assert all(type(token) is int for token in streamed)
 
 
 def test_generate_never_samples_padded_rows():
     model = micro_model(vocab_size=200)  # padded to 256
     assert model.config.padded_vocab_size == 256
     # padded rows whose logits win every argmax and take nearly all the probability mass
-    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits.index_fill(-1, torch.arange(200, 256), 50.0))
+    model.lm_head.register_forward_hook(
+        lambda module, inputs, logits: logits.index_fill(-1, torch.arange(200, 256), 50.0))
     with torch.no_grad():
         assert model(torch.arange(4)[None])[0].argmax(-1).min() >= 200
     prompt = torch.randint(0, 200, (4,))
@@ -182,7 +207,8 @@ def test_logits_to_probs_temperature_and_batch():
     # row by row: the second row's nucleus at 0.5 is {0.4, 0.3}
     probs = logits_to_probs(logits, temperature=1.0, top_p=0.5)
     torch.testing.assert_close(probs[0], expected_probs({0}))
-    torch.testing.assert_close(probs[1], torch.tensor([0, 0, 0, 0.3, 0.4], dtype=torch.float64)[[3, 1, 4, 2]].float() / 0.7)
+    expected = torch.tensor([0, 0, 0, 0.3, 0.4], dtype=torch.float64)[[3, 1, 4, 2]].float() / 0.7
+    torch.testing.assert_close(probs[1], expected)
 
 
 def test_top_k_keeps_exactly_k_with_ties():

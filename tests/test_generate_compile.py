@@ -1,0 +1,61 @@
+"""Compiled decoding: the same tokens as eager in float64, and no recompilation for a second prompt of another length
+(dynamo silently falls back to eager once a function passes its recompile limit: the failure to prevent)."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import generate.speculative as speculative
+from generate.base import generate
+from model import GPT, Config
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo(monkeypatch):
+    torch._dynamo.reset()
+    counters.clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only waits (10x slower on a busy machine)
+    yield
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()
+
+
+def tiny_model(n_layer: int = 1, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    config = Config(block_size=64, vocab_size=48, padding_multiple=8, n_layer=n_layer, n_head=4, n_embd=32,
+                    n_query_groups=2, intermediate_size=64)
+    return GPT(config).double().eval()
+
+
+def test_compiled_decode_step_matches_eager_without_recompiling(monkeypatch):
+    """One inductor compile (the slow part of this file): greedy and seeded sampling, two prompt lengths."""
+    model = tiny_model()
+    first, second = torch.randint(0, 48, (5,)), torch.randint(0, 48, (23,))
+    eager = [generate(model, prompt, 12, temperature=0.0).tolist() for prompt in (first, second)]
+    assert generate(model, first, 12, temperature=0.0, max_seq_length=64, compiled=True).tolist() == eager[0]
+    assert counters["stats"]["unique_graphs"] == 1
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    assert generate(model, second, 12, temperature=0.0, max_seq_length=64, compiled=True).tolist() == eager[1]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_speculative_steps_match_eager_without_recompiling(monkeypatch):
+    """The draft step and the target's (k+1)-token verify, captured whole by dynamo (fullgraph) and run through
+    aot_eager, which functionalises the in-place cache writes as inductor does; inductor itself is the test above."""
+    def aot_eager_step(step, device):
+        return compiled.setdefault(step, torch.compile(step, backend="aot_eager", fullgraph=True))
+
+    compiled = {}
+    monkeypatch.setattr(speculative, "compiled_step", aot_eager_step)
+    target, draft = tiny_model(n_layer=2), tiny_model(n_layer=1, seed=1)
+    batches = [[torch.randint(0, 48, (n,)) for n in lengths] for lengths in ((3, 9), (14, 6))]
+    for i, prompts in enumerate(batches):
+        if i == 1:
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        outputs = speculative.speculative_generate(target, draft, prompts, 15, speculative_k=3, temperature=0.0,
+                                                   max_seq_length=48, compiled=True)
+        expected = speculative.speculative_generate(target, draft, prompts, 15, speculative_k=3, temperature=0.0)
+        assert [o.tolist() for o in outputs] == [e.tolist() for e in expected]
+        assert [o.tolist() for o in outputs] == [generate(target, p, 15, temperature=0.0).tolist() for p in prompts]

@@ -1,0 +1,109 @@
+"""eval/perplexity.py: the loss pretraining's validation reports for the same blocks, and a hand computation over
+text files."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning_fabric import Fabric
+
+from checkpoint import load_model, save_model_dir
+from eval.perplexity import main
+from model import GPT, Config
+from packed_dataset import validation_batches
+from shard_format import PackedDatasetBuilder, write_manifest
+from tokenizer import Tokenizer
+from training import validate
+from utils import UserError
+
+SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    import sentencepiece as spm
+
+    directory = tmp_path_factory.mktemp("checkpoint")
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=200,
+                                   model_type="bpe", minloglevel=2)
+    corpus.unlink()
+    config = Config.from_name("micro", vocab_size=200)
+    torch.manual_seed(0)
+    save_model_dir(GPT(config).state_dict(), config, directory, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Validation shards of 13 blocks of SEQ_LEN + 1 tokens in 4 files."""
+    directory = tmp_path_factory.mktemp("data")
+    builder = PackedDatasetBuilder(directory, "validation_text_0", chunk_size=(SEQ_LEN + 1) * 4, vocab_size=200)
+    builder.add_array(np.random.default_rng(0).integers(0, 200, 13 * (SEQ_LEN + 1)).astype(np.uint16))
+    builder.finish()
+    write_manifest(directory)
+    return directory
+
+
+def test_loss_over_packed_shards_is_pretrainings_validation_loss(checkpoint_dir, data_dir):
+    result = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=2, eval_iters=3, device="cpu")
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = load_model(checkpoint_dir)
+    expected = validate(fabric, model, validation_batches(data_dir, SEQ_LEN + 1, 2, 1, 0), 3)
+    assert result["loss"] == pytest.approx(expected, rel=1e-12)
+    assert result["perplexity"] == pytest.approx(math.exp(expected))
+    assert (result["blocks"], result["target_tokens"]) == (6, 6 * SEQ_LEN)
+
+    # all of them: one block per micro-batch reads every block
+    everything = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=1, device="cpu")
+    assert everything["blocks"] == 13
+    assert everything["loss"] == pytest.approx(
+        validate(fabric, model, validation_batches(data_dir, SEQ_LEN + 1, 1, 1, 0), 13), rel=1e-12)
+
+
+def test_loss_over_text_files_is_the_mean_cross_entropy_of_their_blocks(checkpoint_dir, tmp_path):
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    files[0].write_text("the lazy dog jumps over the quick brown fox, line 12. " * 3)
+    files[1].write_text("brown dogs and quick foxes " * 4)
+    result = main(checkpoint_dir, text_files=files, seq_len=SEQ_LEN, micro_batch_size=2, device="cpu")
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    tokens = sum((tokenizer.encode(path.read_text(), bos=True) for path in files), [])
+    n_blocks = len(tokens) // (SEQ_LEN + 1) // 2 * 2  # whole micro-batches of 2
+    blocks = torch.tensor(tokens[: n_blocks * (SEQ_LEN + 1)]).view(n_blocks, SEQ_LEN + 1)
+    with torch.no_grad():
+        logits = load_model(checkpoint_dir)(blocks[:, :-1])
+    expected = F.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item()
+    assert result["blocks"] == n_blocks >= 4
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_arguments_name_the_fix(checkpoint_dir, data_dir):
+    with pytest.raises(UserError, match="either --data_dir"):
+        main(checkpoint_dir, device="cpu")
+    with pytest.raises(UserError, match="exceeds the block_size"):
+        main(checkpoint_dir, data_dir=data_dir, seq_len=1000, device="cpu")
+    with pytest.raises(UserError, match="make no micro-batch"):
+        main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=20, device="cpu")
+
+
+def test_two_processes_all_reduce_to_the_loss_of_the_same_blocks_read_by_one(checkpoint_dir, data_dir):
+    """Rank r of 2 reads blocks r, r + 2, ...: 3 micro-batches of 1 block each cover the blocks 0..5 that one
+    process reads as 3 micro-batches of 2."""
+    one = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=2, eval_iters=3, device="cpu")
+    two = subprocess.run(
+        [sys.executable, "eval/perplexity.py", "--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir),
+         "--seq_len", str(SEQ_LEN), "--micro_batch_size", "1", "--eval_iters", "3", "--device", "cpu",
+         "--devices", "2"],
+        cwd=Path(__file__).resolve().parent.parent, check=True, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    loss, blocks = re.search(r"loss ([0-9.]+), perplexity [0-9.]+ over (\d+) blocks", two.stdout).groups()
+    assert float(loss) == pytest.approx(one["loss"], abs=1e-4) and int(blocks) == 6
