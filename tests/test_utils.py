@@ -177,10 +177,15 @@ def test_the_lowest_modules_import_nothing_of_the_repository(module, allowed):
     assert not imported & (REPOSITORY_MODULES | {"torch"} - allowed)
 
 
-def test_generation_and_checkpoints_never_load_lightning_or_transformers():
-    """What generation (and next eval and chat) imports: the checkpoint loader, not the training stack."""
-    check = ("import sys; import generate.base, checkpoint, hf; "
-             "print(sorted(name for name in ('lightning_fabric', 'training', 'transformers') if name in sys.modules))")
+@pytest.mark.parametrize("modules, absent", [
+    # generation, chat and speculative decoding: the checkpoint loader, not the training or evaluation stacks
+    ("generate.base, generate.chat, generate.speculative, checkpoint, hf, chat_template, lora",
+     ("lightning_fabric", "training", "transformers", "lm_eval")),
+    # the evaluation runs lm-eval on our model, never on transformers
+    ("eval.harness_model, eval.perplexity", ("transformers",)),
+])
+def test_generation_chat_and_eval_never_load_what_they_do_not_use(modules, absent):
+    check = f"import sys; import {modules}; print(sorted(name for name in {absent!r} if name in sys.modules))"
     result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
