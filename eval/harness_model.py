@@ -193,12 +193,16 @@ class SmallLlamaLM(TemplateLM):
         return results
 
     def _batches(self, units: List[Unit]) -> Iterator[List[Unit]]:
-        """Consecutive units, at most batch_size rows in each forward, and every position within the block size."""
+        """Consecutive units: at most batch_size rows in the first forward, a second forward of at most as many
+        tokens as batch_size rows of the first (its rows are endings, short: with HellaSwag's 4 endings a batch then
+        holds batch_size contexts, not batch_size / 4, and each forward costs about what one of HFLM's does at the
+        same batch size), and every position within the block size."""
         batch: List[Unit] = []
         for unit in units:
             candidate = batch + [unit]
-            rest_rows = sum(len(u.rest) for u in candidate)
-            if batch and (len(candidate) > self.batch_size or rest_rows > self.batch_size
+            first_length = max(len(u.first_tokens) for u in candidate)
+            rest_tokens = sum(len(u.rest) for u in candidate) * max(u.rest_length for u in candidate)
+            if batch and (len(candidate) > self.batch_size or rest_tokens > self.batch_size * first_length
                           or cache_length(candidate) > self.max_length):
                 yield batch
                 candidate = [unit]
