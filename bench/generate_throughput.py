@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.train_throughput import ATTENTION_OPS, cpu_model, versions  # noqa: E402
-from generate.base import PRECISIONS, generate, synchronize  # noqa: E402
+from generate.base import PRECISIONS, default_precision, generate, synchronize  # noqa: E402
 from hf import hf_config, hf_state_dict  # noqa: E402
 from model import GPT, Config, num_parameters  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
@@ -80,7 +80,7 @@ def main(
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch sees no CUDA device; use --device cpu")
     device = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-    precision = precision or ("bf16-true" if device.type == "cuda" else "32-true")
+    precision = precision or default_precision(device)
     dtype = PRECISIONS[precision]
 
     torch.manual_seed(seed)

@@ -52,7 +52,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.generate_throughput import report_header  # noqa: E402
-from generate.base import PRECISIONS, compiled_step, generate, load_for_generation, synchronize  # noqa: E402
+from generate.base import (  # noqa: E402
+    PRECISIONS, compiled_step, default_precision, generate, load_for_generation, synchronize,
+)
 from generate.speculative import (  # noqa: E402
     SpeculativeStats, check_tokenizers_agree, draft_logits, fit_prompt, load_prompts, speculative_generate,
     verify_logits,
@@ -175,7 +177,7 @@ def predict_from_shapes(report: dict, target_model_name: str, draft_model_name: 
     if draft_model_name is None or not 0 <= alpha < 1:
         raise UserError(f"--target_model_name needs a --draft_model_name and an --alpha in [0, 1), got "
                         f"{draft_model_name!r} and {alpha}")
-    dtype = PRECISIONS[precision or ("bf16-true" if device.type == "cuda" else "32-true")]
+    dtype = PRECISIONS[precision or default_precision(device)]
     with device:
         target, draft = (GPT(Config.from_name(name)).to(dtype).eval() for name in (target_model_name, draft_model_name))
     block_size = min(target.config.block_size, draft.config.block_size, 2048)

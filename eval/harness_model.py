@@ -8,7 +8,6 @@ of a multiple-choice question) compute it once, prefilled into the KV cache, and
 No transformers import; lm-eval is imported here and by the eval scripts only.
 """
 
-from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,8 +17,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from checkpoint import load_model
-from generate.base import PRECISIONS, sample
+from generate.base import PRECISIONS, load_for_generation, sample
 from model import GPT
 from tokenizer import Tokenizer
 from utils import UserError
@@ -70,12 +68,7 @@ class SmallLlamaLM(TemplateLM):
         if model is None:
             if checkpoint_dir is None:
                 raise ValueError("SmallLlamaLM needs checkpoint_dir, or model and tokenizer")
-            precision = precision or ("bf16-true" if self._device.type == "cuda" else "32-true")
-            if precision not in EVAL_PRECISIONS:
-                raise UserError(f"--precision {precision!r} is not one of {sorted(EVAL_PRECISIONS)}")
-            model = load_model(checkpoint_dir, device=self._device, dtype=EVAL_PRECISIONS[precision])
-            tokenizer = Tokenizer(checkpoint_dir)
-            tokenizer.check_fits(model.config.vocab_size, str(Path(checkpoint_dir) / "model_config.json"))
+            model, tokenizer = load_for_generation(checkpoint_dir, self._device, precision, EVAL_PRECISIONS)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.checkpoint_dir = checkpoint_dir
         self._batch_size = int(batch_size)

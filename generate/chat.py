@@ -61,9 +61,10 @@ def main(
     """
     check_generation_args(max_new_tokens, temperature, top_k, top_p)
     checkpoint_dir = Path(checkpoint_dir)
-    template = resolve_chat_template(checkpoint_dir, chat_template)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # loaded first: a checkpoint directory that does not exist is named as such, not as one without a template
     model, tokenizer = load_for_generation(checkpoint_dir, device, precision)
+    template = resolve_chat_template(checkpoint_dir, chat_template)
     torch.manual_seed(seed)
     chat = Chat(model, tokenizer, template, system, dict(max_new_tokens=max_new_tokens, temperature=temperature,
                                                          top_k=top_k, top_p=top_p))
