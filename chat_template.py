@@ -71,6 +71,8 @@ BUILTIN_TEMPLATES = {
         "{% if add_generation_prompt %}{{ '### Assistant:' }}{% endif %}"
     ),
 }
+# appended to a message to find where its content ends in the rendered text (transformers' tag)
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # transformers' markers for the control tokens found in what a user wrote (chat_template_utils._CONTROL_TOKEN_START)
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
@@ -140,10 +142,30 @@ class ChatTemplate:
         return dict(tokenizer.special_token_strings)
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
-               special_tokens: Optional[Mapping[str, str]] = None, **kwargs) -> str:
+               special_tokens: Optional[Mapping[str, str]] = None, continue_final_message: bool = False,
+               **kwargs) -> str:
         """What transformers' `apply_chat_template(messages, tokenize=False, ...)` returns. `special_tokens` are
-        the tokenizer's (`ChatTemplate.special_tokens(tokenizer)`); `kwargs` are further template variables."""
-        return "".join(self._generate(messages, add_generation_prompt, special_tokens, kwargs))
+        the tokenizer's (`ChatTemplate.special_tokens(tokenizer)`); `kwargs` are further template variables.
+
+        continue_final_message: the text ends inside the last message, open for its continuation (an answer begun
+        by the prompt, lm-eval's `gen_prefix`), without what the template writes after it; found, as transformers
+        does, by rendering the message with a tag appended."""
+        if not continue_final_message:
+            return "".join(self._generate(messages, add_generation_prompt, special_tokens, kwargs))
+        if add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other: the first "
+                             "continues the last message, the second opens a new one")
+        if not messages or not isinstance(messages[-1].get("content"), str):
+            raise ValueError("continue_final_message needs a last message with text content")
+        final = messages[-1]["content"]
+        tagged = [*messages[:-1], {**messages[-1], "content": final + CONTINUE_TAG}]
+        text = "".join(self._generate(tagged, False, special_tokens, kwargs))
+        if final.strip() not in text or CONTINUE_TAG.strip() not in text:
+            raise UserError(f"chat template {self.name!r} does not write the last message's content as given, so "
+                            f"it cannot be continued: {final.strip()!r}")
+        end = text.rindex(CONTINUE_TAG.strip())
+        # a template that strips the content also stripped the tag's space: then strip what precedes it too
+        return text[:end] if text[end: end + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:end].rstrip()
 
     def _generate(self, messages, add_generation_prompt: bool, special_tokens, kwargs) -> Iterator[str]:
         import jinja2

@@ -1,5 +1,6 @@
 """A Llama-family GPT in one file: config, model, RoPE, static KV cache and TinyLlama's weight init, with per-row
-positions and attention masks for batches whose rows differ (padding, packed documents, rows at different lengths).
+positions and attention masks for batches whose rows differ (padding, packed documents, a context shared by several
+continuations, rows at different lengths).
 
 Lit-gpt conventions (`Config.from_name`, `transformer.wte / h / ln_f`, `lm_head`), Hugging Face numerics
 (rotate-half RoPE, so HF weights load without permutation). Imports torch, and flash_attn only if installed.
@@ -243,6 +244,13 @@ class GPT(nn.Module):
             queries get finite (meaningless) outputs. Built by `padding_mask` and `packed_documents`.
         Neither: causal attention among the T tokens (flash-attn or SDPA's is_causal), the cache unused.
         """
+        return self.lm_head(self.hidden_states(idx, input_pos, attention_mask))
+
+    def hidden_states(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """forward without the head: the final normalised hidden states (B, T, n_embd), for callers that need the
+        logits of a few positions only (over a 32k vocabulary the head costs as much as ~3.5 layers of the 135m).
+        """
         B, T = idx.shape
         cached = input_pos is not None and self.mask_cache is not None
         cache_rows = self.transformer.h[0].attn.kv_cache.k.size(0) if cached else B
@@ -264,7 +272,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos if cached else None)
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.transformer.ln_f(x)
 
     def sdpa_mask(self, B: int, input_pos: torch.Tensor, attention_mask: Optional[torch.Tensor],
                   cached: bool) -> torch.Tensor:
@@ -445,4 +453,21 @@ def packed_documents(document_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
         raise ValueError(f"document_ids must be (B, T), got shape {tuple(document_ids.shape)}")
     mask = (document_ids[:, :, None] == document_ids[:, None, :]).tril()
     # a token's position is the number of earlier tokens of its document
+    return mask.sum(-1) - 1, mask
+
+
+def shared_context(segment_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """input_pos (B, T) and attention_mask (B, T, T) for rows that hold a context followed by several continuations
+    (the endings of a multiple-choice question), for a forward without a KV cache: the context is computed once, and
+    each continuation attends the context and its own earlier tokens only, at the positions that follow the context,
+    so each gets exactly what it would get as the one continuation after the context.
+
+    segment_ids: (B, T) integers, 0 on the context (first in the row), then one id per continuation, each continuation
+    contiguous; padding takes an id of its own.
+    """
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be (B, T), got shape {tuple(segment_ids.shape)}")
+    key, query = segment_ids[:, None, :], segment_ids[:, :, None]
+    mask = ((key == 0) | (key == query)).tril()
+    # a token's position is the number of earlier tokens it attends: the context and its own continuation's
     return mask.sum(-1) - 1, mask

@@ -33,7 +33,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Mapping, Optional, Protocol, Tuple
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -504,9 +504,10 @@ def validate(fabric: Fabric, model: nn.Module, val_data: BatchSource, eval_batch
 
 
 @torch.no_grad()
-def summed_loss(model: nn.Module, batches: BatchSource, n_batches: int, device: torch.device) -> torch.Tensor:
+def summed_loss(model: nn.Module, batches: Iterable[tuple], n_batches: Optional[int],
+                device: torch.device) -> torch.Tensor:
     """[cross-entropy summed over the target tokens, target tokens] of the first `n_batches` micro-batches of
-    `batches` (a fresh iteration), float64 on `device`: no host sync."""
+    `batches` (a fresh iteration; None: all of them), float64 on `device`: no host sync."""
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for micro_batch in itertools.islice(batches, n_batches):
         targets = to_device(micro_batch[1], device)

@@ -107,8 +107,9 @@ def cli(fn: Callable, argv: Optional[list] = None, *, defaults: Optional[Mapping
     per-flag help still comes from `fn`'s docstring).
 
     A `UserError` raised by `fn` (bad input: an argument, a file, data) is printed as one line, `PROG: error: ...`,
-    and exits with 2, as argparse's own errors; SMALL_LLAMA_TRACEBACK=1 shows its traceback. Other exceptions keep
-    theirs.
+    and exits with 2, as argparse's own errors; so is a `FileNotFoundError` (in a script, a path the user gave that
+    does not exist: a checkpoint directory, a data file). SMALL_LLAMA_TRACEBACK=1 shows their traceback. Other
+    exceptions keep theirs.
     """
     parameters = inspect.signature(fn).parameters
     defaults = dict(defaults or {})
@@ -150,7 +151,7 @@ def cli(fn: Callable, argv: Optional[list] = None, *, defaults: Optional[Mapping
     arguments = vars(parser.parse_args(argv))
     try:
         return fn(**arguments)
-    except UserError as error:
+    except (UserError, FileNotFoundError) as error:
         if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
             raise
         # once, not by every process of a launched run

@@ -25,9 +25,11 @@ sentencepiece tokenizer trained on them; the model's vocabulary keeps its size):
   token, that is a mean context of ~61 tokens (BOS included) and a mean ending of ~18 tokens. Lengths are drawn
   uniformly within +-50% of these means (--context_tokens, --ending_tokens change them). The token-count ceiling of
   the speedup is 4(c + e) / (c + 4e) for the mean lengths c, e: HFLM computes each ending's row in full, we compute
-  the context once; it is reported with the speedup and its fraction.
+  the context once; it is reported with the speedup and its fraction. The speedup can pass it: ours also runs the
+  head only at the scored positions, where HFLM computes and log-softmaxes logits at every position.
 - mmlu: MMLU's format (a question, 4 lettered options, "Answer:"; answers " A" ... " D", one token each): HFLM already
-  computes such a question once (its one-token continuation cache), so ~1x is expected.
+  computes such a question once (its one-token continuation cache), so the tokens are the same: what ours saves is
+  the head at every context position.
 - rolling: loglikelihood_rolling over texts of 2.5 blocks (wikitext's kind of task): no shared contexts, ~1x.
 
 Each task runs through lm-eval's simple_evaluate for each model in turn (ours first, then HFLM; each model first

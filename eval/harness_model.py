@@ -4,7 +4,8 @@ lm-eval as `small-llama` (eval/lm_eval_harness.py is its command line).
 Its numbers are those of lm-eval's own `hf` backend (HFLM) on the exported model (scripts/convert_lit_checkpoint.py):
 the same tokenization (BOS as the checkpoint's tokenizer adds it, the prefix token BOS), left truncation to the
 block size, rolling windows and stop sequences. What differs is the cost: requests that share a context (the endings
-of a multiple-choice question) compute it once, prefilled into the KV cache, and score every ending from there.
+of a multiple-choice question) compute it once, in one row with all the endings, each ending attending the context's
+keys and values and its own; and the head (the vocabulary projection) runs only where a token is scored.
 No transformers import; lm-eval is imported here and by the eval scripts only.
 """
 
@@ -18,7 +19,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from generate.base import PRECISIONS, load_for_generation, sample
-from model import GPT
+from model import GPT, shared_context
 from tokenizer import Tokenizer
 from utils import UserError
 
@@ -27,19 +28,26 @@ EVAL_PRECISIONS = {**PRECISIONS, "64-true": torch.float64}
 
 
 class Unit:
-    """Requests of one context: computed once, then every continuation scored from it.
+    """One row of a forward: a context and the continuations scored from it.
 
-    `members` are (request index, continuation tokens). A unit of one member is fed whole (context + continuation
-    but its last token) in the first forward of a batch; a unit of several feeds its context there, and the
-    continuations of more than one token continue from the context's KV cache rows in a second forward."""
+    The row feeds the context, then each continuation but its last token; each continuation attends the context and
+    its own tokens only (model.shared_context), so the context is computed once for all of them. `members` are
+    (request index, continuation tokens)."""
 
     def __init__(self, context: Tuple[int, ...], members: List[Tuple[int, List[int]]]) -> None:
         self.context, self.members = context, members
-        self.shared = len(members) > 1
-        first = members[0][1]
-        self.first_tokens = list(context) + (first[:-1] if not self.shared else [])  # fed by the first forward
-        self.rest = [(index, continuation) for index, continuation in members if self.shared and len(continuation) > 1]
-        self.rest_length = max((len(continuation) - 1 for _, continuation in self.rest), default=0)
+        self.tokens = list(context)
+        self.segments = [0] * len(context)
+        # (position in the row, target token, request index) of every scored token; the hidden state at a position
+        # predicts the token that follows it
+        self.picks = []
+        for segment, (index, continuation) in enumerate(members, start=1):
+            rows = [len(context) - 1] + list(range(len(self.tokens), len(self.tokens) + len(continuation) - 1))
+            self.picks += [(row, token, index) for row, token in zip(rows, continuation)]
+            self.tokens += continuation[:-1]
+            self.segments += [segment] * (len(continuation) - 1)
+        # more than one continuation fed: the forward needs shared_context's mask, else plain causal attention does
+        self.branched = sum(len(continuation) > 1 for _, continuation in members) > 1
 
 
 @register_model("small-llama")
@@ -168,87 +176,63 @@ class SmallLlamaLM(TemplateLM):
             # left-truncated as HFLM: the last max_length + 1 tokens of context + continuation (the last one is
             # predicted, never fed)
             tokens = (list(context_tokens) + list(continuation))[-(self.max_length + 1):]
+            if len(tokens) == len(continuation):
+                raise ValueError("A request has no context token: lm-eval scores an empty context after the prefix "
+                                 "token")
             by_context.setdefault(tuple(tokens[: len(tokens) - len(continuation)]), []).append((index, continuation))
-        units = []
-        for context, members in by_context.items():
-            # a row of the second forward per continuation of several tokens: at most batch_size per unit; the
-            # one-token ones need none (scored from the context's last position)
-            longer = [member for member in members if len(member[1]) > 1]
-            chunks = [longer[start: start + self.batch_size] for start in range(0, len(longer), self.batch_size)]
-            chunks = chunks or [[]]
-            chunks[0] = [member for member in members if len(member[1]) == 1] + chunks[0]
-            units += [Unit(context, chunk) for chunk in chunks]
+        units = [unit for context, members in by_context.items() for unit in self._units(context, members)]
         # longest first, as HFLM: the first batch shows at once whether memory suffices
-        units.sort(key=lambda unit: (-len(unit.first_tokens), unit.context))
-        for batch in self._batches(units):
-            for index, answer in self._score_batch(batch):
+        units.sort(key=lambda unit: (-len(unit.tokens), unit.context))
+        self.model.clear_kv_cache()  # one left by generate_until would turn the forwards below into cache writes
+        for start in range(0, len(units), self.batch_size):
+            for index, answer in self._score_batch(units[start: start + self.batch_size]):
                 results[index] = answer
         return results
 
-    def _batches(self, units: List[Unit]) -> Iterator[List[Unit]]:
-        """Consecutive units: at most batch_size rows in the first forward, a second forward of at most as many
-        tokens as batch_size rows of the first (its rows are endings, short: with HellaSwag's 4 endings a batch then
-        holds batch_size contexts, not batch_size / 4, and each forward costs about what one of HFLM's does at the
-        same batch size), and every position within the block size."""
-        batch: List[Unit] = []
-        for unit in units:
-            candidate = batch + [unit]
-            first_length = max(len(u.first_tokens) for u in candidate)
-            rest_tokens = sum(len(u.rest) for u in candidate) * max(u.rest_length for u in candidate)
-            if batch and (len(candidate) > self.batch_size or rest_tokens > self.batch_size * first_length
-                          or cache_length(candidate) > self.max_length):
-                yield batch
-                candidate = [unit]
-            batch = candidate
-        if batch:
-            yield batch
+    def _units(self, context: Tuple[int, ...], members: List[Tuple[int, List[int]]]) -> Iterator[Unit]:
+        """The rows of one context: as many continuations per row as fit the block size (all of them, unless the
+        context nearly fills it; a continuation alone always fits, left truncation saw to that)."""
+        chunk: List[Tuple[int, List[int]]] = []
+        length = len(context)
+        for member in members:
+            if chunk and length + len(member[1]) - 1 > self.max_length:
+                yield Unit(context, chunk)
+                chunk, length = [], len(context)
+            chunk.append(member)
+            length += len(member[1]) - 1
+        yield Unit(context, chunk)
 
     @torch.inference_mode()
     def _score_batch(self, units: List[Unit]) -> List[Tuple[int, Tuple[float, bool]]]:
-        """Two forwards: the first feeds each unit's tokens from position 0 (whole requests, or shared contexts into
-        the KV cache); the second feeds the continuations of shared contexts from their context's cache rows."""
+        """One forward over the units' rows (right-padded), the head applied to the scored positions only."""
         device, model = self.device, self.model
-        first_length = max(len(unit.first_tokens) for unit in units)
-        rest = [(unit_row, index, continuation) for unit_row, unit in enumerate(units)
-                for index, continuation in unit.rest]
-        first = pad_right([unit.first_tokens for unit in units], first_length, device)
-        if rest:  # right padding writes junk only past each row's tokens, where later writes or causality hide it
-            model.set_kv_cache(max(len(units), len(rest)), cache_length(units), device=device)
-            first_logits = model(first, input_pos=torch.arange(first_length, device=device))
-        else:
-            first_logits = model(first)
-        self.tokens_computed += sum(len(unit.first_tokens) for unit in units)
+        length = max(len(unit.tokens) for unit in units)
+        idx = pad_right([unit.tokens for unit in units], length, device)
+        if any(unit.branched for unit in units):
+            # padding is a segment of its own: it attends the context and itself, never a continuation
+            segments = pad_right([unit.segments for unit in units], length, device, value=-1)
+            input_pos, attention_mask = shared_context(segments)
+            hidden = model.hidden_states(idx, input_pos, attention_mask)
+        else:  # right padding comes after every real token, so causal attention never sees it
+            hidden = model.hidden_states(idx)
+        self.tokens_computed += sum(len(unit.tokens) for unit in units)
         self.forward_passes += 1
 
-        # (row, position, target, request) of every scored token: logits at position t predict the token t + 1
-        picks_first, picks_rest = [], []
-        for row, unit in enumerate(units):
-            for index, continuation in unit.members:
-                start = len(unit.context) - 1
-                targets = continuation if not unit.shared else continuation[:1]
-                picks_first += [(row, start + t, token, index) for t, token in enumerate(targets)]
-        if rest:
-            rest_length = max(len(continuation) - 1 for _, _, continuation in rest)
-            model.copy_kv_cache([row for row, _, _ in rest], list(range(len(rest))), first_length)
-            starts = torch.tensor([len(units[row].context) for row, _, _ in rest], device=device)
-            idx = pad_right([continuation[:-1] for _, _, continuation in rest], rest_length, device)
-            rest_logits = model(idx, input_pos=starts[:, None] + torch.arange(rest_length, device=device))
-            self.tokens_computed += sum(len(continuation) - 1 for _, _, continuation in rest)
-            self.forward_passes += 1
-            for row, (_, index, continuation) in enumerate(rest):
-                picks_rest += [(row, t, token, index) for t, token in enumerate(continuation[1:])]
-
-        log_probs, misses = score_picks(first_logits, picks_first)
-        if picks_rest:
-            rest_log_probs, rest_misses = score_picks(rest_logits, picks_rest)
-            log_probs, misses = torch.cat((log_probs, rest_log_probs)), torch.cat((misses, rest_misses))
+        picks = [(row, position, token, index) for row, unit in enumerate(units)
+                 for position, token, index in unit.picks]
+        rows, positions, targets = (torch.tensor(column, device=device) for column in list(zip(*picks))[:3])
+        logits = model.lm_head(hidden[rows, positions])  # (picks, V)
+        # the log-softmax over the whole (padded) vocabulary in at least fp32, as HFLM on the exported model (whose
+        # vocabulary is the padded one)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        log_probs = F.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        misses = logits.argmax(dim=-1) != targets
         indices = sorted({index for unit in units for index, _ in unit.members})
         position = {index: i for i, index in enumerate(indices)}
+        request = torch.tensor([position[pick[3]] for pick in picks], device=device)
         totals = torch.zeros(len(indices), dtype=torch.float64, device=device)
-        missed = torch.zeros(len(indices), dtype=torch.long, device=device)
-        request = torch.tensor([position[pick[3]] for pick in picks_first + picks_rest], device=device)
         totals.index_add_(0, request, log_probs.double())
-        missed.index_add_(0, request, misses.long())
+        missed = torch.zeros(len(indices), dtype=torch.long, device=device).index_add_(0, request, misses.long())
         # one host sync per batch
         return [(index, (total, miss == 0)) for index, total, miss in zip(indices, totals.tolist(), missed.tolist())]
 
@@ -307,11 +291,13 @@ class SmallLlamaLM(TemplateLM):
         lengths = torch.tensor([len(ids) for ids in prompts], device=device)
         prompt_length = max(len(ids) for ids in prompts)
         model.set_kv_cache(len(prompts), prompt_length + max_gen_toks, device=device)
-        logits = model(pad_right(prompts, prompt_length, device), input_pos=torch.arange(prompt_length, device=device))
+        hidden = model.hidden_states(pad_right(prompts, prompt_length, device),
+                                     input_pos=torch.arange(prompt_length, device=device))
         self.tokens_computed += sum(len(ids) for ids in prompts)
         vocab_size = model.config.vocab_size
+        logits = model.lm_head(hidden[torch.arange(len(prompts), device=device), lengths - 1])  # last tokens only
         # sampled among the real vocabulary only, never the rows that pad the embedding
-        token = sample(logits[torch.arange(len(prompts), device=device), lengths - 1, :vocab_size], **sampling)
+        token = sample(logits[:, :vocab_size], **sampling)
         generated: List[List[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
         for step in range(max_gen_toks):
@@ -350,47 +336,26 @@ class SmallLlamaLM(TemplateLM):
         return self._chat_template.source
 
     def apply_chat_template(self, chat_history: List[dict], add_generation_prompt: bool = True) -> str:
-        """The rendered prompt, as transformers' apply_chat_template(tokenize=False) for HFLM; a template that
-        refuses a system message is rendered without it, as HFLM does."""
-        import jinja2
-
+        """The rendered prompt, as HFLM's: transformers' apply_chat_template(tokenize=False) that continues the last
+        message when no generation prompt is asked for (lm-eval's `gen_prefix`); a template that refuses a system
+        message is rendered without it."""
         if getattr(self, "_chat_template", None) is None:
             self.chat_template(True)
-        special_tokens = self._chat_template.special_tokens(self.tokenizer)
+        render = dict(add_generation_prompt=add_generation_prompt, continue_final_message=not add_generation_prompt,
+                      special_tokens=self._chat_template.special_tokens(self.tokenizer))
         try:
-            return self._chat_template.render(chat_history, add_generation_prompt=add_generation_prompt,
-                                              special_tokens=special_tokens)
-        except jinja2.exceptions.TemplateError:
-            chat_history = [message for message in chat_history if message["role"] != "system"]
-            return self._chat_template.render(chat_history, add_generation_prompt=add_generation_prompt,
-                                              special_tokens=special_tokens)
+            return self._chat_template.render(chat_history, **render)
+        except UserError:  # the template's refusal (raise_exception)
+            return self._chat_template.render([message for message in chat_history if message["role"] != "system"],
+                                              **render)
 
 
-def cache_length(units: List[Unit]) -> int:
-    """KV cache slots a batch needs: its first forward's length, and each shared context's continuations."""
-    first = max(len(unit.first_tokens) for unit in units)
-    rest = max((unit.rest_length for unit in units), default=0)
-    return max([first] + [len(unit.context) + rest for unit in units if unit.rest])
-
-
-def pad_right(rows: List[Sequence[int]], length: int, device: torch.device) -> torch.Tensor:
-    """(len(rows), length) int64, each row padded with 0 after its tokens."""
-    padded = torch.zeros(len(rows), length, dtype=torch.long)
+def pad_right(rows: List[Sequence[int]], length: int, device: torch.device, value: int = 0) -> torch.Tensor:
+    """(len(rows), length) int64, each row padded with `value` after its tokens."""
+    padded = torch.full((len(rows), length), value, dtype=torch.long)
     for i, tokens in enumerate(rows):
         padded[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     return padded.to(device)
-
-
-def score_picks(logits: torch.Tensor, picks: List[Tuple[int, int, int, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """log P(target) and whether target is not the argmax, for each (row, position, target, request) pick of
-    logits (B, T, V); the log-softmax over the whole (padded) vocabulary in at least fp32, as HFLM on the exported
-    model (whose vocabulary is the padded one)."""
-    device = logits.device
-    rows, positions, targets, _ = (torch.tensor(column, device=device) for column in zip(*picks))
-    selected = logits[rows, positions]  # (picks, V)
-    selected = selected.to(torch.promote_types(selected.dtype, torch.float32))
-    log_probs = F.log_softmax(selected, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    return log_probs, selected.argmax(dim=-1) != targets
 
 
 def sampling_args(kwargs: dict) -> dict:

@@ -11,15 +11,17 @@ or over text files, each tokenized as one document (BOS first, as the data prepa
     python eval/perplexity.py --checkpoint_dir out/tinyllama_1b/final --text_files notes.txt README.md
 
 Blocks hold seq_len + 1 tokens (seq_len inputs, each predicting the next); every token of a block after the first is
-a target. Rank r of P processes takes blocks r, r + P, ...; --eval_iters micro-batches per process, or all: every
-full micro-batch (blocks that do not fill one micro-batch on every process are left out; one process with
---micro_batch_size 1 reads every block).
+a target. Rank r of P processes takes blocks r, r + P, ... By default every block is read: the last micro-batch of a
+process may hold fewer blocks, and over text files the tail that fills no block is a shorter last block, so every
+token after the first is scored. (Tokens at the end of a shard file that fill no block are not: pretraining never
+reads them either; they are counted.) --eval_iters N reads N whole micro-batches per process instead, as
+pretraining's validation does.
 """
 
 import math
 import sys
 from pathlib import Path
-from typing import Iterator, List, Literal, Optional, Tuple
+from typing import Iterable, Iterator, List, Literal, Optional, Tuple
 
 import torch
 
@@ -73,22 +75,33 @@ def main(
         raise UserError(f"--seq_len {seq_len} exceeds the block_size {model.config.block_size} of {checkpoint_dir}")
     ranks = dict(num_processes=fabric.world_size, process_rank=fabric.global_rank)
     if data_dir is not None:
-        batches = validation_batches(Path(data_dir), seq_len + 1, micro_batch_size, **ranks)
-        batches.check_vocabulary(model.config.vocab_size, str(Path(checkpoint_dir) / "model_config.json"))
+        packed = validation_batches(Path(data_dir), seq_len + 1, micro_batch_size, **ranks)
+        packed.check_vocabulary(model.config.vocab_size, str(Path(checkpoint_dir) / "model_config.json"))
+        blocks, rank_blocks = packed.dataset, packed.dataset.n_blocks
+        whole_batches, unread = len(packed), packed.dataset.n_skipped_tokens
     else:
-        batches = TextBlocks(text_tokens(checkpoint_dir, text_files), seq_len + 1, micro_batch_size, **ranks)
-    n_batches = len(batches) if eval_iters is None else min(eval_iters, len(batches))
+        tokens = text_tokens(checkpoint_dir, text_files)
+        blocks = text_blocks(tokens, seq_len + 1, **ranks)
+        rank_blocks = len(blocks)
+        whole_batches, unread = len(tokens) // (seq_len + 1) // fabric.world_size // micro_batch_size, 0
+    n_batches = None if eval_iters is None else min(eval_iters, whole_batches)
     if n_batches == 0:
         raise UserError(f"{data_dir or text_files} make no micro-batch of {micro_batch_size} blocks of {seq_len + 1} "
-                        f"tokens on each of the {fabric.world_size} processes: lower --micro_batch_size or --seq_len")
+                        f"tokens on each of the {fabric.world_size} processes: lower --micro_batch_size or --seq_len, "
+                        f"or read every block (no --eval_iters)")
     model.eval()
-    totals = fabric.all_reduce(summed_loss(model, batches, n_batches, fabric.device), reduce_op="sum")
-    loss_total, target_tokens = totals.tolist()
+    read = rank_blocks if n_batches is None else n_batches * micro_batch_size
+    totals = torch.cat((summed_loss(model, micro_batches(blocks, micro_batch_size), n_batches, fabric.device),
+                        torch.tensor([read], dtype=torch.float64, device=fabric.device)))
+    loss_total, target_tokens, n_blocks = fabric.all_reduce(totals, reduce_op="sum").tolist()
+    if target_tokens == 0:
+        raise UserError(f"{data_dir or text_files} hold no block of two tokens or more")
     loss = loss_total / target_tokens
-    result = dict(loss=loss, perplexity=math.exp(loss), blocks=n_batches * micro_batch_size * fabric.world_size,
-                  target_tokens=int(target_tokens), seq_len=seq_len)
-    fabric.print(f"loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {result['blocks']:,} blocks of "
-                 f"{seq_len + 1} tokens ({result['target_tokens']:,} target tokens)")
+    result = dict(loss=loss, perplexity=math.exp(loss), blocks=int(n_blocks), target_tokens=int(target_tokens),
+                  seq_len=seq_len, unread_tokens=unread)
+    fabric.print(f"loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {result['blocks']:,} blocks of up to "
+                 f"{seq_len + 1} tokens ({result['target_tokens']:,} target tokens)"
+                 + (f"; {unread:,} tokens at shard file ends fill no block and were not read" if unread else ""))
     return result
 
 
@@ -103,27 +116,28 @@ def text_tokens(checkpoint_dir: Path, text_files: List[Path]) -> List[int]:
     return tokens
 
 
-class TextBlocks:
-    """A batch source (training.BatchSource) over a token list cut into blocks of `block_size` tokens from its start
-    (the tail that fills no block is left out): rank r takes blocks r, r + P, ...; each iter() starts over."""
+def text_blocks(tokens: List[int], block_size: int, num_processes: int, process_rank: int) -> List[torch.Tensor]:
+    """Rank process_rank's blocks r, r + P, ... of `tokens` cut into blocks of `block_size` from the start; the tail
+    is a shorter last block (if it has a target: two tokens or more)."""
+    starts = range(0, len(tokens) - 1, block_size)
+    return [torch.tensor(tokens[start: start + block_size]) for start in starts[process_rank::num_processes]]
 
-    pad_id = None
 
-    def __init__(self, tokens: List[int], block_size: int, micro_batch_size: int, num_processes: int,
-                 process_rank: int) -> None:
-        blocks = torch.tensor(tokens[: len(tokens) // block_size * block_size], dtype=torch.long)
-        self.blocks = blocks.view(-1, block_size)[process_rank::num_processes]
-        # every process must take as many micro-batches: the fewest any process has
-        self.length = len(tokens) // block_size // num_processes // micro_batch_size
-        self.micro_batch_size = micro_batch_size
+def micro_batches(blocks: Iterable[torch.Tensor], micro_batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of up to micro_batch_size consecutive blocks of one length; the last may hold fewer."""
+    batch: List[torch.Tensor] = []
+    for block in blocks:
+        if batch and (len(batch) == micro_batch_size or len(block) != len(batch[0])):
+            yield split_block(batch)
+            batch = []
+        batch.append(block)
+    if batch:
+        yield split_block(batch)
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(self.length):
-            batch = self.blocks[i * self.micro_batch_size: (i + 1) * self.micro_batch_size]
-            yield batch[:, :-1], batch[:, 1:]
 
-    def __len__(self) -> int:
-        return self.length
+def split_block(batch: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    stacked = torch.stack(batch)
+    return stacked[:, :-1], stacked[:, 1:]
 
 
 if __name__ == "__main__":

@@ -81,9 +81,9 @@ def sample_probs(probs: torch.Tensor) -> torch.Tensor:
 
 def next_token(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor, **sampling) -> torch.Tensor:
     """Feed idx (1, T) at positions input_pos (T,) through the KV cache and sample the token that follows: (1,)."""
-    logits = model(idx, input_pos)
+    logits = model.lm_head(model.hidden_states(idx, input_pos)[0, -1:])  # the head on the last position only
     # sample only among the real vocabulary, never the rows that pad the embedding to a multiple of 64
-    return sample(logits[0, -1:, : model.config.vocab_size], **sampling)
+    return sample(logits[:, : model.config.vocab_size], **sampling)
 
 
 def ensure_kv_cache(model: GPT, batch_size: int, max_seq_length: int) -> None:

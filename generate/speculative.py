@@ -77,7 +77,7 @@ class SpeculativeStats:
 
 def draft_logits(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
     """Feed idx (B, T) at positions (B, T) or (T,); the logits after the last token over the real vocabulary, (B, V)."""
-    return model(idx, input_pos)[:, -1, : model.config.vocab_size]
+    return model.lm_head(model.hidden_states(idx, input_pos)[:, -1])[:, : model.config.vocab_size]
 
 
 def verify_logits(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

@@ -153,8 +153,9 @@ def main(
     malformed = report.skipped - sum(counts.bad.values())  # what read_records skipped: lines, not records
     skipped = {**({"malformed line or item": malformed} if malformed else {}), **counts.bad, **counts.dropped}
     if not examples:
+        found = f"skipped {skipped}" if skipped else "they hold no records"
         raise NothingWrittenError(
-            f"no example kept from {len(files)} files in {source_path!r}: skipped {skipped}, "
+            f"no example kept from {len(files)} files in {source_path!r}: {found}, "
             f"{report.unreadable_files} unreadable files"
             + (f"; the first problem: {report.problems[0]}" if report.problems else "")
         )

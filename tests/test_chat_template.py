@@ -119,6 +119,23 @@ def test_render_and_ids_equal_apply_chat_template(sentencepiece_dir, chatml_dir,
         set(harmless_ids) & set(tokenizer.special_tokens.values()))
 
 
+@pytest.mark.parametrize("name", ["llama-2", "zephyr", "guanaco", "chatml"])
+def test_continue_final_message_equals_apply_chat_template(sentencepiece_dir, chatml_dir, tmp_path, name):
+    """A prompt that begins the answer (lm-eval's gen_prefix): the text ends inside the last message, as
+    transformers renders it; a trailing space the template trims is trimmed before the cut too."""
+    source_dir = chatml_dir if name == "chatml" else sentencepiece_dir
+    directory = with_template(source_dir, tmp_path, BUILTIN_TEMPLATES[name], in_config=False)
+    template, hf = ChatTemplate.from_checkpoint(directory), hf_tokenizer(directory)
+    special_tokens = ChatTemplate.special_tokens(Tokenizer(directory))
+    for prefix in ("The answer is", "Answer: ", "Answer:\n"):
+        messages = CONVERSATION[:2] + [{"role": "assistant", "content": prefix}]
+        text = template.render(messages, special_tokens=special_tokens, continue_final_message=True)
+        assert text == hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        assert text.rstrip().endswith(prefix.rstrip())
+    with pytest.raises(ValueError, match="exclude each other"):
+        template.render(messages, True, special_tokens, continue_final_message=True)
+
+
 def test_end_of_turn_tokens(sentencepiece_dir, chatml_dir):
     spm, chatml = Tokenizer(sentencepiece_dir), Tokenizer(chatml_dir)
     for name in ("llama-2", "zephyr", "guanaco"):

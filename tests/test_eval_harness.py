@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,26 @@ def test_float64_is_greedy_and_greedy_generations_are_identical_to_hflm(checkpoi
     assert prompts == [sample["arguments"][0][0] for sample in theirs["samples"]["tiny_generate"]]
     assert all(prompt.startswith("<|user|> ") and prompt.endswith("<|assistant|>") for prompt in prompts)
     assert responses(mine, "tiny_generate") == responses(theirs, "tiny_generate")
+
+
+def test_chat_prompts_continue_a_begun_answer_and_drop_a_refused_system_message_as_hflm(checkpoints, tmp_path):
+    """lm-eval's gen_prefix (no generation prompt: the last message is continued) and a template that refuses
+    system messages (rendered without them): the same prompts as HFLM's apply_chat_template."""
+    refusing = ("{% for message in messages %}{% if message['role'] == 'system' %}"
+                "{{ raise_exception('System role not supported') }}{% endif %}"
+                "<|{{ message['role'] }}|> {{ message['content'] | trim }} </s>{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    lit_dir, hf_dir = (shutil.copytree(directory, tmp_path / directory.name) for directory in checkpoints)
+    for directory in (lit_dir, hf_dir):
+        (directory / "chat_template.jinja").write_text(refusing)
+    mine_lm, theirs_lm = ours(lit_dir, "32-true", batch_size=1), hflm(hf_dir, "float32", batch_size=1)
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": sentence(2, 5)}
+    for history, add_generation_prompt in (([system, user], True), ([user], True),
+                                           ([system, user, {"role": "assistant", "content": "Answer: "}], False)):
+        mine = mine_lm.apply_chat_template(history, add_generation_prompt)
+        assert mine == theirs_lm.apply_chat_template(history, add_generation_prompt)
+        assert "Be brief" not in mine
+        assert mine.rstrip().endswith("<|assistant|>" if add_generation_prompt else "Answer:")
 
 
 def test_empty_context_is_scored_after_bos_and_an_empty_continuation_has_probability_one(checkpoints):

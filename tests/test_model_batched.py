@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf import hf_config, hf_state_dict
-from model import GPT, Config, packed_documents, padding_mask
+from model import GPT, Config, packed_documents, padding_mask, shared_context
 
 VOCAB = 200
 TOL = dict(atol=1e-12, rtol=0)
@@ -209,6 +209,31 @@ def test_packed_documents_each_get_what_they_would_alone():
             for n in row:
                 alone = model(idx[b : b + 1, start : start + n])[0]
                 torch.testing.assert_close(logits[b, start : start + n], alone, **TOL)
+                start += n
+
+
+def test_shared_context_gives_each_continuation_what_it_gets_after_the_context_alone():
+    """Rows of a context and continuations of uneven lengths, right-padded into one batch: every continuation's
+    logits (and the context's) equal those of context + that continuation run alone; padding changes nothing."""
+    model = float64_model()
+    rows = [(7, [3, 1, 5, 2]), (4, [6]), (9, [2, 2])]  # (context length, continuation lengths)
+    length = max(c + sum(row) for c, row in rows) + 2
+    idx = tokens(3, length)
+    segment_ids = torch.full((3, length), -1)
+    for b, (c, continuations) in enumerate(rows):
+        segment_ids[b, :c] = 0
+        start = c
+        for segment, n in enumerate(continuations, start=1):
+            segment_ids[b, start: start + n] = segment
+            start += n
+    with torch.no_grad():
+        logits = model(idx, *shared_context(segment_ids))
+        for b, (c, continuations) in enumerate(rows):
+            start = c
+            for n in continuations:
+                alone = model(torch.cat([idx[b, :c], idx[b, start: start + n]])[None])[0]
+                torch.testing.assert_close(logits[b, :c], alone[:c], **TOL)
+                torch.testing.assert_close(logits[b, start: start + n], alone[c:], **TOL)
                 start += n
 
 

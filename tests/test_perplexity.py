@@ -62,28 +62,34 @@ def test_loss_over_packed_shards_is_pretrainings_validation_loss(checkpoint_dir,
     assert result["perplexity"] == pytest.approx(math.exp(expected))
     assert (result["blocks"], result["target_tokens"]) == (6, 6 * SEQ_LEN)
 
-    # all of them: one block per micro-batch reads every block
-    everything = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=1, device="cpu")
-    assert everything["blocks"] == 13
+    # all of them (the default): every block, the last micro-batch holding the 13th alone
+    everything = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=2, device="cpu")
+    assert (everything["blocks"], everything["target_tokens"], everything["unread_tokens"]) == (13, 13 * SEQ_LEN, 0)
     assert everything["loss"] == pytest.approx(
-        validate(fabric, model, validation_batches(data_dir, SEQ_LEN + 1, 1, 1, 0), 13), rel=1e-12)
+        validate(fabric, model, validation_batches(data_dir, SEQ_LEN + 1, 1, 1, 0), 13), rel=1e-6)  # fp32, batched
 
 
-def test_loss_over_text_files_is_the_mean_cross_entropy_of_their_blocks(checkpoint_dir, tmp_path):
+def test_loss_over_text_files_is_the_mean_cross_entropy_of_every_token(checkpoint_dir, tmp_path):
+    """Every token after the first is scored: whole blocks, a last micro-batch of fewer blocks and the shorter tail
+    block; --eval_iters reads whole micro-batches only."""
     files = [tmp_path / "a.txt", tmp_path / "b.txt"]
     files[0].write_text("the lazy dog jumps over the quick brown fox, line 12. " * 3)
-    files[1].write_text("brown dogs and quick foxes " * 4)
-    result = main(checkpoint_dir, text_files=files, seq_len=SEQ_LEN, micro_batch_size=2, device="cpu")
-
+    files[1].write_text("brown dogs and quick foxes " * 4 + "at last")
     tokenizer = Tokenizer(checkpoint_dir)
-    tokens = sum((tokenizer.encode(path.read_text(), bos=True) for path in files), [])
-    n_blocks = len(tokens) // (SEQ_LEN + 1) // 2 * 2  # whole micro-batches of 2
-    blocks = torch.tensor(tokens[: n_blocks * (SEQ_LEN + 1)]).view(n_blocks, SEQ_LEN + 1)
-    with torch.no_grad():
-        logits = load_model(checkpoint_dir)(blocks[:, :-1])
-    expected = F.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item()
-    assert result["blocks"] == n_blocks >= 4
-    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    tokens = torch.tensor(sum((tokenizer.encode(path.read_text(), bos=True) for path in files), []))
+    n_whole = len(tokens) // (SEQ_LEN + 1)
+    assert n_whole % 2 == 1 and len(tokens) % (SEQ_LEN + 1) > 1  # a micro-batch of one, and a tail
+    model = load_model(checkpoint_dir)
+    with torch.no_grad():  # one sequence at a time, each block on its own
+        losses = [F.cross_entropy(model(block[None, :-1])[0], block[1:], reduction="sum")
+                  for block in tokens.split(SEQ_LEN + 1) if len(block) > 1]
+    result = main(checkpoint_dir, text_files=files, seq_len=SEQ_LEN, micro_batch_size=2, device="cpu")
+    assert (result["blocks"], result["target_tokens"]) == (n_whole + 1, len(tokens) - n_whole - 1)
+    assert result["loss"] == pytest.approx((sum(losses) / result["target_tokens"]).item(), rel=1e-5)
+
+    some = main(checkpoint_dir, text_files=files, seq_len=SEQ_LEN, micro_batch_size=2, eval_iters=100, device="cpu")
+    assert (some["blocks"], some["target_tokens"]) == (n_whole // 2 * 2, n_whole // 2 * 2 * SEQ_LEN)
+    assert some["loss"] == pytest.approx((sum(losses[: n_whole // 2 * 2]) / some["target_tokens"]).item(), rel=1e-5)
 
 
 def test_bad_arguments_name_the_fix(checkpoint_dir, data_dir):
@@ -92,7 +98,7 @@ def test_bad_arguments_name_the_fix(checkpoint_dir, data_dir):
     with pytest.raises(UserError, match="exceeds the block_size"):
         main(checkpoint_dir, data_dir=data_dir, seq_len=1000, device="cpu")
     with pytest.raises(UserError, match="make no micro-batch"):
-        main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=20, device="cpu")
+        main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=20, eval_iters=1, device="cpu")
 
 
 def test_two_processes_all_reduce_to_the_loss_of_the_same_blocks_read_by_one(checkpoint_dir, data_dir):

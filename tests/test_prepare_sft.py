@@ -220,6 +220,10 @@ def test_bad_input_is_skipped_counted_and_listed_and_strict_refuses(tmp_path, se
     source.write_text("\n".join(lines[1:]) + "\n")
     with pytest.raises(NothingWrittenError, match="no example kept"):
         prepare_sft.main(destination_path=tmp_path / "none", **run)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(NothingWrittenError, match="no example kept from 1 files .*: they hold no records"):
+        prepare_sft.main(destination_path=tmp_path / "none", **{**run, "source_path": str(empty)})
     # a template whose renderings are not prefixes of each other is refused, not skipped record by record
     (tmp_path / "unstable.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}"
                                              "{{ messages | length }}")

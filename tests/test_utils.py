@@ -192,15 +192,21 @@ def test_generation_chat_and_eval_never_load_what_they_do_not_use(modules, absen
 
 
 def test_a_user_error_is_one_line_and_other_errors_keep_their_traceback(capsys, monkeypatch):
-    def main(steps: int = 1):
+    def main(steps: int = 1, checkpoint_dir: str = ""):
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
+        if checkpoint_dir:
+            raise FileNotFoundError(f"Model config {checkpoint_dir!r}/model_config.json does not exist")
         raise RuntimeError("a bug")
 
     with pytest.raises(SystemExit) as exit_info:
         cli(main, ["--steps", "0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().endswith("error: --steps must be at least 1, got 0")
+    with pytest.raises(SystemExit) as exit_info:  # a path the user gave that does not exist
+        cli(main, ["--checkpoint_dir", "missing"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: Model config 'missing'/model_config.json does not exist")
     with pytest.raises(RuntimeError, match="a bug"):  # not a user error: the traceback stays
         cli(main, [])
     monkeypatch.setenv(TRACEBACK_VARIABLE, "1")
