@@ -224,3 +224,11 @@ def hf_config(config: Config, dtype: str, bos_id: Optional[int], eos_id: Optiona
         "torch_dtype": dtype,
         "use_cache": True,
     }
+
+
+def generation_config(existing: dict, bos_id: Optional[int], eos_id: Optional[int], stop_ids: List[int]) -> dict:
+    """generation_config.json: `existing` (the checkpoint's own, e.g. a converted model's sampling defaults) with our
+    BOS, and as `eos_token_id` EOS alone or, for a chat model, the list of EOS and the end-of-turn ids (`stop_ids`),
+    so that transformers' generate stops at the end of a turn as chat.py does."""
+    eos_ids = list(dict.fromkeys(([] if eos_id is None else [eos_id]) + list(stop_ids)))
+    return {**existing, "bos_token_id": bos_id, "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_id}

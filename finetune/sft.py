@@ -18,6 +18,7 @@ at positions from 0 (model.packed_documents): the same loss, less padding. The d
 prepare_sft.py) is written into out_dir/final, so generate/chat.py, the evaluation and the converters use it.
 """
 
+import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import TEMPLATE_FILE, ChatTemplate
 from checkpoint import save_model_dir
+from hf import generation_config
 from lora import ADAPTERS_FILE, CONFIG_FILE, LoRAConfig, add_lora, lora_state_dict, merge_lora
 from model import Config
 from sft_data import SFTSplit, read_metadata
@@ -39,6 +41,7 @@ from training import (
     check_optimizer_settings, check_settings, find_resume_checkpoint, fit, gradient_accumulation_steps, launch_fabric,
     model_config, resolve_devices,
 )
+from tokenizer import Tokenizer
 from utils import UserError, cli
 
 # TinyLlama-Chat v0.1 (TinyLlama's sft/script.sh, a Hugging Face Trainer run)
@@ -326,12 +329,30 @@ def save_finetuned(state_dict: dict, directory: Path, config: Config, tokenizer_
     """out_dir/final: a normal checkpoint directory with the data's chat template; of a LoRA model, the merged
     weights, with the adapters (lora_adapters.pth) and their config (lora_config.json) beside them."""
     text_files = {TEMPLATE_FILE: chat_template}
+    json_files = chat_configs(Path(tokenizer_dir), chat_template)
     if lora is None:
-        save_model_dir(state_dict, config, tokenizer_dir, directory, text_files=text_files)
+        save_model_dir(state_dict, config, tokenizer_dir, directory, json_files=json_files, text_files=text_files)
         return
-    save_model_dir(merge_lora(state_dict, lora, config), config, tokenizer_dir, directory,
-                   json_files={CONFIG_FILE: {**lora.to_json(), "base_checkpoint": str(tokenizer_dir)}},
+    json_files[CONFIG_FILE] = {**lora.to_json(), "base_checkpoint": str(tokenizer_dir)}
+    save_model_dir(merge_lora(state_dict, lora, config), config, tokenizer_dir, directory, json_files=json_files,
                    text_files=text_files, tensor_files={ADAPTERS_FILE: lora_state_dict(state_dict)})
+
+
+def chat_configs(tokenizer_dir: Path, chat_template: str) -> dict:
+    """The initial checkpoint's generation_config.json and tokenizer_config.json, where it has them, made to agree
+    with the chat template the model was finetuned on: the template's end-of-turn ids among the EOS ids (as the
+    exporter writes them), and the template itself where tokenizer_config.json carries one (an older transformers
+    reads it there rather than chat_template.jinja)."""
+    files = {}
+    generation, tokenizer_config = tokenizer_dir / "generation_config.json", tokenizer_dir / "tokenizer_config.json"
+    if generation.is_file() and any((tokenizer_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        tokenizer = Tokenizer(tokenizer_dir)
+        stop_ids = ChatTemplate(chat_template).stop_ids(tokenizer)
+        files[generation.name] = generation_config(json.loads(generation.read_text()), tokenizer.bos_id,
+                                                   tokenizer.eos_id, stop_ids)
+    if tokenizer_config.is_file() and "chat_template" in json.loads(tokenizer_config.read_text()):
+        files[tokenizer_config.name] = {**json.loads(tokenizer_config.read_text()), "chat_template": chat_template}
+    return files
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import TEMPLATE_FILE, ChatTemplate, resolve_chat_template
 from checkpoint import check_state_dict, load_state_dict
-from hf import hf_config, hf_state_dict
+from hf import generation_config, hf_config, hf_state_dict
 from model import GPT, Config
 from tokenizer import TOKENIZER_FILES, Tokenizer
 from utils import UserError, atomic_write, cli, write_json
@@ -107,8 +107,9 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, chat_template
     with atomic_write(output_dir / "model.safetensors") as tmp:
         save_file(hf_state_dict(state_dict, config), tmp, metadata={"format": "pt"})
     write_json(output_dir / "config.json", config_json)
-    write_json(output_dir / "generation_config.json",
-               generation_config(checkpoint_dir / "generation_config.json", bos_id, eos_id, stop_ids))
+    own_generation_config = checkpoint_dir / "generation_config.json"
+    existing = json.loads(own_generation_config.read_text()) if own_generation_config.is_file() else {}
+    write_json(output_dir / "generation_config.json", generation_config(existing, bos_id, eos_id, stop_ids))
     for name in tokenizer_present:
         with atomic_write(output_dir / name) as tmp:
             shutil.copyfile(checkpoint_dir / name, tmp)
@@ -126,14 +127,6 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, chat_template
     if config.padded_vocab_size != config.vocab_size:
         print(f"HF vocab_size is the padded {config.padded_vocab_size} (the model's rows); ids >= {config.vocab_size} "
               "are padding that no token maps to")
-
-
-def generation_config(existing: Path, bos_id: Optional[int], eos_id: Optional[int], stop_ids: list) -> dict:
-    """generation_config.json: the checkpoint's own (e.g. a converted model's sampling defaults), with our BOS, and
-    as `eos_token_id` EOS alone or, for a chat model, the list of EOS and the end-of-turn ids."""
-    config = json.loads(existing.read_text()) if existing.is_file() else {}
-    eos_ids = list(dict.fromkeys(([] if eos_id is None else [eos_id]) + stop_ids))
-    return {**config, "bos_token_id": bos_id, "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_id}
 
 
 if __name__ == "__main__":

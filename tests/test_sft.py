@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 import sft_data
+from chat_template import BUILTIN_TEMPLATES
 from checkpoint import load_model, save_model_dir
-from finetune.sft import SFTBatches, setup
+from finetune.sft import SFTBatches, save_finetuned, setup
 from lora import ADAPTERS_FILE, CONFIG_FILE, LoRAConfig, merge_lora
 from model import GPT, Config
 from sft_data import SFTSplit
+from tokenizer import Tokenizer
 from training import IGNORE_INDEX, summed_loss
 from utils import UserError
 
@@ -246,6 +248,28 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, checkpoint_dir, data_
     assert all(torch.equal(weights[k], merged[k]) for k in merged)
     changed = {k for k in base if not torch.equal(base[k], weights[k])}
     assert changed == {f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "mlp.fc_1")}
+
+
+def test_final_generation_and_tokenizer_configs_follow_the_finetuned_template(tmp_path):
+    """The initial checkpoint's generation_config.json and tokenizer_config.json (with another template in it) are
+    not copied stale into final/: the end-of-turn id joins EOS, and the template is the one finetuned on."""
+    from tests.test_tokenizer import train_chatml_tokenizer
+
+    initial = tmp_path / "initial"
+    initial.mkdir()
+    train_chatml_tokenizer(initial)
+    config = json.loads((initial / "tokenizer_config.json").read_text())
+    (initial / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "eos_token": "<|endoftext|>", "chat_template": "{{ messages[0]['content'] }}"}))
+    (initial / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "temperature": 0.7}))
+    chatml = BUILTIN_TEMPLATES["chatml"]
+    save_finetuned(GPT(CONFIG).state_dict(), tmp_path / "final", CONFIG, initial, chatml, lora=None)
+
+    im_end = Tokenizer(initial).special_tokens["<|im_end|>"]
+    generation = json.loads((tmp_path / "final" / "generation_config.json").read_text())
+    assert generation == {"eos_token_id": [0, im_end], "bos_token_id": None, "temperature": 0.7}
+    assert json.loads((tmp_path / "final" / "tokenizer_config.json").read_text())["chat_template"] == chatml
+    assert (tmp_path / "final" / "chat_template.jinja").read_text() == chatml
 
 
 def test_data_of_another_chat_template_is_refused_unless_overridden(tmp_path, checkpoint_dir, data_dir):
