@@ -186,18 +186,23 @@ def test_packed_rows_give_each_example_its_own_loss(data_dir):
 # ---- the script ------------------------------------------------------------------------------------------------
 
 
+def run_script(script: str, args: dict) -> None:
+    command = [sys.executable, str(ROOT / script)]
+    for key, value in args.items():
+        values = value if isinstance(value, list) else [value]
+        command += [f"--{key}", *("none" if item is None else str(item) for item in values)]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def test_step_loss_does_not_depend_on_micro_batches_or_processes(tmp_path, checkpoint_dir, data_dir):
     """Examples of different lengths, so the padding differs too: 1 x 4, 4 x 1 (accumulated), and 2 DDP
     processes x 2 give the same losses, gradient norms and weights."""
     runs = {"mbs4": dict(micro_batch_size=4), "mbs1": dict(micro_batch_size=1)}
     for name, overrides in runs.items():
         setup(**run_args(tmp_path / name, checkpoint_dir, data_dir, max_steps=2, **overrides))
-    args = run_args(tmp_path / "ddp", checkpoint_dir, data_dir, max_steps=2, devices=2, strategy="ddp")
-    command = [sys.executable, str(ROOT / "finetune/sft.py")]
-    for key, value in args.items():
-        command += [f"--{key}", "none" if value is None else str(value)]
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_script("finetune/sft.py", run_args(tmp_path / "ddp", checkpoint_dir, data_dir, max_steps=2, devices=2,
+                                           strategy="ddp"))
 
     reference = metrics(tmp_path / "mbs4")
     for name in ("mbs1", "ddp"):
@@ -211,6 +216,39 @@ def test_step_loss_does_not_depend_on_micro_batches_or_processes(tmp_path, check
         weights, expected = final_weights(tmp_path / name), final_weights(tmp_path / "mbs4")
         for key in expected:  # Adam's update of a near-zero gradient turns rounding into ~1e-5: updates are 1e-2
             torch.testing.assert_close(weights[key], expected[key], rtol=1e-4, atol=1e-4)
+
+
+def test_lora_script_under_fsdp_resumes_exactly_and_equals_one_process(tmp_path, checkpoint_dir, data_dir):
+    """finetune/lora.py as the README runs it, with its recipe's adapters (q and v, r 8, alpha 16, lr 2e-4), on 2
+    FSDP processes: its sharded checkpoints hold the adapters only; resumed from step 2 it ends exactly where the
+    uninterrupted run does; its final/ (merged) equals one process's."""
+    args = {key: value for key, value in run_args(tmp_path / "fsdp", checkpoint_dir, data_dir).items()
+            if key != "learning_rate"}
+    args.update(devices=2, strategy="fsdp", lora_dropout=0.0)  # no dropout: 2 processes draw other masks than 1
+    from torch.distributed.checkpoint import FileSystemReader
+
+    run_script("finetune/lora.py", args)
+    hparams = json.loads((tmp_path / "fsdp" / "hyperparameters.json").read_text())
+    assert (hparams["lora_r"], hparams["lora_alpha"], hparams["lora_targets"], hparams["learning_rate"]) == (
+        8, 16.0, ["q", "v"], 2e-4)
+    index = FileSystemReader(tmp_path / "fsdp" / "step-00000002").read_metadata().state_dict_metadata
+    saved = [key.removeprefix("model.") for key in index if key.startswith("model.")]
+    assert saved and all("lora_" in key for key in saved), saved
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "fsdp" / "step-00000002", resumed / "step-00000002")
+    run_script("finetune/lora.py", {**args, "out_dir": resumed, "resume": "auto"})
+    uninterrupted, again = final_weights(tmp_path / "fsdp"), final_weights(resumed)
+    assert all(torch.equal(again[key], uninterrupted[key]) for key in uninterrupted)
+
+    setup(**run_args(tmp_path / "one", checkpoint_dir, data_dir, lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
+                     lora_targets=["q", "v"], learning_rate=2e-4))
+    one = final_weights(tmp_path / "one")
+    for key in one:
+        torch.testing.assert_close(uninterrupted[key], one[key], rtol=1e-4, atol=1e-5)
+    base = torch.load(checkpoint_dir / "lit_model.pth", weights_only=True)
+    assert {key for key in base if not torch.equal(base[key], one[key])} == {
+        f"transformer.h.{i}.attn.qkv.weight" for i in range(2)}
 
 
 @pytest.mark.parametrize("lora", [False, True])
