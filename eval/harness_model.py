@@ -18,14 +18,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from generate.base import PRECISIONS, load_for_generation, sample
+from generate.base import load_for_generation, sample
 from model import GPT, shared_context
 from tokenizer import Tokenizer
 from utils import UserError
-
-# float64 for exactness tests against HFLM: there near-ties cannot flip an argmax
-EVAL_PRECISIONS = {**PRECISIONS, "64-true": torch.float64}
-
 
 class Unit:
     """One row of a forward: a context and the continuations scored from it.
@@ -76,7 +72,7 @@ class SmallLlamaLM(TemplateLM):
         if model is None:
             if checkpoint_dir is None:
                 raise ValueError("SmallLlamaLM needs checkpoint_dir, or model and tokenizer")
-            model, tokenizer = load_for_generation(checkpoint_dir, self._device, precision, EVAL_PRECISIONS)
+            model, tokenizer = load_for_generation(checkpoint_dir, self._device, precision)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.checkpoint_dir = checkpoint_dir
         self._batch_size = int(batch_size)

@@ -28,13 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import load_model  # noqa: E402
+from generate.base import PRECISIONS  # noqa: E402
 from packed_dataset import validation_batches  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from training import summed_loss  # noqa: E402
 from utils import UserError, cli  # noqa: E402
-
-PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "64-true": torch.float64}
-
 
 def main(
     checkpoint_dir: Path,
@@ -45,7 +43,7 @@ def main(
     eval_iters: Optional[int] = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     devices: int = 1,
-    precision: Literal["32-true", "bf16-true", "64-true"] = "32-true",
+    precision: Literal["32-true", "bf16-true", "16-true", "64-true"] = "32-true",
 ) -> dict:
     """Print and return the loss (mean cross-entropy in nats per target token), the perplexity exp(loss), and the
     counts of blocks and target tokens.
@@ -56,7 +54,7 @@ def main(
         text_files: text files to read instead, each one document
         seq_len: inputs per block; default the model's block_size (pretraining's)
         micro_batch_size: blocks per forward pass
-        eval_iters: micro-batches per process (pretraining's --eval_iters); default all of them
+        eval_iters: whole micro-batches per process (pretraining's --eval_iters); default: every block
         device: auto (CUDA if available), cpu or cuda
         devices: processes (one per device); their sums are all-reduced
         precision: the weights' dtype; the log-softmax is in fp32 whatever it is

@@ -14,7 +14,7 @@ of another length reuses the compiled step; the prefill stays eager (one call pe
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Literal, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,7 +25,9 @@ from model import GPT
 from tokenizer import Tokenizer
 from utils import UserError, cli
 
-PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+# the weights' dtype by precision name; float64 for exactness checks against references (near-ties cannot flip an
+# argmax there), as the tests and eval's 64-true use it
+PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 # A per-token `.item()` makes the host wait for the device after every step, so it can no longer queue the next
 # step's kernels while the device works. Checking for a stop id every few tokens costs at most this many - 1 wasted
 # steps (with `on_token`, streaming needs the sync anyway and each token is checked).
@@ -234,19 +236,19 @@ def default_precision(device: torch.device) -> str:
     return "bf16-true" if device.type == "cuda" else "32-true"
 
 
-def load_for_generation(checkpoint_dir: Path, device: torch.device, precision: Optional[str] = None,
-                        precisions: Mapping[str, torch.dtype] = PRECISIONS) -> Tuple[GPT, Tokenizer]:
-    """The model of a checkpoint directory in `precision` (one of `precisions`; default bf16-true on CUDA, 32-true
+def load_for_generation(checkpoint_dir: Path, device: torch.device,
+                        precision: Optional[str] = None) -> Tuple[GPT, Tokenizer]:
+    """The model of a checkpoint directory in `precision` (one of PRECISIONS; default bf16-true on CUDA, 32-true
     on CPU) on `device`, and its tokenizer, checked to fit the model's vocabulary."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist")
     precision = precision or default_precision(device)
-    if precision not in precisions:
-        raise UserError(f"--precision {precision!r} is not one of {list(precisions)}")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r} is not one of {list(PRECISIONS)}")
     tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, device=device, dtype=precisions[precision])
+    model = load_model(checkpoint_dir, device=device, dtype=PRECISIONS[precision])
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({precision} on {device})", file=sys.stderr)
     tokenizer.check_fits(model.config.vocab_size, str(checkpoint_dir / "model_config.json"))
     return model, tokenizer
