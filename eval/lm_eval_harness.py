@@ -54,7 +54,7 @@ def main(
         tasks: lm-eval task or group names, and suite presets (amd-llama-135m, tinyllama-commonsense,
             inheritune-zero-shot, inheritune-mmlu)
         num_fewshot: few-shot examples per question; default: the preset's count, else each task's own
-        batch_size: rows per forward pass
+        batch_size: rows per forward pass (a multiple-choice question is one row: its context and all its endings)
         limit: documents per task (a fraction of them if below 1), for a quick check
         device: auto (CUDA if available), cpu or cuda
         devices: processes (one per device); lm-eval splits the documents among them
