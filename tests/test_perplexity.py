@@ -101,15 +101,23 @@ def test_bad_arguments_name_the_fix(checkpoint_dir, data_dir):
         main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=20, eval_iters=1, device="cpu")
 
 
-def test_two_processes_all_reduce_to_the_loss_of_the_same_blocks_read_by_one(checkpoint_dir, data_dir):
-    """Rank r of 2 reads blocks r, r + 2, ...: 3 micro-batches of 1 block each cover the blocks 0..5 that one
-    process reads as 3 micro-batches of 2."""
-    one = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=2, eval_iters=3, device="cpu")
-    two = subprocess.run(
+def run_two_processes(checkpoint_dir: Path, data_dir: Path, *flags: str) -> tuple:
+    """(loss, blocks) printed by eval/perplexity.py on 2 processes."""
+    result = subprocess.run(
         [sys.executable, "eval/perplexity.py", "--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir),
-         "--seq_len", str(SEQ_LEN), "--micro_batch_size", "1", "--eval_iters", "3", "--device", "cpu",
-         "--devices", "2"],
+         "--seq_len", str(SEQ_LEN), "--device", "cpu", "--devices", "2", *flags],
         cwd=Path(__file__).resolve().parent.parent, check=True, capture_output=True, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    loss, blocks = re.search(r"loss ([0-9.]+), perplexity [0-9.]+ over (\d+) blocks", two.stdout).groups()
-    assert float(loss) == pytest.approx(one["loss"], abs=1e-4) and int(blocks) == 6
+    loss, blocks = re.search(r"loss ([0-9.]+), perplexity [0-9.]+ over (\d+) blocks", result.stdout).groups()
+    return float(loss), int(blocks)
+
+
+def test_two_processes_all_reduce_to_the_loss_of_the_same_blocks_read_by_one(checkpoint_dir, data_dir):
+    """Rank r of 2 reads blocks r, r + 2, ...: 3 micro-batches of 1 block each cover the blocks 0..5 that one
+    process reads as 3 micro-batches of 2; reading every block, the 7 and 6 blocks of the two ranks are the 13."""
+    one = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=2, eval_iters=3, device="cpu")
+    loss, blocks = run_two_processes(checkpoint_dir, data_dir, "--micro_batch_size", "1", "--eval_iters", "3")
+    assert loss == pytest.approx(one["loss"], abs=1e-4) and blocks == 6
+    everything = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=1, device="cpu")
+    loss, blocks = run_two_processes(checkpoint_dir, data_dir, "--micro_batch_size", "3")
+    assert loss == pytest.approx(everything["loss"], abs=1e-4) and blocks == everything["blocks"] == 13
