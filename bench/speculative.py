@@ -53,11 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.generate_throughput import report_header  # noqa: E402
 from generate.base import (  # noqa: E402
-    PRECISIONS, compiled_step, default_precision, generate, load_for_generation, synchronize,
+    PRECISIONS, compiled_step, default_precision, generate, last_logits, load_for_generation, synchronize,
 )
 from generate.speculative import (  # noqa: E402
-    SpeculativeStats, check_tokenizers_agree, draft_logits, fit_prompt, load_prompts, speculative_generate,
-    verify_logits,
+    SpeculativeStats, check_tokenizers_agree, fit_prompt, load_prompts, speculative_generate, verify_logits,
 )
 from model import GPT, Config  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
@@ -227,7 +226,7 @@ def step_times(target: GPT, draft: GPT, max_k: int, block_size: int, repeats: in
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    draft_step = compiled_step(draft_logits, device) if compile else draft_logits
+    draft_step = compiled_step(last_logits, device) if compile else last_logits
     verify_step = compiled_step(verify_logits, device) if compile else verify_logits
     return dict(
         draft=median_seconds(draft_step, draft, 1),

@@ -18,10 +18,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from generate.base import load_for_generation, sample
+from generate.base import last_logits, load_for_generation, sample
 from model import GPT, shared_context
 from tokenizer import Tokenizer
 from utils import UserError
+
 
 class Unit:
     """One row of a forward: a context and the continuations scored from it.
@@ -287,13 +288,10 @@ class SmallLlamaLM(TemplateLM):
         lengths = torch.tensor([len(ids) for ids in prompts], device=device)
         prompt_length = max(len(ids) for ids in prompts)
         model.set_kv_cache(len(prompts), prompt_length + max_gen_toks, device=device)
-        hidden = model.hidden_states(pad_right(prompts, prompt_length, device),
-                                     input_pos=torch.arange(prompt_length, device=device))
+        logits = last_logits(model, pad_right(prompts, prompt_length, device),
+                             torch.arange(prompt_length, device=device), lengths)
         self.tokens_computed += sum(len(ids) for ids in prompts)
-        vocab_size = model.config.vocab_size
-        logits = model.lm_head(hidden[torch.arange(len(prompts), device=device), lengths - 1])  # last tokens only
-        # sampled among the real vocabulary only, never the rows that pad the embedding
-        token = sample(logits[:, :vocab_size], **sampling)
+        token = sample(logits, **sampling)
         generated: List[List[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
         for step in range(max_gen_toks):
@@ -308,9 +306,9 @@ class SmallLlamaLM(TemplateLM):
                 done[row] = any(stop and stop in self.tok_decode(generated[row]) for stop in until)
             if all(done) or step == max_gen_toks - 1:
                 break
-            logits = model(token[:, None], input_pos=(lengths + step)[:, None])
+            logits = last_logits(model, token[:, None], (lengths + step)[:, None])
             self.tokens_computed += len(prompts)
-            token = sample(logits[:, -1, :vocab_size], **sampling)
+            token = sample(logits, **sampling)
         return [self.tok_decode(ids) for ids in generated]
 
     # ---- chat ---------------------------------------------------------------------------------------------------

@@ -81,11 +81,19 @@ def sample_probs(probs: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / race, dim=-1)
 
 
+def last_logits(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor,
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Feed idx (B, T) at positions input_pos, (T,) or (B, T), through the KV cache; the logits (B, vocab_size) after
+    each row's last token: column lengths - 1, default the last column. The head runs on those positions only, and
+    over the real vocabulary only, never the rows that pad the embedding to a multiple of 64."""
+    hidden = model.hidden_states(idx, input_pos)
+    last = hidden[:, -1] if lengths is None else hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]
+    return model.lm_head(last)[:, : model.config.vocab_size]
+
+
 def next_token(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor, **sampling) -> torch.Tensor:
     """Feed idx (1, T) at positions input_pos (T,) through the KV cache and sample the token that follows: (1,)."""
-    logits = model.lm_head(model.hidden_states(idx, input_pos)[0, -1:])  # the head on the last position only
-    # sample only among the real vocabulary, never the rows that pad the embedding to a multiple of 64
-    return sample(logits[:, : model.config.vocab_size], **sampling)
+    return sample(last_logits(model, idx, input_pos), **sampling)
 
 
 def ensure_kv_cache(model: GPT, batch_size: int, max_seq_length: int) -> None:

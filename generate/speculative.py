@@ -34,8 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generate.base import (
-    check_generation_args, compiled_step, encode_prompt, ensure_kv_cache, generate, load_for_generation,
-    logits_to_probs, sample, sample_probs, synchronize,
+    check_generation_args, compiled_step, encode_prompt, ensure_kv_cache, generate, last_logits,
+    load_for_generation, logits_to_probs, sample, sample_probs, synchronize,
 )
 from model import GPT
 from tokenizer import Tokenizer
@@ -73,11 +73,6 @@ class SpeculativeStats:
             tokens_per_target_forward=self.round_tokens / max(self.rounds, 1),
             tokens_per_second=self.new_tokens / self.seconds if self.seconds else 0.0,
         )
-
-
-def draft_logits(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Feed idx (B, T) at positions (B, T) or (T,); the logits after the last token over the real vocabulary, (B, V)."""
-    return model.lm_head(model.hidden_states(idx, input_pos)[:, -1])[:, : model.config.vocab_size]
 
 
 def verify_logits(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -126,7 +121,7 @@ def speculative_generate(target: GPT, draft: Optional[GPT], prompts: Sequence[to
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     greedy = temperature == 0
     V = target.config.vocab_size
-    draft_step = compiled_step(draft_logits, device) if compiled else draft_logits
+    draft_step = compiled_step(last_logits, device) if compiled else last_logits
     verify_step = compiled_step(verify_logits, device) if compiled else verify_logits
     t_start = time.perf_counter()
 
@@ -139,15 +134,16 @@ def speculative_generate(target: GPT, draft: Optional[GPT], prompts: Sequence[to
     # before it attends them. The first new token comes from the target's prefill, so that each round starts with
     # two known tokens for the draft (see `draft_round`).
     clock = time.perf_counter()
-    logits = target(tokens[:, :longest], torch.arange(longest, device=device))
-    last = logits[torch.arange(B, device=device), prompt_lengths - 1, :V]
+    last = last_logits(target, tokens[:, :longest], torch.arange(longest, device=device), prompt_lengths)
     tokens[torch.arange(B, device=device), prompt_lengths] = sample(last, **sampling)
     stats.target_forwards += 1
     synchronize(device)
     stats.target_seconds += time.perf_counter() - clock
     if draft is not None:
         clock = time.perf_counter()
-        draft(to_draft_vocab(tokens[:, :longest], draft, draft_unk_id), torch.arange(longest, device=device))
+        # only the KV cache is wanted: no head
+        draft.hidden_states(to_draft_vocab(tokens[:, :longest], draft, draft_unk_id),
+                            torch.arange(longest, device=device))
         stats.draft_forwards += 1
         synchronize(device)
         stats.draft_seconds += time.perf_counter() - clock
