@@ -17,8 +17,15 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 # finetuning and conversion
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
+# The files Tokenizer loads, the first found
+MODEL_FILES = ("tokenizer.model", "tokenizer.json")
 # The special-token names transformers passes to a chat template (its SPECIAL_TOKENS_ATTRIBUTES)
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def has_tokenizer(directory: Union[str, Path]) -> bool:
+    """Whether `directory` holds a file Tokenizer loads."""
+    return any((Path(directory) / name).is_file() for name in MODEL_FILES)
 
 
 class Tokenizer:
@@ -27,7 +34,7 @@ class Tokenizer:
         if checkpoint_dir.is_file():  # a path to the tokenizer file itself
             checkpoint_dir, files = checkpoint_dir.parent, [checkpoint_dir]
         else:
-            files = [checkpoint_dir / "tokenizer.model", checkpoint_dir / "tokenizer.json"]
+            files = [checkpoint_dir / name for name in MODEL_FILES]
         path = next((f for f in files if f.is_file()), None)
         if path is None:
             raise FileNotFoundError(f"No tokenizer.model or tokenizer.json in {str(checkpoint_dir)!r}")

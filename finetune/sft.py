@@ -41,7 +41,7 @@ from training import (
     check_optimizer_settings, check_settings, find_resume_checkpoint, fit, gradient_accumulation_steps, launch_fabric,
     model_config, resolve_devices,
 )
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, has_tokenizer
 from utils import UserError, cli
 
 # TinyLlama-Chat v0.1 (TinyLlama's sft/script.sh, a Hugging Face Trainer run)
@@ -345,13 +345,14 @@ def chat_configs(tokenizer_dir: Path, chat_template: str) -> dict:
     reads it there rather than chat_template.jinja)."""
     files = {}
     generation, tokenizer_config = tokenizer_dir / "generation_config.json", tokenizer_dir / "tokenizer_config.json"
-    if generation.is_file() and any((tokenizer_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+    if generation.is_file() and has_tokenizer(tokenizer_dir):
         tokenizer = Tokenizer(tokenizer_dir)
         stop_ids = ChatTemplate(chat_template).stop_ids(tokenizer)
         files[generation.name] = generation_config(json.loads(generation.read_text()), tokenizer.bos_id,
                                                    tokenizer.eos_id, stop_ids)
-    if tokenizer_config.is_file() and "chat_template" in json.loads(tokenizer_config.read_text()):
-        files[tokenizer_config.name] = {**json.loads(tokenizer_config.read_text()), "chat_template": chat_template}
+    own_config = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
+    if "chat_template" in own_config:
+        files[tokenizer_config.name] = {**own_config, "chat_template": chat_template}
     return files
 
 

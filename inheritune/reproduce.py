@@ -34,7 +34,7 @@ from inheritune.grow import grow, logged_validation_losses, validation_loss
 from inheritune.init_from import init_from
 from model import GPT, Config, num_parameters
 from pretrain.tinyllama import setup
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, has_tokenizer
 from utils import atomic_write, cli, write_json
 
 # Model and run sizes; every one can be overridden by its flag
@@ -92,8 +92,7 @@ def reproduce(
         from prepare_data.prepare_demo import prepare_demo
 
         prepare_demo(data_dir)
-    tokenizer_dir = data_dir if any((data_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")) \
-        else None
+    tokenizer_dir = data_dir if has_tokenizer(data_dir) else None
     if tokenizer_dir is not None:
         vocab_size = vocab_size or Tokenizer(tokenizer_dir).vocab_size
     if vocab_size is None:

@@ -26,7 +26,7 @@ from chat_template import TEMPLATE_FILE, ChatTemplate, resolve_chat_template
 from checkpoint import check_state_dict, load_state_dict
 from hf import generation_config, hf_config, hf_state_dict
 from model import GPT, Config
-from tokenizer import TOKENIZER_FILES, Tokenizer
+from tokenizer import TOKENIZER_FILES, Tokenizer, has_tokenizer
 from utils import UserError, atomic_write, cli, write_json
 
 # written here rather than copied: generation_config.json gets the ids of this tokenizer and template
@@ -90,7 +90,7 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, chat_template
                          if (checkpoint_dir / name).is_file() and name not in WRITTEN_FILES]
     template = (resolve_chat_template(checkpoint_dir, chat_template) if chat_template is not None
                 else ChatTemplate.from_checkpoint(checkpoint_dir))
-    if {"tokenizer.model", "tokenizer.json"} & set(tokenizer_present):
+    if has_tokenizer(checkpoint_dir):
         tokenizer = Tokenizer(checkpoint_dir)
         bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
         stop_ids = [] if template is None else template.stop_ids(tokenizer)
