@@ -72,6 +72,7 @@ def main(
     if seq_len > model.config.block_size:
         raise UserError(f"--seq_len {seq_len} exceeds the block_size {model.config.block_size} of {checkpoint_dir}")
     ranks = dict(num_processes=fabric.world_size, process_rank=fabric.global_rank)
+    source = f"--data_dir {data_dir}" if data_dir is not None else f"--text_files {' '.join(map(str, text_files))}"
     if data_dir is not None:
         packed = validation_batches(Path(data_dir), seq_len + 1, micro_batch_size, **ranks)
         packed.check_vocabulary(model.config.vocab_size, str(Path(checkpoint_dir) / "model_config.json"))
@@ -84,7 +85,7 @@ def main(
         whole_batches, unread = len(tokens) // (seq_len + 1) // fabric.world_size // micro_batch_size, 0
     n_batches = None if eval_iters is None else min(eval_iters, whole_batches)
     if n_batches == 0:
-        raise UserError(f"{data_dir or text_files} make no micro-batch of {micro_batch_size} blocks of {seq_len + 1} "
+        raise UserError(f"{source} make no micro-batch of {micro_batch_size} blocks of {seq_len + 1} "
                         f"tokens on each of the {fabric.world_size} processes: lower --micro_batch_size or --seq_len, "
                         f"or read every block (no --eval_iters)")
     model.eval()
@@ -93,7 +94,7 @@ def main(
                         torch.tensor([read], dtype=torch.float64, device=fabric.device)))
     loss_total, target_tokens, n_blocks = fabric.all_reduce(totals, reduce_op="sum").tolist()
     if target_tokens == 0:
-        raise UserError(f"{data_dir or text_files} hold no block of two tokens or more")
+        raise UserError(f"{source} hold no block of two tokens or more")
     loss = loss_total / target_tokens
     result = dict(loss=loss, perplexity=math.exp(loss), blocks=int(n_blocks), target_tokens=int(target_tokens),
                   seq_len=seq_len, unread_tokens=unread)
@@ -126,14 +127,14 @@ def micro_batches(blocks: Iterable[torch.Tensor], micro_batch_size: int) -> Iter
     batch: List[torch.Tensor] = []
     for block in blocks:
         if batch and (len(batch) == micro_batch_size or len(block) != len(batch[0])):
-            yield split_block(batch)
+            yield inputs_and_targets(batch)
             batch = []
         batch.append(block)
     if batch:
-        yield split_block(batch)
+        yield inputs_and_targets(batch)
 
 
-def split_block(batch: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def inputs_and_targets(batch: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     stacked = torch.stack(batch)
     return stacked[:, :-1], stacked[:, 1:]
 
