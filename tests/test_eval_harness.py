@@ -137,11 +137,21 @@ def test_fp32_loglikelihoods_match_hflm_within_1e_4_and_accuracies_are_identical
         got_values = [r[0] if isinstance(r, (tuple, list)) else r for r in got]
         expected_values = [r[0] if isinstance(r, (tuple, list)) else r for r in expected]
         assert got_values == pytest.approx(expected_values, abs=1e-4, rel=0)
-        for metric, value in theirs["results"][task].items():
-            if metric != "alias" and "stderr" not in metric:
-                assert mine["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+        assert_same_results(mine["results"][task], theirs["results"][task], rel=1e-5, compare_stderr=False)
     assert mine["results"]["tiny_mc"]["acc,none"] == theirs["results"]["tiny_mc"]["acc,none"]
     assert mine["results"]["tiny_mc"]["acc_norm,none"] == theirs["results"]["tiny_mc"]["acc_norm,none"]
+
+
+def assert_same_results(got: dict, expected: dict, rel: float, compare_stderr: bool = True) -> None:
+    """One task's entries of lm-eval's results: the same keys, every number within `rel` (the standard errors too,
+    unless not `compare_stderr`), and every other entry (alias, name, an "N/A" stderr) equal."""
+    assert got.keys() == expected.keys()
+    for metric, value in expected.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if compare_stderr or "stderr" not in metric:
+                assert got[metric] == pytest.approx(value, rel=rel), metric
+        else:
+            assert got[metric] == value, metric
 
 
 def test_float64_is_greedy_and_greedy_generations_are_identical_to_hflm(checkpoints, task_dir):
@@ -266,9 +276,7 @@ def test_documented_commands_on_local_tasks_write_lm_evals_json_and_the_table(ch
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in two_processes.stderr + two_processes.stdout
     two = saved_results(tmp_path / "two")
     for task in TASKS:
-        for metric, value in one["results"][task].items():
-            if metric != "alias":
-                assert two["results"][task][metric] == pytest.approx(value, rel=1e-9), (task, metric)
+        assert_same_results(two["results"][task], one["results"][task], rel=1e-9)
     assert two["n-samples"] == one["n-samples"]
 
 
