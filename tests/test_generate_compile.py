@@ -29,15 +29,15 @@ def tiny_model(n_layer: int = 1, seed: int = 0) -> GPT:
     return GPT(config).double().eval()
 
 
-def test_compiled_decode_step_matches_eager_without_recompiling(monkeypatch):
+def test_compiled_decode_step_matches_eager_without_recompiling():
     """One inductor compile (the slow part of this file): greedy and seeded sampling, two prompt lengths."""
     model = tiny_model()
     first, second = torch.randint(0, 48, (5,)), torch.randint(0, 48, (23,))
     eager = [generate(model, prompt, 12, temperature=0.0).tolist() for prompt in (first, second)]
     assert generate(model, first, 12, temperature=0.0, max_seq_length=64, compiled=True).tolist() == eager[0]
     assert counters["stats"]["unique_graphs"] == 1
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    assert generate(model, second, 12, temperature=0.0, max_seq_length=64, compiled=True).tolist() == eager[1]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert generate(model, second, 12, temperature=0.0, max_seq_length=64, compiled=True).tolist() == eager[1]
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -52,10 +52,9 @@ def test_compiled_speculative_steps_match_eager_without_recompiling(monkeypatch)
     target, draft = tiny_model(n_layer=2), tiny_model(n_layer=1, seed=1)
     batches = [[torch.randint(0, 48, (n,)) for n in lengths] for lengths in ((3, 9), (14, 6))]
     for i, prompts in enumerate(batches):
-        if i == 1:
-            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-        outputs = speculative.speculative_generate(target, draft, prompts, 15, speculative_k=3, temperature=0.0,
-                                                   max_seq_length=48, compiled=True)
+        with torch.compiler.set_stance("fail_on_recompile" if i == 1 else "default"):
+            outputs = speculative.speculative_generate(target, draft, prompts, 15, speculative_k=3, temperature=0.0,
+                                                       max_seq_length=48, compiled=True)
         expected = speculative.speculative_generate(target, draft, prompts, 15, speculative_k=3, temperature=0.0)
         assert [o.tolist() for o in outputs] == [e.tolist() for e in expected]
         assert [o.tolist() for o in outputs] == [generate(target, p, 15, temperature=0.0).tolist() for p in prompts]
