@@ -6,9 +6,10 @@ buffer (or a single file) works.
 
 Sharding and order. A file of chunk_size tokens holds chunk_size // block_size non-overlapping blocks, taken from its
 start; the tail (and a whole file shorter than block_size) is not read: counted in `n_skipped_tokens` and reported
-once with a warning. Each epoch puts every block of every file in one global order: without shuffle, file by file in
-the order given; with shuffle, the files are shuffled (seed, epoch), taken n_chunks at a time, and the blocks of
-those n_chunks files are shuffled together (seed, epoch, window), so at most n_chunks files are open at once.
+by `summary()` (an expected loss, so a line of the run's summary, not a warning). Each epoch puts every block of
+every file in one global order: without shuffle, file by file in the order given; with shuffle, the files are
+shuffled (seed, epoch), taken n_chunks at a time, and the blocks of those n_chunks files are shuffled together
+(seed, epoch, window), so at most n_chunks files are open at once.
 Rank r takes the positions r, r + P, r + 2P, ... of that order (P = num_processes): every block is read exactly once
 per epoch, and the ranks get n or n + 1 blocks each (`n_blocks` is this rank's count). Pretraining uses wrap=True,
 so a rank never runs dry; validation should average per-rank sums and counts. Every rank must pass the same
@@ -34,7 +35,6 @@ wrap=False ever is).
 """
 
 import re
-import warnings
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -76,17 +76,25 @@ class PackedDataset(IterableDataset):
         if self.n_blocks_total == 0:
             raise UserError(f"None of the {len(self.filenames)} files (the first is {self.filenames[0]!r}) holds a "
                             f"whole block of {block_size} tokens: the largest has {self._chunk_sizes.max()} tokens")
-        if self.n_skipped_tokens:
-            n_empty = len(self.filenames) - len(self._files_with_blocks)
-            warnings.warn(f"{self.n_skipped_tokens} tokens are not read: they do not fill a whole block of "
-                          f"{block_size} tokens at the end of a file ({n_empty} of {len(self.filenames)} files are "
-                          f"shorter than one block)")
         self.n_blocks = len(range(process_rank, self.n_blocks_total, num_processes))  # this rank's, per epoch
         if self.n_blocks == 0:
             raise UserError(f"{self.n_blocks_total} blocks of {block_size} tokens cannot be shared by "
                             f"{num_processes} processes: rank {process_rank} would get none")
         self._start = 0  # blocks_consumed at which the next iter() starts (set by load_state_dict)
         self._iterator: Optional[PackedDatasetIterator] = None
+
+    def summary(self) -> str:
+        """What is read and what is not: "3 files, a.bin ... c.bin, 120 blocks of 257 tokens (30,840 tokens; 461
+        tokens at the ends of files fill no block and are not read, 0 of 3 files are shorter than one block)"."""
+        first, last = Path(self.filenames[0]).name, Path(self.filenames[-1]).name
+        matched = f"1 file, {first}" if len(self.filenames) == 1 else f"{len(self.filenames)} files, {first} ... {last}"
+        unread = ""
+        if self.n_skipped_tokens:
+            n_short = len(self.filenames) - len(self._files_with_blocks)
+            unread = (f"; {self.n_skipped_tokens:,} tokens at the ends of files fill no block and are not read, "
+                      f"{n_short} of {len(self.filenames)} files are shorter than one block")
+        return (f"{matched}, {self.n_blocks_total:,} blocks of {self.block_size} tokens "
+                f"({self.n_blocks_total * self.block_size:,} tokens{unread})")
 
     def __iter__(self) -> "PackedDatasetIterator":
         worker = get_worker_info()
@@ -307,10 +315,7 @@ def training_batches(data_dir: Path, mix: str, block_size: int, micro_batch_size
         dataset = PackedDataset(files, n_chunks=SHUFFLE_BUFFER_FILES, block_size=block_size, seed=seed, shuffle=True,
                                 wrap=True, num_processes=num_processes, process_rank=process_rank)
         if process_rank == 0:
-            first, last = Path(files[0]).name, Path(files[-1]).name
-            matched = f"1 file, {first}" if len(files) == 1 else f"{len(files)} files, {first} ... {last}"
-            print(f"--train_data_mix {prefix!r}: {matched}, {dataset.n_blocks_total:,} blocks of {block_size} tokens "
-                  f"({dataset.n_blocks_total * block_size:,} tokens)")
+            print(f"--train_data_mix {prefix!r}: {dataset.summary()}")
         datasets.append(dataset)
     weights = [weight for _, weight in sources]
     if weights[0] is None:  # every block of every source equally likely

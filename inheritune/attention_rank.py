@@ -29,7 +29,6 @@ layer's attention for one batch (batch_size x n_head x T x T); lower --batch_siz
 import itertools
 import math
 import sys
-import warnings
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence
 
@@ -149,11 +148,8 @@ def validation_sequences(data_dir: Path, num_sequences: int, seq_len: int) -> to
     data_dir = Path(data_dir)
     if not any(path.is_file() for path in data_dir.glob("validation*")) and (data_dir / "validation").is_dir():
         data_dir = data_dir / "validation"
-    with warnings.catch_warnings():
-        # the tail of a file that does not fill a block is never read; only the first blocks are wanted anyway
-        warnings.filterwarnings("ignore", message=r".* tokens are not read")
-        dataset = PackedDataset(data_files(data_dir, "validation", "--data_dir"), n_chunks=1, block_size=seq_len,
-                                shuffle=False)
+    dataset = PackedDataset(data_files(data_dir, "validation", "--data_dir"), n_chunks=1, block_size=seq_len,
+                            shuffle=False)
     if dataset.n_blocks_total < num_sequences:
         raise ValueError(f"--num_sequences {num_sequences}: the validation shards in {data_dir} hold only "
                          f"{dataset.n_blocks_total} blocks of {seq_len} tokens; lower --num_sequences or --seq_len")

@@ -543,7 +543,7 @@ def prepare(
         (job.outdir(split) / manifest_name(job.label)).unlink(missing_ok=True)
     job.destination.mkdir(parents=True, exist_ok=True)
     n = max(1, min(num_processes or os.cpu_count() or 1, len(files)))
-    bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=job.label, disable=quiet)
+    bar = progress(sum(p.stat().st_size for p in files), job.label, quiet)
     try:
         with sigterm_raises():
             reports = [_pack(job, 0, files, bar.update)] if n == 1 else _pack_in_processes(job, files, n, bar)
@@ -579,6 +579,35 @@ def prepare(
     return report
 
 
+def progress(total_bytes: int, label: str, quiet: bool) -> "ProgressLines | tqdm":
+    """tqdm's bar on a terminal; elsewhere (a log file, a pipe, CI), where its carriage-return updates would make one
+    long line, a plain line now and then."""
+    if quiet or sys.stderr.isatty():
+        return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label, disable=quiet)
+    return ProgressLines(total_bytes, label)
+
+
+class ProgressLines:
+    """`label: 41% of 12.1 MB, 3 s` on stderr at most every `interval` seconds; the caller prints the summary."""
+
+    def __init__(self, total_bytes: int, label: str, interval: float = 10.0):
+        self.total, self.label, self.interval = total_bytes, label, interval
+        self.done, self.start = 0, time.monotonic()
+        self.last = self.start
+
+    def update(self, n_bytes: int) -> None:
+        self.done += n_bytes
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            share = self.done / self.total if self.total else 1.0
+            print(f"{self.label}: {share:.0%} of {self.total / 1e6:.1f} MB, {now - self.start:.0f} s", file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Within the block, SIGTERM raises Terminated in the main thread (else it would end the process at once, with no
@@ -597,7 +626,7 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _pack_in_processes(job: Job, files: List[Path], n: int, bar: tqdm) -> List[Report]:
+def _pack_in_processes(job: Job, files: List[Path], n: int, bar: "ProgressLines | tqdm") -> List[Report]:
     context = get_context("spawn")  # a fresh interpreter per process: no inherited threads or memory
     progress_queue, stop_event = context.Queue(), context.Event()
     with ProcessPoolExecutor(n, context, initializer=_init_worker, initargs=(progress_queue, stop_event)) as pool:

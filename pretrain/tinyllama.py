@@ -152,6 +152,8 @@ def setup(
     train_data = training_batches(Path(train_data_dir), train_data_mix, seq_len + 1, micro_batch_size, seed, **ranks)
     val_data = (None if val_data_dir is None
                 else validation_batches(Path(val_data_dir), seq_len + 1, micro_batch_size, **ranks))
+    if val_data is not None:
+        fabric.print(f"--val_data_dir {val_data_dir}: {val_data.dataset.summary()}")
     for batches in (train_data, val_data):  # an id beyond the embedding would fail inside the first forward pass
         if batches is not None:
             batches.check_vocabulary(config.vocab_size, f"the model {config.name!r}")

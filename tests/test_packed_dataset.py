@@ -16,8 +16,6 @@ import packed_dataset
 from packed_dataset import CombinedDataset, PackedDataset
 from shard_format import PackedDatasetBuilder, dtype_for_vocab
 
-# make_files leaves short tails at the ends of files; the tests about that warning catch it with pytest.warns
-pytestmark = pytest.mark.filterwarnings("ignore:.*tokens are not read:UserWarning")
 
 UINT16, INT32 = 8, 4  # lit-gpt's dtype codes
 
@@ -160,9 +158,10 @@ def test_builder_output_reads_back(tmp_path):
     builder = PackedDatasetBuilder(tmp_path, "x", chunk_size=20, vocab_size=50000)
     builder.add_array(tokens)
     filenames = builder.finish()
-    with pytest.warns(UserWarning, match="3 tokens are not read"):  # the 3-token last chunk is shorter than a block
-        dataset = PackedDataset(filenames, n_chunks=4, block_size=5, shuffle=False)
-    assert dataset.n_skipped_tokens == 3
+    dataset = PackedDataset(filenames, n_chunks=4, block_size=5, shuffle=False)
+    assert dataset.n_skipped_tokens == 3  # the 3-token last chunk is shorter than a block
+    assert dataset.summary().endswith("20 blocks of 5 tokens (100 tokens; 3 tokens at the ends of files fill no block "
+                                      "and are not read, 1 of 6 files are shorter than one block)")
     assert dataset.n_blocks == 20
     assert [t for block in dataset for t in block.tolist()] == tokens[:100].tolist()
 
@@ -279,9 +278,10 @@ def test_dataloader_workers_continue_from_a_loaded_state(tmp_path, monkeypatch):
 def test_small_files_are_skipped_and_counted(tmp_path):
     filenames = [litgpt_file(tmp_path / "small.bin", np.arange(3)),
                  litgpt_file(tmp_path / "big.bin", np.arange(10, 19))]
-    with pytest.warns(UserWarning, match=r"4 tokens are not read.*1 of 2 files are shorter than one block"):
-        dataset = PackedDataset(filenames, n_chunks=8, block_size=4)
+    dataset = PackedDataset(filenames, n_chunks=8, block_size=4)
     assert dataset.n_skipped_tokens == 3 + 1
+    assert dataset.summary() == ("2 files, small.bin ... big.bin, 2 blocks of 4 tokens (8 tokens; 4 tokens at the ends "
+                                 "of files fill no block and are not read, 1 of 2 files are shorter than one block)")
     assert sorted(as_tuples(dataset)) == [(10, 11, 12, 13), (14, 15, 16, 17)]
     with pytest.raises(ValueError, match="holds a whole block of 4 tokens"):
         PackedDataset(filenames[:1], n_chunks=8, block_size=4)

@@ -26,7 +26,7 @@ import zstandard
 from prepare_data import prepare_demo, prepare_slimpajama, prepare_starcoder, prepare_text
 from prepare_data import train_tokenizer as train_tokenizer_script
 from prepare_data.common import (
-    BadInputError, NothingWrittenError, Report, find_files, load_tokenizer, sample_documents,
+    BadInputError, NothingWrittenError, ProgressLines, Report, find_files, load_tokenizer, progress, sample_documents,
 )  # fmt: skip
 from prepare_data.train_tokenizer import LLAMA2_SPEC, LineCounts, cut_line, read_any, train_tokenizer
 from shard_format import PackedDatasetBuilder
@@ -631,3 +631,14 @@ def proc_stat(pid):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return []
+
+
+def test_progress_is_plain_lines_off_a_terminal(capsys):
+    """Under pytest, stderr is not a terminal: lines now and then instead of tqdm's carriage-return updates."""
+    bar = progress(2_000_000, "code", quiet=False)
+    assert isinstance(bar, ProgressLines)
+    bar.interval = 0.0
+    bar.update(500_000)
+    bar.update(1_500_000)
+    bar.close()
+    assert re.fullmatch(r"code: 25% of 2\.0 MB, \d+ s\ncode: 100% of 2\.0 MB, \d+ s\n", capsys.readouterr().err)
