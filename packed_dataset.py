@@ -85,14 +85,15 @@ class PackedDataset(IterableDataset):
 
     def summary(self) -> str:
         """What is read and what is not: "3 files, a.bin ... c.bin, 120 blocks of 257 tokens (30,840 tokens; 461
-        tokens at the ends of files fill no block and are not read, 0 of 3 files are shorter than one block)"."""
+        tokens at the ends of files fill no block and are not read, 1 of 3 files are shorter than one block)"."""
         first, last = Path(self.filenames[0]).name, Path(self.filenames[-1]).name
         matched = f"1 file, {first}" if len(self.filenames) == 1 else f"{len(self.filenames)} files, {first} ... {last}"
         unread = ""
         if self.n_skipped_tokens:
             n_short = len(self.filenames) - len(self._files_with_blocks)
-            unread = (f"; {self.n_skipped_tokens:,} tokens at the ends of files fill no block and are not read, "
-                      f"{n_short} of {len(self.filenames)} files are shorter than one block")
+            unread = f"; {self.n_skipped_tokens:,} tokens at the ends of files fill no block and are not read"
+            if n_short:
+                unread += f", {n_short} of {len(self.filenames)} files are shorter than one block"
         return (f"{matched}, {self.n_blocks_total:,} blocks of {self.block_size} tokens "
                 f"({self.n_blocks_total * self.block_size:,} tokens{unread})")
 

@@ -47,23 +47,28 @@ STDLIB_DIRS = sorted({Path(sysconfig.get_path(name)).resolve() for name in ("std
 RUNTIME_PATHS = ("*.py", "eval", "finetune", "generate", "inheritune", "prepare_data", "pretrain", "scripts")
 
 # run in the subprocess: import the module, then each named submodule; print the files of the modules each step newly
-# loaded ("" for the module itself)
+# loaded ("" for the module itself), or the step that failed and its error
 PROBE = """
 import importlib, importlib.util, json, sys
 module, names = sys.argv[1], json.loads(sys.argv[2])
-def newly_loaded(name):
+loaded = {}
+def step(name, submodule):
     before = set(sys.modules)
-    importlib.import_module(name)
-    return {new: getattr(sys.modules[new], "__file__", None) for new in set(sys.modules) - before}
-loaded = {"": newly_loaded(module)}
+    try:
+        importlib.import_module(submodule)
+    except Exception as error:
+        print(json.dumps({"failed": name, "error": f"{type(error).__name__}: {error}"}))
+        sys.exit()
+    loaded[name] = [getattr(sys.modules[new], "__file__", None) for new in set(sys.modules) - before]
+step("", module)
 for name in names:
     try:
         is_submodule = importlib.util.find_spec(f"{module}.{name}") is not None
     except ModuleNotFoundError:  # the parent is a module, not a package
         is_submodule = False
     if is_submodule:
-        loaded[name] = newly_loaded(f"{module}.{name}")
-print(json.dumps({step: [file for file in files.values() if file] for step, files in loaded.items()}))
+        step(name, f"{module}.{name}")
+print(json.dumps({"loaded": {name: [file for file in files if file] for name, files in loaded.items()}}))
 """
 
 
@@ -98,10 +103,12 @@ def main(lock: Path = Path("requirements.txt"), paths: Optional[List[str]] = Non
 
     failures, unlocked = [], {}  # unlocked: what a module loads that the lock lacks -> the imports that load it
     for module, outcome in loaded.items():
-        if isinstance(outcome, str):
-            failures.append(f"import {module} fails ({', '.join(locations(imports, module, root))}): {outcome}")
+        if "failed" in outcome:
+            name = ".".join(filter(None, (module, outcome["failed"])))
+            where = ", ".join(locations(imports, module, root, outcome["failed"]))
+            failures.append(f"import {name} fails ({where}): {outcome['error']}")
             continue
-        for submodule, loaded_files in outcome.items():
+        for submodule, loaded_files in outcome["loaded"].items():
             name = f"{module}.{submodule}" if submodule else module
             for top in {installed_top_level(file) for file in loaded_files} - {None}:
                 owners = distributions.get(top, [])
@@ -209,13 +216,13 @@ def top_level_distributions() -> Dict[str, List[str]]:
     return importlib.metadata.packages_distributions()
 
 
-def probe(module: str, names: List[str]):
-    """The top-level modules that importing `module` (and its submodules among `names`) newly loads, in a fresh
-    interpreter started outside the repository; or the error's last line when the import fails."""
+def probe(module: str, names: List[str]) -> dict:
+    """{"loaded": {step: files}}: the files of the modules that importing `module` ("") and then each submodule among
+    `names` newly loads, in a fresh interpreter started outside the repository; or {"failed": step, "error": ...}."""
     result = subprocess.run([sys.executable, "-c", PROBE, module, json.dumps(names)], capture_output=True, text=True,
                             cwd="/")
-    if result.returncode != 0:
-        return (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+    if result.returncode != 0:  # the interpreter itself died (a crash in an extension module)
+        return {"failed": "", "error": (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
