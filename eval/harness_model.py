@@ -18,7 +18,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from generate.base import last_logits, load_for_generation, sample
+from generation import last_logits, load_for_generation, sample
 from model import GPT, shared_context
 from tokenizer import Tokenizer
 from utils import UserError
@@ -353,7 +353,7 @@ def pad_right(rows: List[Sequence[int]], length: int, device: torch.device, valu
 
 
 def sampling_args(kwargs: dict) -> dict:
-    """generate/base.py's sampling arguments from lm-eval's normalized gen_kwargs (temperature 0: greedy)."""
+    """generation.py's sampling arguments from lm-eval's normalized gen_kwargs (temperature 0: greedy)."""
     unknown = set(kwargs) - {"do_sample", "temperature", "top_k", "top_p"}
     if unknown:
         raise UserError(f"gen_kwargs {sorted(unknown)} are not supported: use do_sample, temperature, top_k, top_p, "

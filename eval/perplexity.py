@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import load_model  # noqa: E402
-from generate.base import PRECISIONS  # noqa: E402
+from generation import PRECISIONS  # noqa: E402
 from packed_dataset import validation_batches  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from training import summed_loss  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import ChatTemplate, resolve_chat_template
-from generate.base import check_generation_args, generate, load_for_generation
+from generation import check_generation_args, generate, load_for_generation
 from model import GPT
 from tokenizer import StreamDecoder, Tokenizer
 from utils import UserError, cli
@@ -84,7 +84,7 @@ def main(
 
 class Chat:
     """A conversation with a model: the messages so far, and the answer to the next user message, streamed.
-    `sampling` holds the keyword arguments of generate.base.generate: max_new_tokens, temperature, top_k, top_p."""
+    `sampling` holds the keyword arguments of generation.generate: max_new_tokens, temperature, top_k, top_p."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, template: ChatTemplate, system: Optional[str],
                  sampling: dict) -> None:

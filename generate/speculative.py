@@ -8,7 +8,7 @@ The algorithm of Leviathan et al. 2023 and Chen et al. 2023. The draft samples d
 q_1..q_k; the target scores its last token and the k drafts in one forward pass, giving p_1..p_{k+1}; d_i is accepted
 with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection the token is drawn from norm(max(0, p_i - q_i)),
 and if all k are accepted a bonus token is drawn from p_{k+1}. Temperature, top-k and top-p shape p and q alike
-(generate/base.py's `logits_to_probs`), so the output is distributed exactly as the target's own sampling. Greedy
+(generation.py's `logits_to_probs`), so the output is distributed exactly as the target's own sampling. Greedy
 (temperature 0) accepts the longest prefix equal to the target's argmax, then the target's token: the output is the
 target's greedy output, token for token.
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate.base import (
+from generation import (
     check_generation_args, compiled_step, encode_prompt, ensure_kv_cache, generate, last_logits,
     load_for_generation, logits_to_probs, sample, sample_probs, synchronize,
 )
@@ -423,7 +423,7 @@ def main(
 
 def target_only(target: GPT, prompts: List[torch.Tensor], stats: Optional[SpeculativeStats] = None,
                 **settings) -> List[torch.Tensor]:
-    """The prompts decoded by the target alone: one at a time by generate/base.py's `generate` (the project's
+    """The prompts decoded by the target alone: one at a time by generation.py's `generate` (the project's
     decoder, with fewer host syncs than the batched loop) when there is one, else as a batch."""
     if len(prompts) > 1:
         return speculative_generate(target, None, prompts, stats=stats, **settings)

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import load_model
-from generate.base import generate
+from generation import generate
 from prepare_data.prepare_demo import prepare_demo
 from pretrain.tinyllama import setup
 from tokenizer import Tokenizer

@@ -1,5 +1,6 @@
-"""generate/base.py: KV-cache decoding against full forward passes, sampling against hand-computed distributions,
-and the command line end to end on a checkpoint and sentencepiece tokenizer made in the test."""
+"""generation.py and its command line generate/base.py: KV-cache decoding against full forward passes, sampling
+against hand-computed distributions, and the command line end to end on a checkpoint and sentencepiece tokenizer made
+in the test."""
 
 import importlib.util
 import re
@@ -10,15 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import generate.base as generate_base
+from checkpoint import save_model_dir
+from generation import generate, logits_to_probs, sample
 from model import GPT, Config
 from tokenizer import Tokenizer
-from checkpoint import save_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("generate_base", ROOT / "generate" / "base.py")
-generate_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(generate_base)
-generate, sample, logits_to_probs = generate_base.generate, generate_base.sample, generate_base.logits_to_probs
 
 
 def micro_model(n_query_groups: int = 2, vocab_size: int = 200, seed: int = 0) -> GPT:

@@ -7,7 +7,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import generate.speculative as speculative
-from generate.base import generate
+from generation import generate
 from model import GPT, Config
 
 

@@ -63,7 +63,7 @@ def test_the_inherited_model_generates(reproduced):
     import torch
 
     from checkpoint import load_model
-    from generate.base import generate
+    from generation import generate
 
     _, _, results = reproduced
     model = load_model(Path(results["experiments"]["inheritune"]["run_dir"]) / "final")

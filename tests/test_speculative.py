@@ -13,7 +13,7 @@ import torch
 from scipy.stats import chisquare
 
 from checkpoint import save_model_dir
-from generate.base import generate, logits_to_probs
+from generation import generate, logits_to_probs
 import generate.speculative as speculative_module
 from generate.speculative import SpeculativeStats, check_tokenizers_agree, main, speculative_generate
 from model import GPT, Config
