@@ -9,7 +9,7 @@
 A batch source (`BatchSource`) yields `(input_ids, targets)` micro-batches of this process, with -100 at target
 positions that carry no loss, or `(input_ids, targets, document_ids)` for rows that pack several examples, each
 attending only itself at positions restarting from 0 (model.packed_documents); packed shards
-(packed_dataset.PackedBatches) and finetune/sft.py's SFTBatches are batch sources. `fit` does the rest, in nanoGPT's
+(packed_dataset.PackedBatches) and sft_batches.SFTBatches are batch sources. `fit` does the rest, in nanoGPT's
 order: learning rate -> micro-steps (gradient accumulation, no gradient sync but on the last) -> clipping -> the one
 host sync per step (non-finite loss or gradient, time limit) -> optimizer step -> logging -> validation -> atomic
 checkpoint (only of finite weights and optimizer state). A checkpoint holds the parameters that train (all of them,

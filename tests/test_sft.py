@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import sft_data
 from chat_template import BUILTIN_TEMPLATES
 from checkpoint import load_model, save_model_dir
-from finetune.sft import SFTBatches, save_finetuned, setup
+from finetune.sft import save_finetuned, setup
+from sft_batches import SFTBatches
 from lora import ADAPTERS_FILE, CONFIG_FILE, LoRAConfig, merge_lora
 from model import GPT, Config
 from sft_data import SFTSplit
