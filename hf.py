@@ -195,8 +195,6 @@ def same_values(a: Config, b: Config) -> bool:
 
 def hf_config(config: Config, dtype: str, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
     """The config.json of a LlamaForCausalLM for `config`, its weights in `dtype` ("float32", "bfloat16", ...)."""
-    if config.rotary_percentage != 1.0:
-        raise ValueError(f"rotary_percentage={config.rotary_percentage}: HF's Llama applies RoPE to every channel")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

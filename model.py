@@ -1,6 +1,6 @@
 """A Llama-family GPT in one file: config, model, RoPE, static KV cache and TinyLlama's weight init, with per-row
-positions and attention masks for batches whose rows differ (padding, packed documents, a context shared by several
-continuations, rows at different lengths).
+positions, attention masks and KV-cache rows for batches whose rows differ (packed documents, a context shared by
+several continuations, rows at different lengths, a new sequence in one row while the others decode).
 
 Lit-gpt conventions (`Config.from_name`, `transformer.wte / h / ln_f`, `lm_head`), Hugging Face numerics
 (rotate-half RoPE, so HF weights load without permutation). Imports torch, and flash_attn only if installed.
@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,6 @@ class Config:
     n_embd: int = 768
     n_query_groups: Optional[int] = None
     head_size: Optional[int] = None
-    rotary_percentage: float = 1.0
     rope_base: int = 10000
     rope_condense_ratio: int = 1
     intermediate_size: Optional[int] = None
@@ -54,9 +53,8 @@ class Config:
             raise ValueError(f"n_head={self.n_head} must be divisible by n_query_groups={self.n_query_groups}")
         if self.intermediate_size is None:
             raise ValueError(f"Config {self.name!r}: intermediate_size is required for the SwiGLU MLP")
-        self.rope_n_elem = int(self.rotary_percentage * self.head_size)
-        if self.rope_n_elem % 2:
-            raise ValueError(f"rotary_percentage * head_size = {self.rope_n_elem} must be even")
+        if self.head_size % 2:
+            raise ValueError(f"head_size={self.head_size} must be even: RoPE rotates pairs of channels")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
@@ -82,6 +80,11 @@ class Config:
                              f"writes") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path} holds a JSON {type(values).__name__}: expected an object of config fields")
+        # RoPE on every channel (Llama's, and what HF can load): checkpoints written before the field went hold 1.0
+        rotary_percentage = values.pop("rotary_percentage", 1.0)
+        if rotary_percentage != 1.0:
+            raise ValueError(f"{path}: rotary_percentage={rotary_percentage}; this model applies RoPE to every "
+                             f"channel of a head (1.0), as Llama does")
         values = {**values, **overrides}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -146,9 +149,6 @@ for _name, _values in configs.items():
     _values["name"] = _name
 
 
-Rows = Union[Sequence[int], torch.Tensor]  # row indices of the KV cache
-
-
 class GPT(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -202,36 +202,14 @@ class GPT(nn.Module):
         causal = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril()
         self.register_buffer("mask_cache", causal, persistent=False)
 
-    def reset_kv_cache(self) -> None:
-        for block in self.transformer.h:
-            block.attn.kv_cache.reset()
-
     def clear_kv_cache(self) -> None:
         """Drop the cache; call it before training, where `input_pos` must not write into a cache left set."""
         for block in self.transformer.h:
             block.attn.kv_cache = None
         self.mask_cache = None
 
-    def copy_kv_cache(self, src_rows: Rows, dst_rows: Rows, length: int) -> None:
-        """Copy the first `length` cache slots of row src_rows[i] into row dst_rows[i], in every layer.
-
-        A context is computed once and shared: prefill it into a few rows (idx may have fewer rows than the cache),
-        copy it to the rows of its continuations, then feed every row from position `length`.
-        """
-        if len(src_rows) != len(dst_rows):
-            raise ValueError(f"src_rows and dst_rows must be as long, got {len(src_rows)} and {len(dst_rows)} rows")
-        if self.mask_cache is None:
-            raise RuntimeError("copy_kv_cache needs a KV cache: call model.set_kv_cache(batch_size) first")
-        if not 0 <= length <= self.mask_cache.size(0):
-            raise ValueError(f"length={length} must be in [0, {self.mask_cache.size(0)}], the KV cache length")
-        device = self.mask_cache.device
-        src = torch.as_tensor(src_rows, dtype=torch.long, device=device)
-        dst = torch.as_tensor(dst_rows, dtype=torch.long, device=device)
-        for block in self.transformer.h:
-            block.attn.kv_cache.copy_rows(src, dst, length)
-
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) token ids. Returns (B, T, vocab) logits.
 
         input_pos: (T,) positions shared by all rows or (B, T) per row (int64). They give the RoPE angles and
@@ -241,13 +219,17 @@ class GPT(nn.Module):
             needs an attention_mask and positions the T tokens only (packed documents restart at 0).
         attention_mask: bool (B, T, S) or (B, 1, S), True where a query may attend a key; S = T without a cache,
             the cache length with one. It is AND-ed with causality, and a query always attends itself, so padding
-            queries get finite (meaningless) outputs. Built by `padding_mask` and `packed_documents`.
-        Neither: causal attention among the T tokens (flash-attn or SDPA's is_causal), the cache unused.
+            queries get finite (meaningless) outputs. The batch layouts that need one build it:
+            training.packed_documents (packed SFT examples), eval/harness_model.shared_context (a context shared by
+            several continuations).
+        rows: (B,) the KV cache rows that idx's rows write and attend (default the first B), so that some rows
+            start a new sequence at position 0 (continuous batching) while the others keep theirs.
+        Neither input_pos nor attention_mask: causal attention among the T tokens (flash-attn or SDPA's is_causal).
         """
-        return self.lm_head(self.hidden_states(idx, input_pos, attention_mask))
+        return self.lm_head(self.hidden_states(idx, input_pos, attention_mask, rows))
 
     def hidden_states(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      attention_mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """forward without the head: the final normalised hidden states (B, T, n_embd), for callers that need the
         logits of a few positions only (over a 32k vocabulary the head costs as much as ~3.5 layers of the 135m).
         """
@@ -256,6 +238,9 @@ class GPT(nn.Module):
         cache_rows = self.transformer.h[0].attn.kv_cache.k.size(0) if cached else B
         if B > cache_rows:
             raise ValueError(f"idx has {B} rows, more than the KV cache's {cache_rows}: call model.set_kv_cache({B})")
+        if rows is not None and (not cached or rows.shape != (B,)):
+            raise ValueError(f"rows must be (B,) = ({B},) KV cache rows, with input_pos and a cache, got "
+                             f"{tuple(rows.shape)}" + ("" if cached else " without a cache"))
         if input_pos is not None and not cached and attention_mask is None:
             # most likely a decoding step after clear_kv_cache, which would silently attend its own tokens only
             raise RuntimeError("input_pos needs a KV cache (call model.set_kv_cache(batch_size) first), "
@@ -271,7 +256,7 @@ class GPT(nn.Module):
             mask = self.sdpa_mask(B, input_pos, attention_mask, cached)
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
-            x = block(x, cos, sin, mask, input_pos if cached else None)
+            x = block(x, cos, sin, mask, input_pos if cached else None, rows)
         return self.transformer.ln_f(x)
 
     def sdpa_mask(self, B: int, input_pos: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -305,8 +290,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = LLaMAMLP(config)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask=None, input_pos=None, rows=None):
+        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos, rows)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -320,15 +305,15 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.config = config
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
+    def forward(self, x, cos, sin, mask=None, input_pos=None, rows=None):
         B, T, _ = x.shape
         cfg = self.config
         q, k, v = self.qkv(x).split(
             (cfg.n_head * cfg.head_size, cfg.n_query_groups * cfg.head_size, cfg.n_query_groups * cfg.head_size),
             dim=-1,
         )
-        q = apply_rope(q.view(B, T, cfg.n_head, cfg.head_size), cos, sin, cfg.rope_n_elem)
-        k = apply_rope(k.view(B, T, cfg.n_query_groups, cfg.head_size), cos, sin, cfg.rope_n_elem)
+        q = apply_rope(q.view(B, T, cfg.n_head, cfg.head_size), cos, sin)
+        k = apply_rope(k.view(B, T, cfg.n_query_groups, cfg.head_size), cos, sin)
         v = v.view(B, T, cfg.n_query_groups, cfg.head_size)
 
         if mask is None and flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
@@ -337,7 +322,7 @@ class CausalSelfAttention(nn.Module):
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if input_pos is not None:
-                k, v = self.kv_cache.update(input_pos, k, v)
+                k, v = self.kv_cache.update(input_pos, k, v, rows)
             gqa = cfg.n_query_groups != cfg.n_head
             # The masked grouped-head call of the KV-cache steps: SDPA's CUDA flash kernel takes no mask and its
             # efficient kernel no grouped heads, so torch's order leaves cuDNN (which takes both) or math; on the CPU
@@ -382,32 +367,23 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None):
         """Write k, v (B, groups, T, hs) in place at input_pos, (T,) for every row or (B, T) per row, into the
-        cache's first B rows; return those rows of the whole cache (fixed shape)."""
+        cache rows `rows` (B,), default the first B; return those rows of the whole cache (fixed shape)."""
         B = k.size(0)
         for cache, new in ((self.k, k), (self.v, v)):
-            if input_pos.dim() == 1:
+            if input_pos.dim() == 1 and rows is None:
                 cache[:B].index_copy_(2, input_pos, new.to(cache.dtype))
             else:
                 # indices on dims 0 and 2 around a slice: the indexed cache is (B, T, groups, hs)
-                rows = torch.arange(B, device=cache.device)[:, None]
-                cache[rows, :, input_pos] = new.transpose(1, 2).to(cache.dtype)
-        return self.k[:B], self.v[:B]
-
-    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
-        """Slots [0, length) of rows src[i] into rows dst[i]; src and dst: (N,) row indices."""
-        for cache in (self.k, self.v):
-            cache[:, :, :length].index_copy_(0, dst, cache[src, :, :length])
-
-    def reset(self) -> None:
-        self.k.zero_()
-        self.v.zero_()
+                row_index = (torch.arange(B, device=cache.device) if rows is None else rows)[:, None]
+                cache[row_index, :, input_pos] = new.transpose(1, 2).to(cache.dtype)
+        return (self.k[:B], self.v[:B]) if rows is None else (self.k[rows], self.v[rows])
 
 
 def build_rope_cache(config: Config, device: Optional[torch.device] = None):
-    """cos and sin of shape (block_size, rope_n_elem) in fp32; positions divided by rope_condense_ratio."""
-    n_elem = config.rope_n_elem
+    """cos and sin of shape (block_size, head_size) in fp32; positions divided by rope_condense_ratio."""
+    n_elem = config.head_size
     inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.float32) / n_elem))
     positions = torch.arange(config.block_size, device=device, dtype=torch.float32) / config.rope_condense_ratio
     freqs = torch.outer(positions, inv_freq)
@@ -415,59 +391,9 @@ def build_rope_cache(config: Config, device: Optional[torch.device] = None):
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: int) -> torch.Tensor:
-    """Rotate-half RoPE (HF / NeoX) on the first n_elem channels of x: (B, T, heads, hs); cos, sin: (T, n_elem) for
-    every row or (B, T, n_elem) per row."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF / NeoX) on x: (B, T, heads, hs); cos, sin: (T, hs) for every row or (B, T, hs) per row."""
     cos = cos.unsqueeze(-2).to(x.dtype)
     sin = sin.unsqueeze(-2).to(x.dtype)
-    rot, rest = x[..., :n_elem], x[..., n_elem:]
-    x1, x2 = rot.chunk(2, dim=-1)
-    rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((rotated, rest), dim=-1) if rest.numel() else rotated
-
-
-def padding_mask(is_token: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
-    """attention_mask (B, 1, length) that hides padding keys; is_token: (B, T), False at padding (e.g. on the left).
-
-    length: the KV cache length when the batch is prefilled into a cache (default T, for a forward without one).
-    The slots past T are allowed: decoding fills them later, and causality hides each until it is written.
-    With a cache, positions are slots, so a left-padded row sits at shifted RoPE positions; RoPE depends only on
-    relative positions, so this changes nothing but rounding. Without a cache, input_pos =
-    (is_token.cumsum(-1) - 1).clamp(min=0) gives each row the positions it would have alone, as Hugging Face does.
-    """
-    T = is_token.size(-1)
-    length = T if length is None else length
-    if is_token.dim() != 2 or length < T:
-        raise ValueError(f"is_token must be (B, T) and length >= T, got shape {tuple(is_token.shape)}, length={length}")
-    return F.pad(is_token.bool(), (0, length - T), value=True)[:, None, :]
-
-
-def packed_documents(document_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """input_pos (B, T) and attention_mask (B, T, T) for rows that pack several documents, for a forward without
-    a KV cache: each token attends the earlier tokens of its own document only (block-diagonal causal), at
-    positions that restart at 0, so each document gets exactly what it would get alone.
-
-    document_ids: (B, T) integers, equal within a document (e.g. the running count of BOS tokens).
-    """
-    if document_ids.dim() != 2:
-        raise ValueError(f"document_ids must be (B, T), got shape {tuple(document_ids.shape)}")
-    mask = (document_ids[:, :, None] == document_ids[:, None, :]).tril()
-    # a token's position is the number of earlier tokens of its document
-    return mask.sum(-1) - 1, mask
-
-
-def shared_context(segment_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """input_pos (B, T) and attention_mask (B, T, T) for rows that hold a context followed by several continuations
-    (the endings of a multiple-choice question), for a forward without a KV cache: the context is computed once, and
-    each continuation attends the context and its own earlier tokens only, at the positions that follow the context,
-    so each gets exactly what it would get as the one continuation after the context.
-
-    segment_ids: (B, T) integers, 0 on the context (first in the row), then one id per continuation, each continuation
-    contiguous; padding takes an id of its own.
-    """
-    if segment_ids.dim() != 2:
-        raise ValueError(f"segment_ids must be (B, T), got shape {tuple(segment_ids.shape)}")
-    key, query = segment_ids[:, None, :], segment_ids[:, :, None]
-    mask = ((key == 0) | (key == query)).tril()
-    # a token's position is the number of earlier tokens it attends: the context and its own continuation's
-    return mask.sum(-1) - 1, mask
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

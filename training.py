@@ -8,7 +8,7 @@
 
 A batch source (`BatchSource`) yields `(input_ids, targets)` micro-batches of this process, with -100 at target
 positions that carry no loss, or `(input_ids, targets, document_ids)` for rows that pack several examples, each
-attending only itself at positions restarting from 0 (model.packed_documents); packed shards
+attending only itself at positions restarting from 0 (training.packed_documents); packed shards
 (packed_dataset.PackedBatches) and sft_batches.SFTBatches are batch sources. `fit` does the rest, in nanoGPT's
 order: learning rate -> micro-steps (gradient accumulation, no gradient sync but on the last) -> clipping -> the one
 host sync per step (non-finite loss or gradient, time limit) -> optimizer step -> logging -> validation -> atomic
@@ -46,7 +46,7 @@ from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 from checkpoint import (
     CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, load_file, load_shards, read_shard_index, save_atomic, save_model_dir,
 )
-from model import GPT, Config, num_parameters, packed_documents
+from model import GPT, Config, num_parameters
 from utils import UserError, move_into_place, remove_path, write_json
 
 IGNORE_INDEX = -100  # targets that carry no loss (padding, prompts), as F.cross_entropy's default ignore_index
@@ -62,7 +62,7 @@ SaveFinal = Callable[[Mapping[str, torch.Tensor], Path], None]  # writes (the fu
 class BatchSource(Protocol):
     """This process's micro-batches: `(input_ids, targets)`, both (micro_batch_size, T) int64 on the CPU, targets
     -100 where no loss is taken; or `(input_ids, targets, document_ids)`, document_ids (micro_batch_size, T) equal
-    within each packed example (see model.packed_documents). `iter()` continues from the position of the last
+    within each packed example (see packed_documents). `iter()` continues from the position of the last
     `load_state_dict` (or the start); `len()` is the number of micro-batches per process in one epoch, the same on
     every process."""
 
@@ -820,3 +820,17 @@ def save_final_weights(fabric: Fabric, model: nn.Module, out_dir: Path, save: Sa
         save(state_dict, out_dir)
         fabric.print(f"Saved the final weights to {out_dir}")
     fabric.barrier()
+
+
+def packed_documents(document_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """input_pos (B, T) and attention_mask (B, T, T) for rows that pack several documents, for a forward without
+    a KV cache: each token attends the earlier tokens of its own document only (block-diagonal causal), at
+    positions that restart at 0, so each document gets exactly what it would get alone.
+
+    document_ids: (B, T) integers, equal within a document (e.g. the running count of BOS tokens).
+    """
+    if document_ids.dim() != 2:
+        raise ValueError(f"document_ids must be (B, T), got shape {tuple(document_ids.shape)}")
+    mask = (document_ids[:, :, None] == document_ids[:, None, :]).tril()
+    # a token's position is the number of earlier tokens of its document
+    return mask.sum(-1) - 1, mask

@@ -19,7 +19,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from generation import last_logits, load_for_generation, sample
-from model import GPT, shared_context
+from model import GPT
 from tokenizer import Tokenizer
 from utils import UserError
 
@@ -28,7 +28,7 @@ class Unit:
     """One row of a forward: a context and the continuations scored from it.
 
     The row feeds the context, then each continuation but its last token; each continuation attends the context and
-    its own tokens only (model.shared_context), so the context is computed once for all of them. `members` are
+    its own tokens only (shared_context, below), so the context is computed once for all of them. `members` are
     (request index, continuation tokens)."""
 
     def __init__(self, context: Tuple[int, ...], members: List[Tuple[int, List[int]]]) -> None:
@@ -362,3 +362,20 @@ def sampling_args(kwargs: dict) -> dict:
         return dict(temperature=0.0)
     temperature = float(kwargs.get("temperature") or 1.0)  # do_sample without a temperature: HF's default 1.0
     return dict(temperature=temperature, top_k=kwargs.get("top_k"), top_p=float(kwargs.get("top_p", 1.0)))
+
+
+def shared_context(segment_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """input_pos (B, T) and attention_mask (B, T, T) for rows that hold a context followed by several continuations
+    (the endings of a multiple-choice question), for a forward without a KV cache: the context is computed once, and
+    each continuation attends the context and its own earlier tokens only, at the positions that follow the context,
+    so each gets exactly what it would get as the one continuation after the context.
+
+    segment_ids: (B, T) integers, 0 on the context (first in the row), then one id per continuation, each continuation
+    contiguous; padding takes an id of its own.
+    """
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be (B, T), got shape {tuple(segment_ids.shape)}")
+    key, query = segment_ids[:, None, :], segment_ids[:, :, None]
+    mask = ((key == 0) | (key == query)).tril()
+    # a token's position is the number of earlier tokens it attends: the context and its own continuation's
+    return mask.sum(-1) - 1, mask

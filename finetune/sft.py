@@ -14,7 +14,7 @@ and the vocabulary stays as it is (TinyLlama added a [PAD] token, making 32001 t
 Each step's loss is summed over its target tokens and divided by the step's target-token count (training.py), so
 it does not depend on how examples fall into micro-batches or devices. Examples are right-padded to the longest of
 their micro-batch or, with --packing, packed into rows of block_size tokens where each example attends only itself,
-at positions from 0 (model.packed_documents): the same loss, less padding. The data's chat template (recorded by
+at positions from 0 (training.packed_documents): the same loss, less padding. The data's chat template (recorded by
 prepare_sft.py) is written into out_dir/final, so generate/chat.py, the evaluation and the converters use it.
 """
 

@@ -202,7 +202,7 @@ def layer_attentions(model: GPT, idx: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def block_attention(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, n_embd), the block's input; cos, sin: (T, rope_n_elem). Returns (B, n_head, T, T), the softmax of
+    """x: (B, T, n_embd), the block's input; cos, sin: (T, head_size). Returns (B, n_head, T, T), the softmax of
     q k^T / sqrt(head_size) under the causal mask, from the block's own norm_1, qkv and RoPE."""
     cfg = block.attn.config
     B, T, _ = x.shape
@@ -210,8 +210,8 @@ def block_attention(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch
     q, k, _ = block.attn.qkv(block.norm_1(x)).split(
         (cfg.n_head * hs, cfg.n_query_groups * hs, cfg.n_query_groups * hs), dim=-1
     )
-    q = apply_rope(q.view(B, T, cfg.n_head, hs), cos, sin, cfg.rope_n_elem)
-    k = apply_rope(k.view(B, T, cfg.n_query_groups, hs), cos, sin, cfg.rope_n_elem)
+    q = apply_rope(q.view(B, T, cfg.n_head, hs), cos, sin)
+    k = apply_rope(k.view(B, T, cfg.n_query_groups, hs), cos, sin)
     # head h reads K group h // (n_head / n_query_groups), as SDPA's enable_gqa and HF's repeat_kv do
     k = k.repeat_interleave(cfg.n_head // cfg.n_query_groups, dim=2)
     # softmax in fp32 at least: a bf16 probability keeps about 3 significant digits

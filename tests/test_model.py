@@ -88,7 +88,7 @@ def test_init_statistics(bias):
 
 
 def test_meta_init_matches_normal_init():
-    config = Config(**INIT_CONFIG, rope_condense_ratio=2, rotary_percentage=0.5)
+    config = Config(**INIT_CONFIG, rope_condense_ratio=2)
     model = meta_model(config)
     assert model.lm_head.weight.is_meta
     model.to_empty(device="cpu")
@@ -133,13 +133,27 @@ def test_config_names_lists_all():
 
 
 def test_config_file_round_trip(tmp_path):
-    config = Config.from_name("demo", rope_condense_ratio=4, rotary_percentage=0.5)
+    config = Config.from_name("demo", rope_condense_ratio=4)
     write_json(tmp_path / "model_config.json", asdict(config))
     assert Config.from_file(tmp_path) == config
     assert Config.from_file(tmp_path / "model_config.json") == config
     assert Config.from_file(tmp_path, n_layer=7).n_layer == 7
     write_json(tmp_path / "other.json", asdict(config))
     assert Config.from_file(tmp_path / "other.json") == config
+
+
+def test_config_files_written_with_rotary_percentage_load_when_it_is_one(tmp_path):
+    """Every model_config.json written before the field went holds rotary_percentage 1.0 (save_model_dir at
+    5c828bd wrote asdict(config)); other values, which no named config had, are refused by name."""
+    written = json.loads(  # out/demo/final/model_config.json as save_model_dir wrote it at 5c828bd
+        '{"name": "demo", "block_size": 256, "vocab_size": 4096, "padding_multiple": 64, "padded_vocab_size": 4096, '
+        '"n_layer": 4, "n_head": 4, "n_embd": 256, "n_query_groups": 2, "head_size": 64, "rotary_percentage": 1.0, '
+        '"rope_base": 10000, "rope_condense_ratio": 1, "intermediate_size": 704, "norm_eps": 1e-05, "bias": false}')
+    (tmp_path / "model_config.json").write_text(json.dumps(written))
+    assert Config.from_file(tmp_path) == Config.from_name("demo")
+    (tmp_path / "model_config.json").write_text(json.dumps({**written, "rotary_percentage": 0.5}))
+    with pytest.raises(ValueError, match=r"model_config.json: rotary_percentage=0.5; this model applies RoPE to every"):
+        Config.from_file(tmp_path)
 
 
 def test_config_file_unknown_key(tmp_path):
@@ -159,8 +173,8 @@ def test_config_missing_file(tmp_path):
 
 
 def reference_rope_cache(config: Config, T: int):
-    """cos and sin in float64 from the formula: angle(pos, i) = pos / condense_ratio * base^(-2i / n_elem)."""
-    n = int(config.rotary_percentage * config.head_size)
+    """cos and sin in float64 from the formula: angle(pos, i) = pos / condense_ratio * base^(-2i / head_size)."""
+    n = config.head_size
     pos = torch.arange(T, dtype=torch.float64)[:, None] / config.rope_condense_ratio
     i = torch.arange(n // 2, dtype=torch.float64)[None, :]
     angle = pos * config.rope_base ** (-2 * i / n)
@@ -169,28 +183,24 @@ def reference_rope_cache(config: Config, T: int):
 
 
 def reference_rope(x: torch.Tensor, config: Config) -> torch.Tensor:
-    """Rotate-half on the first rotary_percentage of each head's channels, the rest passes through: (B, T, H, hs)."""
-    n = int(config.rotary_percentage * config.head_size)
+    """Rotate-half on each head's channels: (B, T, H, hs)."""
+    n = config.head_size
     cos, sin = reference_rope_cache(config, x.size(1))
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     x = x.double()
-    x1, x2, rest = x[..., : n // 2], x[..., n // 2 : n], x[..., n:]
-    rotated = torch.cat([x1 * cos[..., : n // 2] - x2 * sin[..., : n // 2],
-                         x2 * cos[..., n // 2 :] + x1 * sin[..., n // 2 :]], dim=-1)
-    return torch.cat([rotated, rest], dim=-1).float()
+    x1, x2 = x[..., : n // 2], x[..., n // 2 :]
+    return torch.cat([x1 * cos[..., : n // 2] - x2 * sin[..., : n // 2],
+                      x2 * cos[..., n // 2 :] + x1 * sin[..., n // 2 :]], dim=-1).float()
 
 
-@pytest.mark.parametrize("rotary_percentage, condense", [(1.0, 1), (0.25, 1), (0.5, 4)])
-def test_rope_matches_reference(rotary_percentage, condense):
-    config = Config.from_name("micro", rotary_percentage=rotary_percentage, rope_condense_ratio=condense)
+@pytest.mark.parametrize("condense", [1, 4])
+def test_rope_matches_reference(condense):
+    config = Config.from_name("micro", rope_condense_ratio=condense)
     T = config.block_size
     x = torch.randn(2, T, config.n_head, config.head_size)
     cos, sin = build_rope_cache(config)
-    assert cos.shape == (T, int(rotary_percentage * config.head_size))
-    torch.testing.assert_close(apply_rope(x, cos, sin, config.rope_n_elem), reference_rope(x, config))
-    if rotary_percentage < 1:  # the channels past rope_n_elem are untouched
-        out = apply_rope(x, cos, sin, config.rope_n_elem)
-        assert torch.equal(out[..., config.rope_n_elem :], x[..., config.rope_n_elem :])
+    assert cos.shape == (T, config.head_size)
+    torch.testing.assert_close(apply_rope(x, cos, sin), reference_rope(x, config))
 
 
 def test_rope_per_row_positions_rotate_each_row_at_its_own():
@@ -198,9 +208,9 @@ def test_rope_per_row_positions_rotate_each_row_at_its_own():
     x = torch.randn(3, 10, config.n_head, config.head_size)
     positions = torch.randint(0, config.block_size, (3, 10))
     cos, sin = build_rope_cache(config)
-    out = apply_rope(x, cos[positions], sin[positions], config.rope_n_elem)
+    out = apply_rope(x, cos[positions], sin[positions])
     for b in range(3):
-        row = apply_rope(x[b : b + 1], cos[positions[b]], sin[positions[b]], config.rope_n_elem)
+        row = apply_rope(x[b : b + 1], cos[positions[b]], sin[positions[b]], )
         assert torch.equal(out[b : b + 1], row)
 
 
@@ -234,10 +244,9 @@ def reference_attention(attn: CausalSelfAttention, x: torch.Tensor) -> torch.Ten
 
 
 @pytest.mark.parametrize("n_query_groups", [4, 2, 1])  # MHA, GQA, MQA
-@pytest.mark.parametrize("rotary_percentage", [1.0, 0.5])
-def test_attention_matches_reference(n_query_groups, rotary_percentage):
+def test_attention_matches_reference(n_query_groups):
     torch.manual_seed(0)
-    config = Config.from_name("micro", n_query_groups=n_query_groups, rotary_percentage=rotary_percentage)
+    config = Config.from_name("micro", n_query_groups=n_query_groups)
     attn = CausalSelfAttention(config)
     torch.nn.init.normal_(attn.qkv.weight, std=0.3)  # large enough that attention is far from uniform
     x = torch.randn(2, 24, config.n_embd)
@@ -271,9 +280,7 @@ def test_kv_cache_matches_full_forward(n_query_groups):
         expected = model(idx)
         model.set_kv_cache(batch_size=2, max_seq_length=48)
         torch.testing.assert_close(cached_logits(model, idx, n_prefill=7), expected, atol=1e-5, rtol=1e-5)
-        # reuse after a reset, with a different prefill split
-        model.reset_kv_cache()
-        assert all(block.attn.kv_cache.k.abs().sum() == 0 for block in model.transformer.h)
+        # reuse, with a different prefill split: what the cache holds is overwritten before it is attended
         torch.testing.assert_close(cached_logits(model, idx, n_prefill=1), expected, atol=1e-5, rtol=1e-5)
         # stale entries beyond the new prompt are masked: a shorter sequence without reset gives its own logits
         torch.testing.assert_close(cached_logits(model, idx[:, :10], n_prefill=3), expected[:, :10], atol=1e-5, rtol=1e-5)

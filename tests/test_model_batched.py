@@ -1,4 +1,5 @@
-"""model.py for batches whose rows differ: per-row positions, attention masks, KV-cache row copies and rewinds.
+"""model.py for batches whose rows differ: per-row positions, attention masks (and the layouts that build them),
+KV-cache rows addressed by index, and rewinds.
 
 References are independent of the batched path: Hugging Face's LlamaForCausalLM on a left-padded batch, and each
 row (or packed document) run alone at batch size 1. Float64 throughout: `torch.equal` where the arithmetic is the
@@ -8,8 +9,12 @@ same, 1e-12 where only the shapes of the matmuls differ (a row alone and in a ba
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+from eval.harness_model import shared_context
 from hf import hf_config, hf_state_dict
-from model import GPT, Config, packed_documents, padding_mask, shared_context
+from model import GPT, Config
+from training import packed_documents
 
 VOCAB = 200
 TOL = dict(atol=1e-12, rtol=0)
@@ -55,15 +60,13 @@ def test_packed_documents_positions_restart_and_mask_is_block_diagonal_causal():
     assert torch.equal(mask[1], torch.ones(6, 6, dtype=torch.bool).tril())
 
 
-def test_padding_mask_hides_padding_keys_and_allows_the_slots_to_come():
-    is_token = torch.tensor([[False, False, True], [True, True, True]])
-    assert padding_mask(is_token).tolist() == [[[False, False, True]], [[True, True, True]]]
-    assert padding_mask(is_token, length=5).tolist() == [[[False, False, True, True, True]], [[True] * 5]]
-    with pytest.raises(ValueError, match="length"):
-        padding_mask(is_token, length=2)
-
-
 # ---------------------------------------------------------------------------------------------------- against HF
+
+
+def padding_mask(is_token: torch.Tensor, length: int) -> torch.Tensor:
+    """attention_mask (B, 1, length) hiding the padding keys of is_token (B, T); the slots past T, which decoding
+    fills later, are allowed (causality hides each until it is written)."""
+    return F.pad(is_token, (0, length - is_token.size(-1)), value=True)[:, None, :]
 
 
 def left_pad(rows: list, pad_id: int = 0):
@@ -92,9 +95,9 @@ def test_left_padded_batch_matches_hf_with_attention_mask():
     position_ids = (is_token.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         expected = hf(idx, attention_mask=is_token.long(), position_ids=position_ids).logits
-        logits = model(idx, position_ids, padding_mask(is_token))
+        logits = model(idx, position_ids, padding_mask(is_token, T))
         # at the slot positions, as with a cache: each row's positions shifted by its padding
-        slot_positions = model(idx, attention_mask=padding_mask(is_token))
+        slot_positions = model(idx, attention_mask=padding_mask(is_token, T))
         # with a cache: prefill the padded prompts, then decode one token at a time under the same mask
         model.set_kv_cache(batch_size=3, max_seq_length=T)
         mask = padding_mask(is_prompt, length=T)
@@ -163,33 +166,41 @@ def test_rewind_ignores_what_was_written_past_the_position():
             torch.testing.assert_close(logits[b], model(kept[None])[0, -2:], **TOL)
 
 
-def test_copy_kv_cache_shares_contexts_computed_once():
-    """Two contexts prefilled once, in rows 0 and 1, copied into rows 2-5 (which held another sequence), then
-    each row decodes its own ending: as if each context + ending ran alone."""
+def test_a_row_starts_a_new_sequence_while_the_others_keep_decoding():
+    """Continuous batching: rows 0 and 2 of a 3-row cache decode requests A and B; A ends and request C is prefilled
+    into row 0 at positions 0..n (B's row untouched), then C and B decode together at their own positions, in cache
+    rows [0, 2]. Every logit equals that request's alone."""
     model = float64_model()
-    contexts, endings = tokens(2, 9), tokens(6, 4, seed=2)
-    source = [0, 1, 0, 0, 1, 1]
+    a, b, c, new = tokens(7), tokens(5, seed=2), tokens(9, seed=3), tokens(2, 4, seed=4)
+    rows = torch.tensor([0, 2])
     with torch.no_grad():
-        model.set_kv_cache(batch_size=6, max_seq_length=16)
-        model(tokens(6, 16, seed=3), torch.arange(16))  # stale entries everywhere
-        model(contexts, torch.arange(9))  # rows 0 and 1 only
-        model.copy_kv_cache([0, 0, 1, 1], [2, 3, 4, 5], length=9)
-        logits = model(endings, torch.arange(9, 13))
-        model.clear_kv_cache()
-        for b in range(6):
-            alone = model(torch.cat([contexts[source[b]], endings[b]])[None])[0, 9:]
-            torch.testing.assert_close(logits[b], alone, **TOL)
+        expected_b = decode_alone(model, b, torch.cat([new[1, :2], new[1]]))
+        expected_c = decode_alone(model, c, new[0])
+        model.set_kv_cache(batch_size=3, max_seq_length=24)
+        model(tokens(3, 24, seed=5), torch.arange(24))  # stale entries everywhere
+        model(a[None], torch.arange(7), rows=torch.tensor([0]))
+        b_logits = [model(b[None], torch.arange(5), rows=torch.tensor([2]))[0, -1:]]
+        for i in range(2):  # A and B decode side by side
+            step = model(torch.stack([a[:1], new[1, i : i + 1]]), torch.tensor([[7 + i], [5 + i]]), rows=rows)
+            b_logits.append(step[1])
+        c_logits = [model(c[None], torch.arange(9), rows=torch.tensor([0]))[0, -1:]]
+        for i in range(4):
+            step = model(torch.stack([new[0, i : i + 1], new[1, i : i + 1]]), torch.tensor([[9 + i], [7 + i]]),
+                         rows=rows)
+            c_logits.append(step[0])
+            b_logits.append(step[1])
+    torch.testing.assert_close(torch.cat(c_logits), expected_c, **TOL)
+    torch.testing.assert_close(torch.cat(b_logits), expected_b, **TOL)
 
 
 def test_kv_cache_row_errors():
     model = float64_model()
-    with pytest.raises(RuntimeError, match="set_kv_cache"):
-        model.copy_kv_cache([0], [1], length=3)
+    with pytest.raises(ValueError, match=r"rows must be \(B,\) = \(1,\) KV cache rows.* without a cache"):
+        model(tokens(1, 4), rows=torch.tensor([0]))
     model.set_kv_cache(batch_size=2, max_seq_length=16)
-    with pytest.raises(ValueError, match="length=17"):
-        model.copy_kv_cache([0], [1], length=17)
-    with pytest.raises(ValueError, match="src_rows and dst_rows"):
-        model.copy_kv_cache([0], [1, 1], length=3)
+    with pytest.raises(ValueError, match=r"rows must be \(B,\) = \(2,\) KV cache rows, with input_pos and a cache, "
+                                         r"got \(1,\)"):
+        model(tokens(2, 4), torch.arange(4), rows=torch.tensor([0]))
     with pytest.raises(ValueError, match=r"3 rows, more than the KV cache's 2: call model.set_kv_cache\(3\)"):
         model(tokens(3, 4), torch.arange(4))
 
@@ -260,7 +271,7 @@ def test_a_query_whose_keys_are_all_masked_attends_itself():
     "attention_mask",
     [
         torch.ones(2, 5, 5),  # not bool
-        torch.ones(2, 5, dtype=torch.bool),  # key padding without its query dimension: use padding_mask
+        torch.ones(2, 5, dtype=torch.bool),  # key padding without its query dimension
         torch.ones(2, 5, 6, dtype=torch.bool),  # S != T without a cache
         torch.ones(3, 5, 5, dtype=torch.bool),  # B
     ],
