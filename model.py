@@ -229,7 +229,8 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden_states(idx, input_pos, attention_mask, rows))
 
     def hidden_states(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                      attention_mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      attention_mask: Optional[torch.Tensor] = None,
+                      rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """forward without the head: the final normalised hidden states (B, T, n_embd), for callers that need the
         logits of a few positions only (over a 32k vocabulary the head costs as much as ~3.5 layers of the 135m).
         """
