@@ -31,6 +31,7 @@ import random
 import re
 import resource
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Mapping, Optional, Protocol, Tuple
@@ -218,6 +219,24 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, w
         raise UserError(f"--global_batch_size {global_batch_size} is not a multiple of --micro_batch_size "
                         f"{micro_batch_size} x {world_size} processes (devices x num_nodes) = {per_step}: {hint}")
     return global_batch_size // per_step
+
+
+def preflight(settings: TrainingSettings, accelerator: str, strategy: str, precision: str, devices: str,
+              num_nodes: int, weight_decay: float, betas: Tuple[float, float], eps: float) -> None:
+    """Every check of a recipe's flags that needs no process, run by each recipe before it launches them, so that a
+    bad flag fails at once with one line rather than in every process after the start-up."""
+    for name, value, kind in (("accelerator", accelerator, Accelerator), ("strategy", strategy, Strategy),
+                              ("precision", precision, Precision), ("lr_schedule", settings.lr_schedule, Schedule)):
+        if value not in typing.get_args(kind):  # the CLI checks its choices itself; calls from Python do not
+            raise UserError(f"--{name} {value!r}: expected one of {', '.join(typing.get_args(kind))}")
+    check_settings(settings)
+    check_optimizer_settings(weight_decay, betas, eps)
+    if num_nodes < 1:
+        raise UserError(f"--num_nodes must be at least 1, got {num_nodes}")
+    if str(devices) != "auto" and not (str(devices).isdigit() and int(devices) >= 1):
+        raise UserError(f"--devices must be auto or a number of at least 1, got {devices!r}")
+    gradient_accumulation_steps(settings.global_batch_size, settings.micro_batch_size,
+                                resolve_devices(devices, accelerator) * num_nodes)
 
 
 def check_optimizer_settings(weight_decay: float, betas: Tuple[float, float], eps: float) -> None:

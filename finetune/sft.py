@@ -35,9 +35,8 @@ from sft_batches import SFTBatches, padding_id
 from sft_data import SFTSplit, read_metadata
 from shard_format import file_sha256
 from training import (
-    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer,
-    check_optimizer_settings, check_settings, find_resume_checkpoint, fit, gradient_accumulation_steps, launch_fabric,
-    model_config, resolve_devices,
+    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer, find_resume_checkpoint,
+    fit, launch_fabric, model_config, preflight,
 )
 from tokenizer import Tokenizer, has_tokenizer
 from utils import UserError, cli
@@ -159,11 +158,7 @@ def setup(
         save_interval=save_interval, tokenizer_dir=initial_checkpoint_dir,
     )
     # everything that can be checked is checked before processes are launched
-    check_settings(settings)
-    check_optimizer_settings(weight_decay, (beta1, beta2), eps)
-    if str(devices) != "auto" and not (str(devices).isdigit() and int(devices) >= 1):
-        raise UserError(f"--devices must be auto or a number of at least 1, got {devices!r}")
-    gradient_accumulation_steps(global_batch_size, micro_batch_size, resolve_devices(devices, accelerator) * num_nodes)
+    preflight(settings, accelerator, strategy, precision, devices, num_nodes, weight_decay, (beta1, beta2), eps)
     lora = None if lora_r is None else LoRAConfig(lora_r, lora_alpha, lora_dropout, tuple(lora_targets))
     config = model_config(None, initial_checkpoint_dir)
     check_data(metadata, data_dir, initial_checkpoint_dir, config, chat_template_override)

@@ -12,7 +12,6 @@ of devices and nodes.
 """
 
 import sys
-import typing
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -22,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from packed_dataset import parse_data_mix, training_batches, validation_batches
 from tokenizer import Tokenizer
 from training import (
-    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer,
-    check_optimizer_settings, check_settings, find_resume_checkpoint, fit, gradient_accumulation_steps, launch_fabric,
-    model_config, resolve_devices,
+    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer, find_resume_checkpoint,
+    fit, launch_fabric, model_config, preflight,
 )
 from utils import UserError, cli
 
@@ -129,15 +127,8 @@ def setup(
         save_interval=save_interval, tokenizer_dir=tokenizer_dir,
     )
     # everything that can be checked is checked before processes are launched
-    check_choices(accelerator=accelerator, strategy=strategy, precision=precision, lr_schedule=lr_schedule)
-    check_settings(settings)
-    check_optimizer_settings(weight_decay, (beta1, beta2), eps)
-    if num_nodes < 1:
-        raise UserError(f"--num_nodes must be at least 1, got {num_nodes}")
-    if str(devices) != "auto" and not (str(devices).isdigit() and int(devices) >= 1):
-        raise UserError(f"--devices must be auto or a number of at least 1, got {devices!r}")
+    preflight(settings, accelerator, strategy, precision, devices, num_nodes, weight_decay, (beta1, beta2), eps)
     parse_data_mix(train_data_mix)
-    gradient_accumulation_steps(global_batch_size, micro_batch_size, resolve_devices(devices, accelerator) * num_nodes)
 
     fabric = launch_fabric(devices, num_nodes, accelerator, strategy, precision, settings.out_dir, wandb_project)
     config = model_config(model_name or (None if initial_checkpoint_dir else DEFAULT_MODEL), initial_checkpoint_dir)
@@ -161,15 +152,6 @@ def setup(
     model = build_model(fabric, config, seed, initial_checkpoint_dir if resume_path is None else None, compile)
     optimizer = build_optimizer(fabric, model, learning_rate, weight_decay, (beta1, beta2), eps, decay_all_params)
     return fit(fabric, model, optimizer, config, train_data, val_data, settings, hparams, resume_path)
-
-
-def check_choices(**values: str) -> None:
-    """For calls from Python (the CLI checks them itself): each value one of its Literal parameter's choices."""
-    hints = typing.get_type_hints(setup)
-    for name, value in values.items():
-        allowed = typing.get_args(hints[name])
-        if value not in allowed:
-            raise UserError(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
 
 
 def check_tokenizer(tokenizer_dir: Path, vocab_size: int, initial_checkpoint_dir: Optional[Path],

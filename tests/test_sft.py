@@ -21,9 +21,10 @@ import sft_data
 from chat_template import BUILTIN_TEMPLATES
 from checkpoint import load_model, save_model_dir
 from finetune.sft import save_finetuned, setup
-from sft_batches import SFTBatches
 from lora import ADAPTERS_FILE, CONFIG_FILE, LoRAConfig, merge_lora
 from model import GPT, Config
+from pretrain.tinyllama import setup as pretrain_setup
+from sft_batches import SFTBatches
 from sft_data import SFTSplit
 from tokenizer import Tokenizer
 from training import IGNORE_INDEX, summed_loss
@@ -338,3 +339,19 @@ def test_data_that_does_not_fit_the_model_is_refused(tmp_path, checkpoint_dir):
     small = write_data(tmp_path / "small", n_train=3)
     with pytest.raises(UserError, match="3 training examples make no step of --global_batch_size 4"):
         setup(**run_args(tmp_path / "out", checkpoint_dir, small))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(num_nodes=0), "--num_nodes must be at least 1, got 0"),
+    (dict(precision="fp8"), "--precision 'fp8': expected one of bf16-mixed, bf16-true, 32-true"),
+    (dict(devices="two"), "--devices must be auto or a number of at least 1, got 'two'"),
+    (dict(beta2=1.0), r"--beta2 must be in \[0, 1\), got 1.0"),
+])
+def test_sft_runs_pretrainings_preflight_before_launching(tmp_path, checkpoint_dir, flags, message):
+    """The checks SFT once lacked (--num_nodes, the choices of a call from Python), with pretraining's own."""
+    data_dir = write_data(tmp_path / "data")
+    with pytest.raises(UserError, match=f"^{message}"):
+        setup(**{**run_args(tmp_path / "out", checkpoint_dir, data_dir), **flags})
+    with pytest.raises(UserError, match=f"^{message}"):
+        pretrain_setup(**{"train_data_dir": tmp_path, **flags})
+    assert not (tmp_path / "out").exists()
