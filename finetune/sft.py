@@ -35,9 +35,10 @@ from sft_batches import SFTBatches, padding_id
 from sft_data import SFTSplit, read_metadata
 from shard_format import file_sha256
 from training import (
-    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer, find_resume_checkpoint,
-    fit, launch_fabric, model_config, preflight,
+    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer, fit, launch_fabric,
+    model_config, preflight,
 )
+from training_state import find_resume_checkpoint
 from tokenizer import Tokenizer, has_tokenizer
 from utils import UserError, cli
 

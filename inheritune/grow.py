@@ -47,7 +47,8 @@ from model import GPT, Config, num_parameters
 from packed_dataset import validation_batches
 from pretrain.tinyllama import setup
 from tokenizer import TOKENIZER_FILES
-from training import Accelerator, Precision, Schedule, Strategy, latest_checkpoint, summed_loss
+from training import Accelerator, Precision, Schedule, Strategy, summed_loss
+from training_state import latest_checkpoint
 from utils import atomic_write, cli, launched_as_rank_zero, write_json
 
 RESULTS_FILE = "grow.json"

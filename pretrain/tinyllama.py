@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from packed_dataset import parse_data_mix, training_batches, validation_batches
 from tokenizer import Tokenizer
 from training import (
-    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer, find_resume_checkpoint,
-    fit, launch_fabric, model_config, preflight,
+    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer, fit, launch_fabric,
+    model_config, preflight,
 )
+from training_state import find_resume_checkpoint
 from utils import UserError, cli
 
 DEFAULT_MODEL = "tiny_LLaMA_1b"

@@ -28,9 +28,8 @@ from packed_dataset import PackedDataset, parse_data_mix, training_batches
 from pretrain.demo import demo
 from pretrain.tinyllama import setup
 from shard_format import PackedDatasetBuilder, write_manifest
-from training import (
-    get_lr, gradient_accumulation_steps, latest_checkpoint, parameter_groups, peak_flops, training_flops_per_token,
-)
+from training import get_lr, gradient_accumulation_steps, parameter_groups, peak_flops, training_flops_per_token
+from training_state import latest_checkpoint
 from tokenizer import TOKENIZER_FILES, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
