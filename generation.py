@@ -155,12 +155,14 @@ def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, temperat
             if (i + 1 - T) % STOP_CHECK_INTERVAL == 0 and stop_seen.item():
                 end = i + 1
                 break
-    tokens = tokens[:end]
-    if on_token is None and len(stop_ids):
-        stop_positions = torch.isin(tokens[T:], stops).nonzero()
-        if len(stop_positions):
-            tokens = tokens[: T + stop_positions[0].item() + 1]
-    return tokens
+    # up to STOP_CHECK_INTERVAL - 1 tokens may follow the stop id
+    return tokens[:end] if on_token is not None else cut_at_stop(tokens[:end], T, stops)
+
+
+def cut_at_stop(sequence: torch.Tensor, prompt_length: int, stops: torch.Tensor) -> torch.Tensor:
+    """sequence (L,) up to and including its first id after the prompt that is in `stops` (one host sync)."""
+    stop_positions = torch.isin(sequence[prompt_length:], stops).nonzero()
+    return sequence[: prompt_length + stop_positions[0].item() + 1] if len(stop_positions) else sequence
 
 
 def compiled_step(step: Callable, device: torch.device) -> Callable:

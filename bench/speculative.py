@@ -55,7 +55,7 @@ from bench.generate_throughput import report_header  # noqa: E402
 from generation import (  # noqa: E402
     PRECISIONS, compiled_step, default_precision, generate, last_logits, load_for_generation, synchronize,
 )
-from generate.speculative import (  # noqa: E402
+from speculative import (  # noqa: E402
     SpeculativeStats, check_tokenizers_agree, fit_prompt, load_prompts, speculative_generate, verify_logits,
 )
 from model import GPT, Config  # noqa: E402
@@ -151,8 +151,7 @@ def main(
                 raise RuntimeError(f"k={k}: greedy speculative output differs from the target's greedy output")
             summary = stats.summary()
             row = dict(temperature=temperature, k=k, **{name: summary[name] for name in (
-                "alpha", "acceptance_rate", "tokens_per_target_forward", "target_forwards", "draft_forwards",
-                "target_seconds", "draft_seconds")})
+                "alpha", "acceptance_rate", "tokens_per_target_forward", "target_forwards", "draft_forwards")})
             row["tokens_per_s"] = len(prompt_ids) * max_new_tokens / seconds
             row["speedup"] = row["tokens_per_s"] / baseline_tps
             row["textbook"], row["time_based"] = predicted_speedups(summary["alpha"], k, steps)

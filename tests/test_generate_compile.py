@@ -6,7 +6,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-import generate.speculative as speculative
+import speculative
 from generation import generate
 from model import GPT, Config
 

@@ -165,7 +165,7 @@ def test_cli_description_replaces_the_docstring_text_before_args(capsys):
 
 
 REPOSITORY_MODULES = {"utils", "model", "tokenizer", "checkpoint", "hf", "training", "packed_dataset", "shard_format",
-                      "generation", "chat_template", "sft_data", "lora"}
+                      "generation", "speculative", "chat_template", "sft_data", "sft_batches", "lora", "training_state"}
 
 
 @pytest.mark.parametrize("module, allowed", [("utils.py", set()), ("model.py", {"torch"})])
@@ -180,7 +180,7 @@ def test_the_lowest_modules_import_nothing_of_the_repository(module, allowed):
 
 @pytest.mark.parametrize("modules, absent", [
     # generation, chat and speculative decoding: the checkpoint loader, not the training or evaluation stacks
-    ("generation, generate.base, generate.chat, generate.speculative, checkpoint, hf, chat_template, lora",
+    ("generation, speculative, generate.base, generate.chat, generate.speculative, checkpoint, hf, chat_template, lora",
      ("lightning_fabric", "training", "transformers", "lm_eval")),
     # the evaluation runs lm-eval on our model, never on transformers
     ("eval.harness_model, eval.perplexity", ("transformers",)),
