@@ -220,7 +220,7 @@ class GPT(nn.Module):
         attention_mask: bool (B, T, S) or (B, 1, S), True where a query may attend a key; S = T without a cache,
             the cache length with one. It is AND-ed with causality, and a query always attends itself, so padding
             queries get finite (meaningless) outputs. The batch layouts that need one build it:
-            training.packed_documents (packed SFT examples), eval/harness_model.shared_context (a context shared by
+            training.packed_documents (packed SFT examples), lm_eval_model.shared_context (a context shared by
             several continuations).
         rows: (B,) the KV cache rows that idx's rows write and attend (default the first B), so that some rows
             start a new sequence at position 0 (continuous batching) while the others keep theirs.

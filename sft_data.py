@@ -23,6 +23,8 @@ from utils import UserError, atomic_write, write_json
 
 FORMAT = "small-llama-sft/1"
 METADATA_FILE = "sft_metadata.json"
+# the requests of a demo's val split as text (prepare_data/prepare_sft_demo.py): what finetune/demo.py asks
+HELD_OUT_FILE = "held_out_requests.json"
 SPLITS = ("train", "val")
 
 

@@ -1,4 +1,4 @@
-r"""Evaluation throughput of eval/harness_model.py's SmallLlamaLM against lm-eval's own HF backend (HFLM) on the
+r"""Evaluation throughput of lm_eval_model.py's SmallLlamaLM against lm-eval's own HF backend (HFLM) on the
 same model (random weights, exported with scripts/convert_lit_checkpoint.py) and the same synthetic local tasks, side
 by side in one run: requests/s, tokens computed, and whether both give the same answers.
 
@@ -57,10 +57,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.train_throughput import cpu_model, versions  # noqa: E402
+from bench.common import cpu_model, versions  # noqa: E402
 from checkpoint import save_model_dir  # noqa: E402
-from eval.harness_model import SmallLlamaLM  # noqa: E402
-from eval.suites import write_local_task  # noqa: E402
+from eval_suites import write_local_task  # noqa: E402
+from lm_eval_model import SmallLlamaLM  # noqa: E402
 from model import GPT, Config  # noqa: E402
 from scripts.convert_lit_checkpoint import convert_lit_checkpoint  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402

@@ -22,8 +22,6 @@ CUDA graphs on CUDA). The report also names the SDPA backend that our decode ste
 one profiled step): see README "Fast generation" for why it is the one we want.
 """
 
-import datetime
-import shlex
 import statistics
 import sys
 import time
@@ -34,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.train_throughput import ATTENTION_OPS, cpu_model, versions  # noqa: E402
+from bench.common import ATTENTION_OPS, report_header  # noqa: E402
 from generation import PRECISIONS, default_precision, generate, synchronize  # noqa: E402
 from hf import hf_config, hf_state_dict  # noqa: E402
 from model import GPT, Config, num_parameters  # noqa: E402
@@ -124,18 +122,6 @@ def main(
         write_json(output, report)
         print(f"Wrote {output}")
     return report
-
-
-def report_header(script: str, device: torch.device) -> dict:
-    """What every decoding benchmark's JSON starts with: the script, date, command line, device and versions."""
-    return {
-        "benchmark": script,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join(["python", *sys.argv]) if sys.argv[0].endswith(Path(script).name) else None,
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"{cpu_model()}, {torch.get_num_threads()} torch threads"),
-        "versions": versions(),
-    }
 
 
 def copy_bandwidth(device: torch.device) -> float:

@@ -39,9 +39,10 @@ import zstandard
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prepare_data import prepare_slimpajama  # noqa: E402
-from prepare_data.prepare_demo import stdlib_files  # noqa: E402
-from prepare_data.train_tokenizer import train_tokenizer  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
+from prepare_data.prepare_slimpajama import main as prepare_slimpajama  # noqa: E402
+from prepare_data.train_tokenizer import main as train_tokenizer  # noqa: E402
+from text_readers import stdlib_files  # noqa: E402
 
 VOCAB_SIZE = 32000  # Llama-2's size, for a realistic encode cost
 SIZES_MB = (4, 16)  # of text
@@ -51,16 +52,6 @@ STARTUP_REPEATS = 7
 # what a packing process of prepare_slimpajama.py imports: the script (run as __mp_main__ by spawn) and the
 # tokenizer's backend, which tokenizer.py imports when the process loads the tokenizer
 WORKER_IMPORTS = "import prepare_data.prepare_slimpajama, sentencepiece"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_tree(root: Path, documents: List[str], megabytes: float) -> List[str]:
@@ -108,7 +99,7 @@ def encode_share(source: Path, tokenizer_path: Path, destination: Path) -> float
     """The share of a one-process preparer run (in this process, under cProfile) spent in sentencepiece's Encode."""
     profiler = cProfile.Profile()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        profiler.runcall(prepare_slimpajama.main, source, tokenizer_path, destination, num_processes=1, exclude_sets=())
+        profiler.runcall(prepare_slimpajama, source, tokenizer_path, destination, num_processes=1, exclude_sets=())
     shutil.rmtree(destination)
     cumulative = {name: ct for (path, _, name), (_, _, _, ct, _) in pstats.Stats(profiler).stats.items()
                   if name in ("main", "Encode") and ("sentencepiece" in path or "prepare_slimpajama" in path)}
@@ -156,7 +147,11 @@ def main(tokenizer_path: Optional[Path] = None, workdir: Optional[Path] = None, 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         if tokenizer_path is None:
-            tokenizer_path = train_tokenizer(documents, tmp / "tokenizer", VOCAB_SIZE)
+            text_dir = tmp / "tokenizer_text"  # the documents in order, one file each, for the script's reader
+            text_dir.mkdir()
+            for i, text in enumerate(documents):
+                (text_dir / f"{i:05d}.txt").write_text(text, encoding="utf-8")
+            tokenizer_path = train_tokenizer(str(text_dir), tmp / "tokenizer", VOCAB_SIZE)
             print(f"tokenizer: sentencepiece BPE, {VOCAB_SIZE} tokens, trained on the same text")
         else:
             print(f"tokenizer: {tokenizer_path}")

@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.generate_throughput import report_header  # noqa: E402
+from bench.common import report_header  # noqa: E402
 from generation import (  # noqa: E402
     PRECISIONS, compiled_step, default_precision, generate, last_logits, load_for_generation, synchronize,
 )

@@ -47,10 +47,8 @@ SDPA picks by default.
 """
 
 import datetime
-import importlib.metadata
 import math
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -67,6 +65,8 @@ from lightning_fabric import Fabric
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import ATTENTION_OPS, cpu_model, versions  # noqa: E402
+from generation import synchronize  # noqa: E402
 from hf import hf_config, hf_state_dict  # noqa: E402
 from model import GPT, Config, num_parameters  # noqa: E402
 from training import (  # noqa: E402
@@ -84,14 +84,6 @@ LEARNING_RATE, WEIGHT_DECAY, BETAS, EPS, GRAD_CLIP = 4e-4, 0.1, (0.9, 0.95), 1e-
 TOLERANCE = {"32-true": 1e-3, "bf16-mixed": 2e-3, "bf16-true": 1.6e-2}
 PROBE_REPEATS = 5  # timed calls of each SDPA backend
 # substrings of the profiler's op names -> the SDPA backend they are; the first that a name contains wins
-ATTENTION_OPS = (
-    ("_scaled_dot_product_cudnn_attention", "CUDNN_ATTENTION"),
-    ("_scaled_dot_product_flash_attention_for_cpu", "FLASH_ATTENTION (CPU)"),
-    ("_scaled_dot_product_flash_attention", "FLASH_ATTENTION"),
-    ("_scaled_dot_product_efficient_attention", "EFFICIENT_ATTENTION"),
-    ("_scaled_dot_product_attention_math", "MATH"),
-    ("flash_attn::", "flash-attn (the package)"),
-)
 ATTENTION_WORDS = ("attention", "attn", "flash", "fmha", "sdpa")  # in the names of attention kernels
 
 
@@ -226,22 +218,6 @@ def build_ours(fabric: Fabric, config: Config, seed: int) -> GPT:
         return GPT(config).train()
 
 
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else None
-    return match[1].strip() if match else platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    found = {}
-    for package in ("torch", "transformers", "lightning-fabric"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:  # transformers, with --models ours
-            found[package] = None
-    return {**found, "torch_cuda": torch.version.cuda, "python": platform.python_version()}
-
-
 def save(output: Optional[Path], report: dict) -> None:
     if output is not None:
         write_json(output, report)
@@ -304,11 +280,6 @@ def training_step(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optim
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def check_same_computation(first: dict, tolerance: float) -> dict:

@@ -5,14 +5,14 @@ Face format, no transformers): `SmallLlamaLM` is an lm-eval model, registered as
         --num_fewshot 0 --batch_size 16
     python eval/lm_eval_harness.py --checkpoint_dir checkpoints/AMD-Llama-135m --tasks amd-llama-135m
 
---tasks takes lm-eval task names and the seeds' suite presets (eval/suites.py: amd-llama-135m,
+--tasks takes lm-eval task names and the seeds' suite presets (eval_suites.py: amd-llama-135m,
 tinyllama-commonsense, inheritune-zero-shot, inheritune-mmlu); real tasks download their data sets the first time.
 --output_path gets lm-eval's results JSON (`<output_path>/<checkpoint>/results_<date>.json`, as `lm_eval
 --output_path` writes it) and the markdown table beside it (`results_<date>.md`: value ± stderr per task and the
 average, in the seed's column order). `--devices N` runs N processes (Fabric); lm-eval's evaluator splits the
 documents among them and gathers the results through the model's collectives.
 
-See eval/harness_model.py for how it computes (the same numbers as lm-eval's HF backend on the exported model, the
+See lm_eval_model.py for how it computes (the same numbers as lm-eval's HF backend on the exported model, the
 shared context of multiple-choice endings computed once).
 """
 
@@ -22,8 +22,8 @@ from typing import List, Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.harness_model import SmallLlamaLM  # noqa: E402
-from eval.suites import SUITES, expand_tasks, markdown_table  # noqa: E402
+from eval_suites import SUITES, expand_tasks, markdown_table  # noqa: E402
+from lm_eval_model import SmallLlamaLM  # noqa: E402
 from utils import UserError, cli  # noqa: E402
 
 Precision = Literal["32-true", "bf16-true", "16-true", "64-true"]

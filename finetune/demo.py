@@ -12,6 +12,7 @@ finetuned model a held-out question through generate/chat.py. Running it again c
 complete, asks again).
 """
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import WEIGHTS_FILE
 from finetune.sft import setup
 from generate.chat import main as chat
-from prepare_data.prepare_sft_demo import build_sft_demo_data, held_out_requests
-from sft_data import METADATA_FILE
+from prepare_data.prepare_sft_demo import build_sft_demo_data
+from sft_data import HELD_OUT_FILE
 from utils import UserError, cli
 
 # full finetuning of the 4-layer "demo" model, on the CPU, in about 5 minutes with the data preparation
@@ -65,12 +66,12 @@ def demo(checkpoint_dir: Path = Path("out/demo/final"), data_dir: Path = Path("d
     if not (checkpoint_dir / WEIGHTS_FILE).is_file():
         raise UserError(f"--checkpoint_dir {checkpoint_dir} holds no {WEIGHTS_FILE}: run `python pretrain/demo.py` "
                         f"first, or give the final directory of another pretraining run")
-    if not (data_dir / METADATA_FILE).is_file():
+    if not (data_dir / HELD_OUT_FILE).is_file():  # written last: a directory without it is incomplete
         build_sft_demo_data(data_dir, tokenizer_dir=checkpoint_dir, max_files=max_files)
     setup(**DEMO, initial_checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, max_steps=max_steps,
           eval_interval=eval_interval, eval_iters=eval_iters)
     if request is None:
-        requests = held_out_requests(data_dir)
+        requests = json.loads((data_dir / HELD_OUT_FILE).read_text())
         request = next((text for text in requests if text.startswith("What does")), requests[0])
     final = out_dir / "final"
     print(f"\nA question the model was not trained on, asked through generate/chat.py:\n  {request}", flush=True)

@@ -20,18 +20,17 @@ text in the training data. A documentation file goes by a hash of its text.
 import ast
 import glob
 import json
-import os
 import sys
-import sysconfig
 from functools import partial
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import Job, Report, hashed_split, prepare, read_whole_file, sample_documents
 from prepare_data.train_tokenizer import LineCounts, train_tokenizer
 from shard_format import read_manifests, uncovered
+from shard_packing import Job, prepare
+from text_readers import STDLIB, Report, hashed_split, read_whole_file, sample_documents, stdlib_files
 from utils import cli, write_json
 
 VOCAB_SIZE = 4096
@@ -39,21 +38,7 @@ CHUNK_SIZE = (256 + 1) * 64  # per shard: 64 blocks of the demo model's 256 toke
 VALIDATION_FRACTION = 0.05
 TOKENIZER_SAMPLE_CHARACTERS = 8_000_000
 SPLITS = ("train", "validation")
-EXCLUDED_DIRECTORIES = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
 DOCS_SOURCES = "/usr/share/doc/python3*/html/_sources"
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-def stdlib_files(max_files: Optional[int] = None) -> List[Path]:
-    files = []
-    for directory, subdirectories, names in os.walk(STDLIB):
-        # pruned in place, so the walk never enters site-packages (torch alone holds thousands of files)
-        subdirectories[:] = [d for d in subdirectories if d not in EXCLUDED_DIRECTORIES]
-        files += [Path(directory, name) for name in names if name.endswith(".py") and not name.startswith("test_")]
-    files.sort()
-    if not files:
-        raise FileNotFoundError(f"No standard library .py files in {str(STDLIB)!r}")
-    return files[:max_files]
 
 
 def docs_files(max_files: Optional[int] = None) -> List[Path]:

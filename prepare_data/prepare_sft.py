@@ -42,11 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sft_data
 from chat_template import ChatTemplate, prefix_bos, resolve_chat_template
-from prepare_data.common import (
-    JSON_LINES_SUFFIXES, JSON_SUFFIX, MAX_LISTED_PROBLEMS, NothingWrittenError, Report, find_inputs, hashed_split,
-    is_encodable, load_tokenizer, read_records,
-)  # fmt: skip
 from shard_format import file_sha256
+from shard_packing import NothingWrittenError, load_tokenizer
+from text_readers import (
+    JSON_LINES_SUFFIXES, JSON_SUFFIX, MAX_LISTED_PROBLEMS, Report, find_inputs, hashed_split, is_encodable,
+    read_records,
+)
 from tokenizer import Tokenizer
 from utils import UserError, atomic_directory, cli
 

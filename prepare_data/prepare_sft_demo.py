@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sft_data
 from prepare_data import prepare_sft
-from prepare_data.common import hashed_split
-from prepare_data.prepare_demo import STDLIB, stdlib_files
-from utils import atomic_write, cli
+from text_readers import STDLIB, hashed_split, stdlib_files
+from utils import atomic_write, cli, write_json
 
 MAX_CHARACTERS = 640  # of request and answer together: at most about 230 tokens of the demo tokenizer
 MAX_EXAMPLES = 3000
@@ -45,7 +44,8 @@ def build_sft_demo_data(
     val_fraction: float = VALIDATION_FRACTION,
     quiet: bool = False,
 ) -> Path:
-    """Write the demo's examples to {destination_path}.jsonl and prepare them into destination_path; return it.
+    """Write the demo's examples to {destination_path}.jsonl and prepare them into destination_path, with the requests
+    of its val split in held_out_requests.json; return it.
 
     Args:
         destination_path: the prepared SFT data directory (replaced); the examples go beside it, as JSON lines
@@ -69,6 +69,7 @@ def build_sft_demo_data(
                 f.write(json.dumps({"source": name, "messages": messages}, ensure_ascii=False) + "\n")
     prepare_sft.main(str(examples_path), tokenizer_dir, destination_path, chat_template=TEMPLATE, format="chat",
                      max_seq_length=max_seq_length, val_fraction=val_fraction, quiet=quiet)
+    write_json(destination_path / sft_data.HELD_OUT_FILE, held_out_requests(destination_path))  # written last
     return destination_path
 
 

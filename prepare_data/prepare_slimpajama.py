@@ -14,7 +14,8 @@ from typing import Iterator, Literal, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import DEFAULT_CHUNK_SIZE, Report, TokenDtype, find_files, prepare_files, read_records
+from shard_packing import DEFAULT_CHUNK_SIZE, TokenDtype, prepare_files
+from text_readers import Report, find_files, read_records
 from utils import cli
 
 REDPAJAMA_SETS = (

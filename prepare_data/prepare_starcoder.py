@@ -15,9 +15,8 @@ from typing import Literal, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import (
-    DEFAULT_CHUNK_SIZE, Report, TokenDtype, find_files, prepare_files, read_parquet_documents,
-)  # fmt: skip
+from shard_packing import DEFAULT_CHUNK_SIZE, TokenDtype, prepare_files
+from text_readers import Report, find_files, read_parquet_documents
 from utils import cli
 
 

@@ -17,9 +17,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import (
-    DEFAULT_CHUNK_SIZE, TEXT_SUFFIXES, Report, TokenDtype, find_inputs, prepare_files, read_text_documents,
-)  # fmt: skip
+from shard_packing import DEFAULT_CHUNK_SIZE, TokenDtype, prepare_files
+from text_readers import Report, TEXT_SUFFIXES, find_inputs, read_text_documents
 from utils import cli
 
 

@@ -23,10 +23,10 @@ import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.common import (
-    PARQUET_SUFFIX, TEXT_SUFFIXES, Report, find_inputs, read_parquet_documents, read_text_documents, sample_documents,
-    suffix_of,
-)  # fmt: skip
+from text_readers import (
+    PARQUET_SUFFIX, Report, TEXT_SUFFIXES, find_inputs, read_parquet_documents, read_text_documents,
+    sample_documents, suffix_of,
+)
 from utils import UserError, atomic_write, cli
 
 VOCAB_SIZE = 32000

@@ -1,4 +1,4 @@
-"""eval/harness_model.py (via eval/lm_eval_harness.py) against lm-eval's own HF backend (HFLM) on the same tiny random
+"""lm_eval_model.py (via eval/lm_eval_harness.py) against lm-eval's own HF backend (HFLM) on the same tiny random
 model, exported with scripts/convert_lit_checkpoint.py, on local tasks (offline): multiple choice, rolling
 perplexity, generate_until."""
 
@@ -18,7 +18,7 @@ pytest.importorskip("lm_eval")
 
 from chat_template import ChatTemplate  # noqa: E402
 from checkpoint import save_model_dir  # noqa: E402
-from eval.suites import write_local_task  # noqa: E402
+from eval_suites import write_local_task  # noqa: E402
 from model import GPT, Config  # noqa: E402
 from scripts.convert_lit_checkpoint import convert_lit_checkpoint  # noqa: E402
 
@@ -112,7 +112,7 @@ def responses(results: dict, task: str) -> list:
 
 
 def ours(checkpoint_dir: Path, precision: str, batch_size: int):
-    from eval.harness_model import SmallLlamaLM
+    from lm_eval_model import SmallLlamaLM
 
     return SmallLlamaLM(str(checkpoint_dir), batch_size=batch_size, device="cpu", precision=precision)
 
@@ -246,7 +246,7 @@ def test_documented_commands_on_local_tasks_write_lm_evals_json_and_the_table(ch
                                                                              capsys, monkeypatch):
     """The README's commands with the flags they show, on local stand-in tasks (a preset whose columns are the local
     tasks); then 2 gloo processes (launched by Fabric, lm-eval splitting the documents) give the same results."""
-    from eval import suites
+    import eval_suites as suites
 
     lit_dir, _ = checkpoints
     columns = (suites.Column("tiny_rolling", "word_perplexity", "Rolling"), suites.Column("tiny_mc", "acc", "MC"),
@@ -284,7 +284,7 @@ def test_suite_presets_name_tasks_of_lm_evals_default_index():
     """Every preset's tasks exist in lm-eval's built-in task index (indexing it takes ~14 s: once)."""
     from lm_eval.tasks import TaskManager
 
-    from eval.suites import SUITES, expand_tasks
+    from eval_suites import SUITES, expand_tasks
 
     known = set(TaskManager().all_tasks)
     for name, suite in SUITES.items():
@@ -300,7 +300,7 @@ def test_sampled_generation_follows_the_seed_and_stops_and_the_model_is_register
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
 
-    from eval.harness_model import SmallLlamaLM
+    from lm_eval_model import SmallLlamaLM
 
     assert get_model("small-llama") is SmallLlamaLM
     lm = ours(checkpoints[0], "32-true", batch_size=2)

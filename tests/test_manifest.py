@@ -75,7 +75,7 @@ def test_a_preparer_killed_before_its_manifest_leaves_shards_that_training_refus
     def killed(*args, **kwargs):
         raise SystemExit(137)
 
-    monkeypatch.setattr("prepare_data.common.write_manifest", killed)
+    monkeypatch.setattr("shard_packing.write_manifest", killed)
     with pytest.raises(SystemExit):  # killed after the summary, just before the manifest
         prepare_text.main(str(tmp_path / "corpus.jsonl"), **args)
     assert list((tmp_path / "out").glob("train_mine_0_*.bin"))

@@ -11,8 +11,8 @@ import torch
 
 import torch.nn.functional as F
 
-from eval.harness_model import shared_context
 from hf import hf_config, hf_state_dict
+from lm_eval_model import shared_context
 from model import GPT, Config
 from training import packed_documents
 

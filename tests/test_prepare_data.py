@@ -25,11 +25,10 @@ import zstandard
 
 from prepare_data import prepare_demo, prepare_slimpajama, prepare_starcoder, prepare_text
 from prepare_data import train_tokenizer as train_tokenizer_script
-from prepare_data.common import (
-    BadInputError, NothingWrittenError, ProgressLines, Report, find_files, load_tokenizer, progress, sample_documents,
-)  # fmt: skip
 from prepare_data.train_tokenizer import LLAMA2_SPEC, LineCounts, cut_line, read_any, train_tokenizer
+from shard_packing import NothingWrittenError, ProgressLines, load_tokenizer, progress
 from shard_format import PackedDatasetBuilder
+from text_readers import BadInputError, Report, find_files, sample_documents
 from utils import cli
 
 BOS, EOS = 1, 2
@@ -459,7 +458,7 @@ def test_extract_prose_takes_docstrings_and_comments_not_code():
 
 def test_data_preparation_never_imports_torch():
     """What a spawned packing process imports; torch would cost each process seconds and hundreds of MB."""
-    modules = ["prepare_data.common", "prepare_data.prepare_slimpajama", "prepare_data.prepare_starcoder",
+    modules = ["text_readers", "shard_packing", "prepare_data.prepare_slimpajama", "prepare_data.prepare_starcoder",
                "prepare_data.prepare_text", "prepare_data.train_tokenizer", "prepare_data.prepare_demo",
                "prepare_data.write_manifest", "shard_format", "tokenizer"]
     code = (f"import importlib, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"

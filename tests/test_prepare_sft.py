@@ -15,8 +15,9 @@ import pytest
 import sft_data
 from chat_template import BUILTIN_TEMPLATES
 from prepare_data import prepare_sft, prepare_sft_demo
-from prepare_data.common import BadInputError, NothingWrittenError, hashed_split
+from shard_packing import NothingWrittenError
 from tests.test_chat_template import CHATML_WITH_GENERATION
+from text_readers import BadInputError, hashed_split
 from tests.test_tokenizer import train_chatml_tokenizer, train_sentencepiece
 from tokenizer import Tokenizer
 from utils import UserError, cli
@@ -320,7 +321,8 @@ def test_sft_demo_data_from_a_few_standard_library_files(tmp_path, sentencepiece
     kept = metadata["splits"]["train"]["examples"] + metadata["splits"]["val"]["examples"]
     # this test's 600-token vocabulary spends more tokens than the demo's 4096 (which drops 2 of 3000)
     assert metadata["skipped"] == {"longer than 257 tokens (--truncate cuts them)": 60 - kept} and kept >= 40
-    held_out = prepare_sft_demo.held_out_requests(destination)
+    held_out = json.loads((destination / sft_data.HELD_OUT_FILE).read_text())
+    assert held_out == prepare_sft_demo.held_out_requests(destination)
     assert len(held_out) >= metadata["splits"]["val"]["examples"] > 0 and set(held_out) < set(requests)
     tokenizer, train = Tokenizer(sentencepiece_dir), sft_data.SFTSplit(destination, "train")
     answers = {record["messages"][1]["content"] for record in records}

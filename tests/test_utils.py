@@ -183,7 +183,7 @@ def test_the_lowest_modules_import_nothing_of_the_repository(module, allowed):
     ("generation, speculative, generate.base, generate.chat, generate.speculative, checkpoint, hf, chat_template, lora",
      ("lightning_fabric", "training", "transformers", "lm_eval")),
     # the evaluation runs lm-eval on our model, never on transformers
-    ("eval.harness_model, eval.perplexity", ("transformers",)),
+    ("lm_eval_model, eval.perplexity", ("transformers",)),
 ])
 def test_generation_chat_and_eval_never_load_what_they_do_not_use(modules, absent):
     check = f"import sys; import {modules}; print(sorted(name for name in {absent!r} if name in sys.modules))"

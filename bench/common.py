@@ -1,0 +1,52 @@
+"""What the benchmarks share: the machine and versions a report records, its common header, and the names of the
+attention kernels a profile shows. Imports no torch at load, so bench/prepare_throughput.py stays torch-free."""
+
+import datetime
+import importlib.metadata
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+
+# (a profiler event's name contains, the SDPA backend or kernel it is)
+ATTENTION_OPS = (
+    ("_scaled_dot_product_cudnn_attention", "CUDNN_ATTENTION"),
+    ("_scaled_dot_product_flash_attention_for_cpu", "FLASH_ATTENTION (CPU)"),
+    ("_scaled_dot_product_flash_attention", "FLASH_ATTENTION"),
+    ("_scaled_dot_product_efficient_attention", "EFFICIENT_ATTENTION"),
+    ("_scaled_dot_product_attention_math", "MATH"),
+    ("flash_attn::", "flash-attn (the package)"),
+)
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else None
+    return match[1].strip() if match else platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    import torch
+
+    found = {}
+    for package in ("torch", "transformers", "lightning-fabric"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:  # transformers, with --models ours
+            found[package] = None
+    return {**found, "torch_cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def report_header(script: str, device) -> dict:
+    """What every decoding benchmark's JSON starts with: the script, date, command line, device and versions."""
+    import torch
+
+    return {
+        "benchmark": script,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(["python", *sys.argv]) if sys.argv[0].endswith(Path(script).name) else None,
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"{cpu_model()}, {torch.get_num_threads()} torch threads"),
+        "versions": versions(),
+    }

@@ -1,0 +1,55 @@
+"""The layout's import rules: library code lives in root modules and scripts in folders; a root module imports no
+script; a script imports another folder's script only for that script's entry function (the function its
+`cli(...)` runs), from the explicit allowlist below. Same-folder imports are a folder's own business."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT_FOLDERS = ("bench", "eval", "finetune", "generate", "inheritune", "prepare_data", "pretrain", "scripts")
+# script -> its entry function, which scripts of other folders may call (a demo runs a preparer, a recipe the loop)
+ENTRY_FUNCTIONS = {
+    "pretrain.tinyllama": "setup",
+    "prepare_data.prepare_demo": "prepare_demo",
+    "prepare_data.prepare_sft_demo": "build_sft_demo_data",
+    "prepare_data.prepare_slimpajama": "main",
+    "prepare_data.train_tokenizer": "main",
+    "generate.chat": "main",
+    "scripts.convert_lit_checkpoint": "convert_lit_checkpoint",
+}
+
+
+def imports(file: Path):
+    """(module, name) of every import in `file`, inside functions too; name None for `import module`."""
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                yield node.module, alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, None
+
+
+def test_a_script_imports_another_folders_script_only_for_its_entry_function():
+    crossing = sorted(
+        (f"{folder}/{file.name}", f"{module}.{name}")
+        for folder in SCRIPT_FOLDERS for file in (ROOT / folder).glob("*.py")
+        for module, name in imports(file)
+        if module.split(".")[0] in SCRIPT_FOLDERS and module.split(".")[0] != folder
+        and ENTRY_FUNCTIONS.get(module) != name
+    )
+    assert crossing == []
+
+
+def test_the_allowlist_names_each_scripts_entry_function():
+    for module, function in ENTRY_FUNCTIONS.items():
+        tree = ast.parse((ROOT / f"{module.replace('.', '/')}.py").read_text())
+        runs = {call.args[0].id for call in ast.walk(tree) if isinstance(call, ast.Call)
+                and getattr(call.func, "id", None) == "cli" and call.args and isinstance(call.args[0], ast.Name)}
+        assert runs == {function}, module
+
+
+def test_root_modules_import_no_script():
+    for file in ROOT.glob("*.py"):
+        imported = {module.split(".")[0] for module, _ in imports(file)}
+        assert not imported & set(SCRIPT_FOLDERS), file.name
