@@ -38,7 +38,7 @@ TOKEN_DTYPE_CODES = (1, 2, 3, 4, 5, 8)  # token ids are integers: codes 6 and 7 
 _HEADER = struct.Struct("<7sQBQ")  # magic, version, dtype code, chunk size: 7 + 8 + 1 + 8 = 24 bytes, no padding
 MANIFEST_PATTERN = "manifest*.json"
 SCANNED_MANIFEST = "manifest.json"  # what write_manifest.py writes
-WRITE_MANIFEST_COMMAND = "python prepare_data/write_manifest.py"
+WRITE_MANIFEST_COMMAND = "python prepare_data/write_manifest.py --directory"
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:

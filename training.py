@@ -32,7 +32,7 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Optional, Protocol, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Literal, Optional, Protocol, Tuple
 
 import torch
 import torch.nn as nn
@@ -379,6 +379,8 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
     interval = torch.zeros(3, dtype=torch.float64, device=fabric.device)
     start = log_start = time.perf_counter()
     start_step = state["step"]
+    # step N + 1 -> its loss, for each checkpoint N: computed with checkpoint N's weights, it tells whether they are sane
+    step_losses: Dict[int, float] = {}
     while state["step"] < run.max_steps:
         lr = get_lr(state["step"], settings.learning_rate, settings.min_lr, settings.warmup_steps, run.max_steps,
                     settings.lr_schedule)
@@ -404,13 +406,16 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
             (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).double(),
             torch.full_like(step_loss, float(out_of_time)),  # a fill, not a host-to-device copy
             grad_norm.double(),  # the same on every rank
+            step_loss * scale,  # the highest rank's loss per target, as if each rank had its share (1 rank: the loss)
         ])
-        non_finite, out_of_time, grad_norm = fabric.all_reduce(checks, reduce_op="max").tolist()
+        non_finite, out_of_time, grad_norm, loss = fabric.all_reduce(checks, reduce_op="max").tolist()
+        if state["step"] == start_step or state["step"] % settings.save_interval == 0:  # a checkpoint's weights
+            step_losses[state["step"] + 1] = loss
         if non_finite:
             raise FloatingPointError(
                 f"Non-finite loss or gradient at step {state['step'] + 1} (this rank's summed loss "
                 f"{step_loss.item()}, gradient norm {grad_norm}): stopping before the optimizer step. "
-                + last_checkpoint_hint(out_dir)
+                + last_checkpoint_hint(out_dir, step_losses, config.vocab_size)
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -446,7 +451,7 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
             fabric.log_dict({"val_loss": val_losses[step]}, step=step)
         if step % settings.save_interval == 0 or step == run.max_steps or out_of_time:
             state["tokens"], state["target_tokens"] = totals.tolist()
-            save_checkpoint(fabric, out_dir, state, train_data, hparams, config)
+            save_checkpoint(fabric, out_dir, state, train_data, hparams, config, step_losses)
         log_start += time.perf_counter() - pause  # tokens/s counts training only, not validation or checkpoints
         if out_of_time:
             break

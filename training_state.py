@@ -3,10 +3,12 @@ resume needs (weights, optimizer, step, data position, RNG states; sharded under
 `--resume auto` (broken ones are skipped with a warning), loaded back, and the final weights. training.fit calls it.
 """
 
+import math
 import random
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Protocol, Tuple
+from typing import Callable, Iterator, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -46,13 +48,29 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return checkpoints[0] if checkpoints else None
 
 
-def last_checkpoint_hint(out_dir: Path) -> str:
-    """What to resume from after a failure: save_checkpoint writes only finite weights, so the latest is sound."""
-    last = latest_checkpoint(out_dir)
-    if last is None:
-        return "The last checkpoint does not exist: nothing was saved."
-    return (f"The last checkpoint {last} is intact: resume from it (--resume auto) with a lower --learning_rate or a "
-            f"different --seed.")
+def last_checkpoint_hint(out_dir: Path, step_losses: Mapping[int, float], vocab_size: int) -> str:
+    """Where to resume after a failure. save_checkpoint writes only finite weights, but a diverging run writes finite,
+    useless ones: checkpoint N is sane when step N + 1, computed with its weights, had a finite loss at most one nat
+    above the lower of this process's first loss and uniform guessing (ln vocab_size). The losses are this process's
+    (`step_losses`: step N + 1 -> its loss, for each checkpoint N)."""
+    first = step_losses[min(step_losses)] if step_losses else math.inf
+    bound = min(math.log(vocab_size), first if math.isfinite(first) else math.inf) + 1
+    passed = []
+    for path in step_checkpoints(out_dir):
+        step = int(path.name.split("-")[1])
+        loss = step_losses.get(step + 1)
+        if loss is not None and math.isfinite(loss) and loss <= bound:
+            newer = f" (not the newer {', '.join(passed)})" if passed else ""
+            return (f"The last checkpoint whose weights gave a sane loss is {path}: step {step + 1} had loss "
+                    f"{loss:.4f}{newer}. Resume from it with --resume {path} and a lower --learning_rate or another "
+                    f"--seed.")
+        passed.append(f"{path.name}: " + ("its weights were not run in this process" if loss is None
+                                          else f"step {step + 1} had loss {loss:.4g}"))
+    if not passed:
+        return "No checkpoint was saved: start again with a lower --learning_rate."
+    return (f"No checkpoint is known to be sane (a loss at most {bound:.2f} with its weights): "
+            f"{'; '.join(passed)}. Start again with a lower --learning_rate, or resume one of them with --resume PATH "
+            f"at your own judgement.")
 
 
 def find_resume_checkpoint(fabric: Fabric, resume: Optional[str], out_dir: Path) -> Optional[Path]:
@@ -155,14 +173,14 @@ def gather_objects(fabric: Fabric, obj) -> list:
 
 
 def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict, train_data: DataPosition, hparams: dict,
-                    config: Config) -> None:
+                    config: Config, step_losses: Mapping[int, float]) -> None:
     """Write `step-N` under a temporary name, then rename it: a crash never leaves a partial `step-N`. It is a file
     (one process, DDP; written by rank 0, fsynced) or a directory of shards (FSDP, written by fabric.save)."""
     path = checkpoint_path(out_dir, state["step"])
     if not all_finite(fabric, state["model"], state["optimizer"]):
         raise FloatingPointError(
             f"The weights or the optimizer state hold inf or NaN after step {state['step']} (the loss and gradient "
-            f"were finite): not saving {path}. " + last_checkpoint_hint(out_dir)
+            f"were finite): not saving {path}. " + last_checkpoint_hint(out_dir, step_losses, config.vocab_size)
         )
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,20 +194,36 @@ def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict, train_data: Data
         "hparams": hparams,
         "model_config": vars(config).copy(),
     }
-    if isinstance(fabric.strategy, ModelParallelStrategy):  # every rank writes its own shard file
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_sharded_training_state(fabric, tmp, checkpoint)
-        fabric.barrier()
-        if fabric.global_rank == 0:
-            move_into_place(tmp, path)
-    else:
-        # what fabric.save gathers, written by torch.save straight into .step-N.<random>.tmp beside the destination:
-        # fabric.save would serialise all of it into memory first and stage it in $TMPDIR
-        checkpoint.update(model=saved_model_state(state["model"].module), optimizer=state["optimizer"].state_dict())
-        if fabric.global_rank == 0:
-            save_atomic(checkpoint, path)
+    with failed_write_named(path, out_dir):
+        if isinstance(fabric.strategy, ModelParallelStrategy):  # every rank writes its own shard file
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_sharded_training_state(fabric, tmp, checkpoint)
+            fabric.barrier()
+            if fabric.global_rank == 0:
+                move_into_place(tmp, path)
+        else:
+            # what fabric.save gathers, written by torch.save straight into .step-N.<random>.tmp beside the
+            # destination: fabric.save would serialise all of it into memory first and stage it in $TMPDIR
+            checkpoint.update(model=saved_model_state(state["model"].module),
+                              optimizer=state["optimizer"].state_dict())
+            if fabric.global_rank == 0:
+                save_atomic(checkpoint, path)
     fabric.barrier()
     fabric.print(f"Saved {path}")
+
+
+@contextmanager
+def failed_write_named(path: Path, out_dir: Path) -> Iterator[None]:
+    """A failed write (a full disk: torch's "[enforce fail at inline_container.cc] unexpected pos", or an OSError)
+    as one line naming the checkpoint and the one kept; the temporary file is already gone (save_atomic)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        kept = latest_checkpoint(out_dir)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"Writing {path} failed ({reason}): is the disk full? The previous checkpoint "
+                        + (f"{kept} is kept" if kept else "does not exist")
+                        + ": make room and rerun the same command with --resume auto") from error
 
 
 def save_sharded_training_state(fabric: Fabric, path: Path, checkpoint: dict) -> None:
@@ -244,6 +278,15 @@ def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: Dat
     if Path(path).is_dir() and not isinstance(fabric.strategy, ModelParallelStrategy):
         raise UserError(f"{path} is a sharded checkpoint written by FSDP: resume it with --strategy fsdp on as many "
                         f"processes (devices x num_nodes) as wrote it")
+    saved = load_file(Path(path) / "meta.pt" if Path(path).is_dir() else path)  # memory-mapped: no tensor is read
+    if not isinstance(saved, dict) or saved.get("model_config") != vars(config):
+        recorded = saved.get("model_config") if isinstance(saved, dict) else None
+        differing = ("no model config" if not isinstance(recorded, dict) else ", ".join(
+            f"{key} {recorded.get(key)!r} (this run: {value!r})" for key, value in vars(config).items()
+            if recorded.get(key) != value))
+        raise UserError(f"{path} is a checkpoint of another model than this run's {config.name!r}: {differing}. "
+                        f"Resume it with the --model_name or --initial_checkpoint_dir that wrote it, or train into "
+                        f"another --out_dir")
     checkpoint = {**state, "train_data": None, "rng": None, "hparams": None, "model_config": None}
     if Path(path).is_dir():
         load_sharded_training_state(fabric, Path(path), checkpoint)
@@ -257,8 +300,6 @@ def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: Dat
             raise UserError(f"{path} holds other weights than this model trains (missing {missing}, unexpected "
                             f"{unexpected}): resume it with the settings that wrote it (e.g. the same --lora_* flags)")
         module.load_state_dict(saved, strict=False)
-    if checkpoint["model_config"] != vars(config):
-        raise UserError(f"{path} holds a model {checkpoint['model_config']}, not {vars(config)}")
     if len(checkpoint["train_data"]) != fabric.world_size:
         raise UserError(f"{path} was written by {len(checkpoint['train_data'])} processes; resume it with as many "
                         f"(devices x num_nodes), not {fabric.world_size}: each holds its own data position")

@@ -2,32 +2,34 @@
 theirs): every `*.bin` file of the directory is checked (header and size) and scanned once, memory-mapped, for its
 token count and max token id; the result goes to `DIR/manifest.json`, atomically.
 
-    python prepare_data/write_manifest.py data/slim_star_combined
+    python prepare_data/write_manifest.py --directory data/slim_star_combined
 
 The preparers write their own manifests (`manifest_{run}.json`); run this only for files no preparer run here wrote
 completely. The vocabulary of such files is unknown: training checks their max token id against the model's
 vocab_size.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shard_format import write_manifest
+from utils import cli
 
 
 def main(directory: Path) -> Path:
-    """Scan every .bin file of `directory` and write directory/manifest.json; return its path."""
+    """Scan every .bin file of `directory` and write directory/manifest.json; return its path.
+
+    Args:
+        directory: the directory of the .bin shards
+    """
     if not Path(directory).is_dir():
-        raise FileNotFoundError(f"{str(directory)!r} is not a directory of .bin shards")
+        raise FileNotFoundError(f"--directory {str(directory)!r} is not a directory of .bin shards")
     path = write_manifest(directory)
     print(f"Wrote {path}")
     return path
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("directory", type=Path, help="the directory of the .bin shards")
-    main(parser.parse_args().directory)
+    cli(main, description=__doc__)

@@ -47,7 +47,8 @@ def test_shards_that_no_manifest_covers_are_refused(tmp_path):
     message = (f"{unlisted} is listed in no manifest (manifest*.json) of {tmp_path}: the preparer run that wrote it "
                f"did not finish (interrupted or killed) or the file changed since. Remove that run's shards and rerun "
                f"it (python prepare_data/prepare_text.py --name text --destination_path {tmp_path} ...); for shards "
-               f"made elsewhere (lit-gpt's, TinyLlama's), run python prepare_data/write_manifest.py {tmp_path}")
+               f"made elsewhere (lit-gpt's, TinyLlama's), run python prepare_data/write_manifest.py --directory "
+               f"{tmp_path}")
     with pytest.raises(ValueError, match=re.escape(message)):
         batches(tmp_path)
     unlisted.unlink()
@@ -96,9 +97,9 @@ def test_write_manifest_admits_foreign_shards_after_scanning_them(tmp_path):
     chunks[1][5] = 211
     for i, chunk in enumerate(chunks):
         lit_gpt_shard(tmp_path / f"train_slim_{i:010d}.bin", chunk)
-    with pytest.raises(ValueError, match=re.escape(f"python prepare_data/write_manifest.py {tmp_path}")):
+    with pytest.raises(ValueError, match=re.escape(f"python prepare_data/write_manifest.py --directory {tmp_path}")):
         batches(tmp_path)
-    command = [sys.executable, str(ROOT / "prepare_data" / "write_manifest.py"), str(tmp_path)]
+    command = [sys.executable, str(ROOT / "prepare_data" / "write_manifest.py"), "--directory", str(tmp_path)]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -109,7 +110,8 @@ def test_write_manifest_admits_foreign_shards_after_scanning_them(tmp_path):
 
     (tmp_path / "train_slim_0000000003.bin").write_bytes(b"LITPKDS" + bytes(10))  # a truncated header
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode != 0 and "train_slim_0000000003.bin' is not a LITPKDS file: 17 bytes" in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1  # one line, no traceback
+    assert "train_slim_0000000003.bin' is not a LITPKDS file: 17 bytes" in result.stderr
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest  # the old one is kept whole
 
 

@@ -18,7 +18,10 @@ from packed_dataset import training_batches
 from pretrain.tinyllama import setup
 from shard_format import PackedDatasetBuilder, write_manifest
 from test_training import SETTINGS, logged
+import training_state
 from training import build_model, fit, launch_fabric
+from training_state import last_checkpoint_hint
+from utils import UserError
 
 SEQ_LEN = 16
 
@@ -90,7 +93,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, data_dir):
     train_data = training_batches(data_dir, "train_a", SEQ_LEN + 1, 2, 0, 1, 0)
     settings = replace(SETTINGS, out_dir=out, global_batch_size=2, micro_batch_size=2, seq_len=SEQ_LEN,
                        save_interval=1)
-    message = r"inf or NaN after step 1 .*: not saving .*step-00000001\. The last checkpoint does not exist"
+    message = r"inf or NaN after step 1 .*: not saving .*step-00000001\. No checkpoint was saved: start again"
     with pytest.raises(FloatingPointError, match=message):
         fit(fabric, model, optimizer, config, train_data, None, settings, {})
     assert logged(out)[1]["loss"] < 10  # the step itself looked healthy
@@ -194,3 +197,64 @@ def test_the_files_each_prefix_matched_are_printed_once(tmp_path, capsys):
     ]
     training_batches(tmp_path, "train_code:0.5,train_web:0.5", SEQ_LEN + 1, 2, 0, num_processes=2, process_rank=1)
     assert capsys.readouterr().out == ""  # rank 0 only
+
+
+# ---- what a failure says: another model, a failed write, a divergence (issue 18) ---------------------------------
+
+
+def test_resuming_a_checkpoint_of_another_model_names_both_configs(run, tmp_path, data_dir):
+    """Before: torch's "loaded state dict contains a parameter group that doesn't match the size of optimizer's
+    group", from the optimizer's state, loaded first."""
+    out = copy_run(run, tmp_path)
+    message = (f"{out / 'step-00000002'} is a checkpoint of another model than this run's 'demo': name 'micro' (this "
+               f"run: 'demo'), block_size 64 (this run: 256), vocab_size 256 (this run: 4096)")
+    with pytest.raises(UserError, match=re.escape(message)):
+        short_run(out, data_dir, model_name="demo", resume="auto", max_steps=3)
+
+
+def test_a_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one(tmp_path, data_dir, monkeypatch):
+    """A full disk, as torch reports it mid-write: one line naming the checkpoint, and step-1 resumes."""
+    real_save, calls = training_state.save_atomic, []
+
+    def disk_full_on_the_second(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1408 vs 1296")
+        real_save(obj, path)
+
+    monkeypatch.setattr(training_state, "save_atomic", disk_full_on_the_second)
+    out = tmp_path / "out"
+    message = (f"Writing {out / 'step-00000002'} failed ([enforce fail at inline_container.cc:672] . unexpected pos "
+               f"1408 vs 1296): is the disk full? The previous checkpoint {out / 'step-00000001'} is kept: make room "
+               f"and rerun the same command with --resume auto")
+    with pytest.raises(UserError, match=re.escape(message)):
+        short_run(out, data_dir)
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith(("step", ".step"))) == ["step-00000001"]
+    monkeypatch.setattr(training_state, "save_atomic", real_save)
+    assert short_run(out, data_dir, resume="auto") == 2
+
+
+def test_after_a_divergence_the_error_names_no_checkpoint_whose_weights_diverged(tmp_path, data_dir):
+    """--learning_rate 1e9: step-1 is written with finite weights, but step 2 computed with them is NaN, so it is
+    not offered; at 1e3 the run collapses to uniform output and then fails, and the last checkpoint whose weights gave
+    a loss near the first one's is named."""
+    with pytest.raises(FloatingPointError, match=r"at step 2 .* No checkpoint is known to be sane \(a loss at most "
+                                                 r"6\.55 with its weights\): step-00000001: step 2 had loss nan\."):
+        short_run(tmp_path / "1e9", data_dir, learning_rate=1e9, min_lr=0.0, warmup_steps=0, max_steps=8)
+    out = tmp_path / "1e3"
+    with pytest.raises(FloatingPointError, match=re.escape(
+            f"The last checkpoint whose weights gave a sane loss is {out / 'step-00000005'}: step 6 had loss 5.5452. "
+            f"Resume from it with --resume {out / 'step-00000005'}")):
+        short_run(out, data_dir, learning_rate=1e3, min_lr=0.0, warmup_steps=0, max_steps=8)
+
+
+def test_the_sane_checkpoint_is_judged_by_the_loss_its_weights_gave(tmp_path):
+    for step in (1, 2, 3):
+        (tmp_path / f"step-{step:08d}").write_bytes(b"x")
+    hint = last_checkpoint_hint(tmp_path, {2: 3.0, 3: 1e6, 4: float("inf")}, vocab_size=256)
+    assert hint.startswith(f"The last checkpoint whose weights gave a sane loss is {tmp_path / 'step-00000001'}: "
+                           f"step 2 had loss 3.0000 (not the newer step-00000003: step 4 had loss inf, step-00000002: "
+                           f"step 3 had loss 1e+06)")
+    assert "not run in this process" in last_checkpoint_hint(tmp_path, {}, vocab_size=256)
+    assert last_checkpoint_hint(tmp_path / "none", {}, 256) == ("No checkpoint was saved: start again with a lower "
+                                                                 "--learning_rate.")
