@@ -281,8 +281,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
     assert list((straight / "tensorboard").glob("version_0/events.out.tfevents.*"))
 
 
-def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, data_dir):
-    """An absurd learning rate blows the weights up to inf/NaN within a few steps."""
+def test_non_finite_loss_stops_and_offers_no_checkpoint_whose_weights_diverged(tmp_path, data_dir):
+    """An absurd learning rate blows the weights up to inf/NaN within a few steps: the checkpoints written are complete
+    and loadable, but the last one's weights gave the NaN, so the message does not offer it."""
     out = tmp_path / "out"
     with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step (\d+).*step-0000000") as error:
         train_here(out, data_dir, max_steps=20, save_interval=1, learning_rate=1e30, min_lr=0.0, warmup_steps=0,
@@ -290,7 +291,8 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, data_di
     bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
     checkpoints = sorted(out.glob("step-*"))
     assert [p.name for p in checkpoints] == [f"step-{step:08d}" for step in range(1, bad_step)]
-    assert str(checkpoints[-1]) in str(error.value)
+    assert "No checkpoint is known to be sane" in str(error.value)
+    assert f"{checkpoints[-1].name}: step {bad_step} had loss nan" in str(error.value)
     state = torch.load(checkpoints[-1], weights_only=True)  # complete and loadable
     assert state["step"] == bad_step - 1
     assert not (out / "final").exists()
