@@ -57,7 +57,9 @@ def main(torch_version: str = "2.13.0", torch_find_links: str = "/opt/wheels", u
             ]
             if upgrade:
                 command.append("--upgrade")
-            subprocess.run(command, cwd=ROOT, check=True)
+            if subprocess.run(command, cwd=ROOT).returncode != 0:
+                raise UserError(f"uv could not lock {source} (its message is above); with --torch_find_links "
+                                f"{torch_find_links}, is torch=={torch_version}'s CPU wheel there?")
             text = (ROOT / lock).read_text()
             emitted = torch_build_lines(text)
             if emitted:
