@@ -154,8 +154,10 @@ def cli(fn: Callable, argv: Optional[list] = None, *, defaults: Optional[Mapping
     except (UserError, FileNotFoundError) as error:
         if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
             raise
-        # once, not by every process of a launched run
-        parser.exit(2, f"{parser.prog}: error: {error}\n" if launched_as_rank_zero() else None)
+        # every process of a launched run may meet it: another rank than 0 names itself, so that an error only it
+        # met is not lost
+        rank = "" if launched_as_rank_zero() else f" ({launched_rank()})"
+        parser.exit(2, f"{parser.prog}: error{rank}: {error}\n")
 
 
 _ARGS_HEADING = re.compile(r"^[ \t]*Args:[ \t]*$", re.M)
@@ -183,10 +185,18 @@ def _arg_help(args_section: str) -> Dict[str, str]:
     return helps
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")  # set by Fabric's launcher, torchrun, SLURM
+
+
 def launched_as_rank_zero() -> bool:
     """Whether the launcher (Fabric's, torchrun, SLURM) made this process rank 0: the rank variables it sets are all
     unset or 0 there."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
+def launched_rank() -> str:
+    """Which process the launcher made this one, by its rank variables that are not 0: "LOCAL_RANK 1, NODE_RANK 0"."""
+    return ", ".join(f"{name} {os.environ[name]}" for name in RANK_VARIABLES if os.environ.get(name, "0") != "0")
 
 
 class _CommaSeparated(argparse.Action):

@@ -210,6 +210,10 @@ def test_a_user_error_is_one_line_and_other_errors_keep_their_traceback(capsys, 
     assert capsys.readouterr().err.strip().endswith("error: Model config 'missing'/model_config.json does not exist")
     with pytest.raises(RuntimeError, match="a bug"):  # not a user error: the traceback stays
         cli(main, [])
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another process of a launched run says it too, naming itself
+    with pytest.raises(SystemExit):
+        cli(main, ["--steps", "0"])
+    assert capsys.readouterr().err.endswith(": error (LOCAL_RANK 1): --steps must be at least 1, got 0\n")
     monkeypatch.setenv(TRACEBACK_VARIABLE, "1")
     with pytest.raises(UserError):
         cli(main, ["--steps", "0"])
