@@ -19,7 +19,6 @@ command failed on a fresh machine. CI runs this check in the environment built f
 
 import ast
 import json
-import re
 import site
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Dict, Iterator, List, Optional, Set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts.lock_requirements import locked_versions, normalize
 from utils import UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,15 +134,10 @@ def locations(imports: List[Import], module: str, root: Path, submodule: str = "
 def locked_distributions(lock: Path) -> Set[str]:
     if not lock.is_file():
         raise UserError(f"--lock {lock}: no such file; expected a lock such as requirements.txt")
-    names = {normalize(line.split("==")[0]) for line in lock.read_text().splitlines()
-             if "==" in line and not line.lstrip().startswith("#")}
+    names = set(locked_versions(lock.read_text()))
     if not names:
         raise UserError(f"--lock {lock} pins no package (expected lines such as 'numpy==2.4.6')")
     return names
-
-
-def normalize(distribution: str) -> str:
-    return re.sub(r"[-_.]+", "-", distribution.strip()).lower()
 
 
 def python_files(root: Path, paths) -> List[Path]:

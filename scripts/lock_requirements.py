@@ -13,10 +13,12 @@ A refreshed lock is a change like any other: CI installs it into a new environme
 """
 
 import importlib.util
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -75,10 +77,28 @@ def lock_header(torch_version: str) -> str:
 
 
 def torch_build_lines(lock_text: str) -> list:
-    """The requirement lines of a lock that name torch or a package of its CUDA builds."""
-    names = [line.split("==")[0].strip().lower() for line in lock_text.splitlines()
-             if line.strip() and not line.lstrip().startswith(("#", "-"))]
-    return [name for name in names if name in TORCH_BUILD_PACKAGES or name.startswith(TORCH_BUILD_PREFIXES)]
+    """The packages of a lock that are torch or part of its CUDA builds."""
+    return [name for name in locked_versions(lock_text)
+            if name in TORCH_BUILD_PACKAGES or name.startswith(TORCH_BUILD_PREFIXES)]
+
+
+def locked_versions(lock_text: str) -> Dict[str, str]:
+    """{normalized distribution name: version} of a lock's `name==version` lines; any other requirement line (a range,
+    a URL) is refused: a lock pins everything."""
+    pinned = {}
+    for line in lock_text.splitlines():
+        if line.strip() and not line.lstrip().startswith(("#", "-")):
+            name, separator, version = line.partition("==")
+            if not separator:
+                raise UserError(f"{line.strip()!r} is not pinned with ==: relock with "
+                                "python scripts/lock_requirements.py")
+            pinned[normalize(name)] = version.strip()
+    return pinned
+
+
+def normalize(distribution: str) -> str:
+    """A distribution's name as PEP 503 compares it: `PyYAML`, `pyyaml` and `py_yaml` are one."""
+    return re.sub(r"[-_.]+", "-", distribution.strip()).lower()
 
 
 if __name__ == "__main__":

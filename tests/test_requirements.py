@@ -8,21 +8,10 @@ import pytest
 from packaging.requirements import Requirement
 
 from scripts.check_imports import main as check_imports
-from scripts.check_imports import normalize
-from scripts.lock_requirements import LOCKS, torch_build_lines
+from scripts.lock_requirements import LOCKS, locked_versions, normalize, torch_build_lines
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def pins(lock: Path) -> dict:
-    pinned = {}
-    for line in lock.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            name, _, version = line.partition("==")
-            assert version, f"{lock.name}: {line!r} is not pinned with =="
-            pinned[normalize(name)] = version.strip()
-    return pinned
 
 
 def requirements(in_file: Path) -> list:
@@ -37,9 +26,11 @@ def requirements(in_file: Path) -> list:
     return found
 
 
-def test_torch_build_packages_are_recognised():
+def test_torch_build_packages_are_recognised_and_every_line_must_be_pinned():
     lock = "numpy==2.4.6\ntorch==2.13.0\n    # via lightning-fabric\nnvidia-cublas-cu12==12.8.4.1\ntriton==3.6.0\n"
     assert torch_build_lines(lock) == ["torch", "nvidia-cublas-cu12", "triton"]
+    with pytest.raises(UserError, match="'numpy>=2' is not pinned with =="):
+        locked_versions("numpy>=2\n")
 
 
 @pytest.mark.parametrize("in_name, lock_name", LOCKS)
@@ -47,7 +38,7 @@ def test_each_lock_pins_every_requirement_within_its_range_and_no_torch_build(in
     lock = ROOT / lock_name
     assert torch_build_lines(lock.read_text()) == []
     assert re.match(r"# Locked for Python 3\.11 ", lock.read_text())
-    pinned = pins(lock)
+    pinned = locked_versions(lock.read_text())
     for requirement in requirements(ROOT / in_name):
         name = normalize(requirement.name)
         if name != "torch":  # installed by its own command
@@ -56,7 +47,8 @@ def test_each_lock_pins_every_requirement_within_its_range_and_no_torch_build(in
 
 
 def test_the_test_lock_keeps_the_runtime_locks_versions():
-    runtime, test = pins(ROOT / "requirements.txt"), pins(ROOT / "requirements-test.txt")
+    runtime, test = (locked_versions((ROOT / name).read_text()) for name in ("requirements.txt",
+                                                                              "requirements-test.txt"))
     assert {name: test.get(name) for name in runtime} == runtime
 
 
