@@ -5,6 +5,8 @@ script; a script imports another folder's script only for that script's entry fu
 import ast
 from pathlib import Path
 
+from scripts.check_imports import imports_of
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT_FOLDERS = ("bench", "eval", "finetune", "generate", "inheritune", "prepare_data", "pretrain", "scripts")
 # script -> its entry function, which scripts of other folders may call (a demo runs a preparer, a recipe the loop)
@@ -21,13 +23,8 @@ ENTRY_FUNCTIONS = {
 
 def imports(file: Path):
     """(module, name) of every import in `file`, inside functions too; name None for `import module`."""
-    for node in ast.walk(ast.parse(file.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            for alias in node.names:
-                yield node.module, alias.name
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                yield alias.name, None
+    for imp in imports_of(file):
+        yield from ((imp.module, name) for name in imp.names) if imp.names else [(imp.module, None)]
 
 
 def test_a_script_imports_another_folders_script_only_for_its_entry_function():
