@@ -368,9 +368,7 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
     out_dir = Path(settings.out_dir)
     val_losses = {}
     if val_data is not None and state["step"] == 0:
-        val_losses[0] = validate(fabric, model, val_data, run.eval_batches)
-        fabric.print(f"step 0: validation loss {val_losses[0]:.4f}")
-        fabric.log_dict({"val_loss": val_losses[0]}, step=0)
+        val_losses[0] = validate_and_log(fabric, model, val_data, run.eval_batches, step=0)
 
     train_iterator = iter(train_data)
     # on the device, read at log intervals and checkpoints only: [input tokens, target tokens] since the start, and
@@ -379,7 +377,7 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
     interval = torch.zeros(3, dtype=torch.float64, device=fabric.device)
     start = log_start = time.perf_counter()
     start_step = state["step"]
-    # step N + 1 -> its loss, for each checkpoint N: computed with checkpoint N's weights, it tells whether they are sane
+    # step N + 1 -> its loss, for each checkpoint N: computed with N's weights, it tells whether they are sane
     step_losses: Dict[int, float] = {}
     while state["step"] < run.max_steps:
         lr = get_lr(state["step"], settings.learning_rate, settings.min_lr, settings.warmup_steps, run.max_steps,
@@ -390,33 +388,15 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
         counts = fabric.all_reduce(token_counts(micro_batches, train_data.pad_id, fabric.device), reduce_op="sum")
         # each rank's gradients are averaged over the ranks: x world_size makes them sum(losses) / all targets
         scale = fabric.world_size / counts[1].clamp(min=1)
-        step_loss = torch.zeros((), dtype=torch.float64, device=fabric.device)
-        for micro_step, micro_batch in enumerate(micro_batches):
-            targets = to_device(micro_batch[1], fabric.device)
-            with fabric.no_backward_sync(model, enabled=micro_step < run.accumulation - 1):
-                loss = loss_sum(forward(model, micro_batch, fabric.device), targets)
-                fabric.backward(loss * scale)
-            step_loss += loss.detach()
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=settings.grad_clip, error_if_nonfinite=False)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
+        step_loss = accumulate_gradients(fabric, model, micro_batches, scale)
+        grad_norm = clip_gradients(fabric, model, optimizer, settings.grad_clip)
         out_of_time = settings.max_time is not None and time.perf_counter() - start > settings.max_time
         # the one host sync per step: every rank learns whether any rank's loss is bad or any rank is out of time
-        checks = torch.stack([
-            (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).double(),
-            torch.full_like(step_loss, float(out_of_time)),  # a fill, not a host-to-device copy
-            grad_norm.double(),  # the same on every rank
-            step_loss * scale,  # the highest rank's loss per target, as if each rank had its share (1 rank: the loss)
-        ])
-        non_finite, out_of_time, grad_norm, loss = fabric.all_reduce(checks, reduce_op="max").tolist()
+        non_finite, out_of_time, grad_norm, loss = step_checks(fabric, step_loss, grad_norm, scale, out_of_time)
         if state["step"] == start_step or state["step"] % settings.save_interval == 0:  # a checkpoint's weights
             step_losses[state["step"] + 1] = loss
         if non_finite:
-            raise FloatingPointError(
-                f"Non-finite loss or gradient at step {state['step'] + 1} (this rank's summed loss "
-                f"{step_loss.item()}, gradient norm {grad_norm}): stopping before the optimizer step. "
-                + last_checkpoint_hint(out_dir, step_losses, config.vocab_size)
-            )
+            raise divergence_error(state["step"] + 1, step_loss, grad_norm, out_dir, step_losses, config.vocab_size)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
@@ -425,41 +405,29 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
         step = state["step"]
 
         if step % settings.log_interval == 0 or step == run.max_steps or out_of_time:
-            loss_total = fabric.all_reduce(interval[2], reduce_op="sum")
-            tokens, target_tokens, loss_total = torch.cat([interval[:2], loss_total.view(1)]).tolist()
             state["tokens"], state["target_tokens"] = totals.tolist()
-            elapsed = time.perf_counter() - log_start
-            tokens_per_sec = tokens / elapsed
-            metrics = {"loss": loss_total / max(target_tokens, 1), "learning_rate": lr, "grad_norm": grad_norm,
-                       "tokens": state["tokens"], "target_tokens": state["target_tokens"],
-                       "tokens_per_sec": tokens_per_sec, "peak_memory_gb": peak_memory_gb(fabric.device)}
-            mfu = ""
-            if run.peak_flops is not None:
-                metrics["mfu"] = tokens_per_sec * run.flops_per_token / (run.peak_flops * fabric.world_size)
-                mfu = f", MFU {metrics['mfu']:.1%}"
-            fabric.log_dict(metrics, step=step)
-            remaining = (time.perf_counter() - start) / (step - start_step) * (run.max_steps - step)
-            fabric.print(f"step {step}/{run.max_steps}: loss {metrics['loss']:.4f}, lr {lr:.2e}, grad norm "
-                         f"{grad_norm:.3f}, {tokens_per_sec:,.0f} tokens/s{mfu}, {state['tokens']:,} tokens, "
-                         f"{metrics['peak_memory_gb']:.2f} GB peak, about {remaining / 3600:.2f} h to go")
+            log_step(fabric, run, state, interval, lr, grad_norm, log_start, start, start_step)
             interval.zero_()
             log_start = time.perf_counter()
         pause = time.perf_counter()
         if val_data is not None and (step % settings.eval_interval == 0 or step == run.max_steps or out_of_time):
-            val_losses[step] = validate(fabric, model, val_data, run.eval_batches)
-            fabric.print(f"step {step}: validation loss {val_losses[step]:.4f}")
-            fabric.log_dict({"val_loss": val_losses[step]}, step=step)
+            val_losses[step] = validate_and_log(fabric, model, val_data, run.eval_batches, step)
         if step % settings.save_interval == 0 or step == run.max_steps or out_of_time:
             state["tokens"], state["target_tokens"] = totals.tolist()
             save_checkpoint(fabric, out_dir, state, train_data, hparams, config, step_losses)
         log_start += time.perf_counter() - pause  # tokens/s counts training only, not validation or checkpoints
         if out_of_time:
             break
-    if val_data is not None and state["step"] not in val_losses:  # e.g. resumed from the last checkpoint
-        val_losses[state["step"]] = validate(fabric, model, val_data, run.eval_batches)
-        fabric.print(f"step {state['step']}: validation loss {val_losses[state['step']]:.4f}")
-    if len(val_losses) > 1 and 0 in val_losses:
-        fabric.print(f"validation loss: initial {val_losses[0]:.4f}, final {val_losses[max(val_losses)]:.4f}")
+    if val_data is not None:
+        report_validation(fabric, model, val_data, run.eval_batches, state["step"], val_losses)
+
+
+def validate_and_log(fabric: Fabric, model: nn.Module, val_data: BatchSource, eval_batches: int, step: int) -> float:
+    """The validation loss of the weights of `step`, printed and logged."""
+    val_loss = validate(fabric, model, val_data, eval_batches)
+    fabric.print(f"step {step}: validation loss {val_loss:.4f}")
+    fabric.log_dict({"val_loss": val_loss}, step=step)
+    return val_loss
 
 
 def get_lr(step: int, learning_rate: float, min_lr: float, warmup_steps: int, max_steps: int,
@@ -487,6 +455,20 @@ def token_counts(micro_batches: list, pad_id: Optional[int], device: torch.devic
     return torch.tensor([inputs, targets], dtype=torch.int64).to(device, non_blocking=True)
 
 
+def accumulate_gradients(fabric: Fabric, model: nn.Module, micro_batches: list, scale: torch.Tensor) -> torch.Tensor:
+    """Forward, and backward of the loss x `scale`, of each micro-batch of a step, syncing the gradients between
+    ranks on the last only. Returns this rank's loss summed over the step's target tokens: float64 on the device,
+    not read (no host sync)."""
+    step_loss = torch.zeros((), dtype=torch.float64, device=fabric.device)
+    for micro_step, micro_batch in enumerate(micro_batches):
+        targets = to_device(micro_batch[1], fabric.device)
+        with fabric.no_backward_sync(model, enabled=micro_step < len(micro_batches) - 1):
+            loss = loss_sum(forward(model, micro_batch, fabric.device), targets)
+            fabric.backward(loss * scale)
+        step_loss += loss.detach()
+    return step_loss
+
+
 def forward(model: nn.Module, micro_batch: tuple, device: torch.device) -> torch.Tensor:
     """The logits (B, T, vocab) of a micro-batch `(input_ids, targets)`, or `(input_ids, targets, document_ids)` of
     packed examples (block-diagonal causal attention, positions restarting at each example)."""
@@ -506,6 +488,72 @@ def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # log-softmax in fp32: bf16 log-probabilities keep only about 3 significant digits
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
+
+
+def clip_gradients(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   max_norm: float) -> torch.Tensor:
+    """Clip the gradients to a total norm of `max_norm`, leaving inf and NaN for step_checks to find. Returns the
+    norm before clipping, a plain tensor on the device (not read: no host sync)."""
+    grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
+
+
+def step_checks(fabric: Fabric, step_loss: torch.Tensor, grad_norm: torch.Tensor, scale: torch.Tensor,
+                out_of_time: bool) -> Tuple[bool, bool, float, float]:
+    """The one host sync per step, so that every rank learns the same: whether any rank's loss or gradient is not
+    finite, whether any rank is out of time, the gradient norm (the same on every rank) and the highest rank's loss
+    per target, as if each rank had its share (1 rank: the loss)."""
+    checks = torch.stack([
+        (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).double(),
+        torch.full_like(step_loss, float(out_of_time)),  # a fill, not a host-to-device copy
+        grad_norm.double(),
+        step_loss * scale,
+    ])
+    non_finite, out_of_time, grad_norm, loss = fabric.all_reduce(checks, reduce_op="max").tolist()
+    return bool(non_finite), bool(out_of_time), grad_norm, loss
+
+
+def divergence_error(step: int, step_loss: torch.Tensor, grad_norm: float, out_dir: Path,
+                     step_losses: Dict[int, float], vocab_size: int) -> FloatingPointError:
+    """The error of a step whose loss or gradient is not finite, raised before its optimizer step, naming the
+    checkpoint to resume from (see last_checkpoint_hint)."""
+    return FloatingPointError(
+        f"Non-finite loss or gradient at step {step} (this rank's summed loss {step_loss.item()}, gradient norm "
+        f"{grad_norm}): stopping before the optimizer step. " + last_checkpoint_hint(out_dir, step_losses, vocab_size)
+    )
+
+
+def log_step(fabric: Fabric, run: Run, state: dict, interval: torch.Tensor, lr: float, grad_norm: float,
+             log_start: float, start: float, start_step: int) -> None:
+    """Print and log the loss and throughput of the steps since the last log (`interval`, timed from `log_start`)
+    and the token counters of `state`; the time to go is estimated from the steps since `start_step` at `start`."""
+    step = state["step"]
+    loss_total = fabric.all_reduce(interval[2], reduce_op="sum")
+    tokens, target_tokens, loss_total = torch.cat([interval[:2], loss_total.view(1)]).tolist()
+    tokens_per_sec = tokens / (time.perf_counter() - log_start)
+    metrics = {"loss": loss_total / max(target_tokens, 1), "learning_rate": lr, "grad_norm": grad_norm,
+               "tokens": state["tokens"], "target_tokens": state["target_tokens"],
+               "tokens_per_sec": tokens_per_sec, "peak_memory_gb": peak_memory_gb(fabric.device)}
+    mfu = ""
+    if run.peak_flops is not None:
+        metrics["mfu"] = tokens_per_sec * run.flops_per_token / (run.peak_flops * fabric.world_size)
+        mfu = f", MFU {metrics['mfu']:.1%}"
+    fabric.log_dict(metrics, step=step)
+    remaining = (time.perf_counter() - start) / (step - start_step) * (run.max_steps - step)
+    fabric.print(f"step {step}/{run.max_steps}: loss {metrics['loss']:.4f}, lr {lr:.2e}, grad norm "
+                 f"{grad_norm:.3f}, {tokens_per_sec:,.0f} tokens/s{mfu}, {state['tokens']:,} tokens, "
+                 f"{metrics['peak_memory_gb']:.2f} GB peak, about {remaining / 3600:.2f} h to go")
+
+
+def report_validation(fabric: Fabric, model: nn.Module, val_data: BatchSource, eval_batches: int, step: int,
+                      val_losses: Dict[int, float]) -> None:
+    """At the end of a run: the validation loss of the weights of `step` if no validation gave it (e.g. a run
+    resumed from its last checkpoint), and the initial and final ones when the run validated both."""
+    if step not in val_losses:
+        val_losses[step] = validate(fabric, model, val_data, eval_batches)
+        fabric.print(f"step {step}: validation loss {val_losses[step]:.4f}")
+    if len(val_losses) > 1 and 0 in val_losses:
+        fabric.print(f"validation loss: initial {val_losses[0]:.4f}, final {val_losses[max(val_losses)]:.4f}")
 
 
 def eval_batch_count(fabric: Fabric, val_data: BatchSource, eval_iters: int) -> int:
