@@ -21,6 +21,7 @@ from checkpoint import save_model_dir  # noqa: E402
 from eval_suites import write_local_task  # noqa: E402
 from model import GPT, Config  # noqa: E402
 from scripts.convert_lit_checkpoint import convert_lit_checkpoint  # noqa: E402
+from tests.documented import documented, run_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Llama-2's sentencepiece options but byte fallback (a random model emits invalid UTF-8 bytes, which sentencepiece and
@@ -278,6 +279,29 @@ def test_documented_commands_on_local_tasks_write_lm_evals_json_and_the_table(ch
     for task in TASKS:
         assert_same_results(two["results"][task], one["results"][task], rel=1e-9)
     assert two["n-samples"] == one["n-samples"]
+
+
+def test_the_documented_commands_run_on_local_tasks(checkpoints, task_dir, tmp_path, capsys, monkeypatch):
+    """docs/evaluation.md's two commands, the tasks that a download would bring replaced by the local ones: by name in
+    the first, as the seed preset's columns in the second."""
+    import eval_suites as suites
+
+    lit_dir, _ = checkpoints
+    local = {"--include_path": task_dir, "--device": "cpu"}
+    run_script(documented(
+        "python eval/lm_eval_harness.py --checkpoint_dir out/tinyllama_1b/final --tasks hellaswag,arc_easy "
+        "--num_fewshot 0 --batch_size 16",
+        replace={"--checkpoint_dir": lit_dir, "--tasks": "tiny_mc,tiny_rolling", "--batch_size": 3}, add=local))
+    printed = capsys.readouterr().out
+    assert "tiny_mc" in printed and "tiny_rolling" in printed
+    columns = (suites.Column("tiny_mc", "acc", "MC"), suites.Column("tiny_generate", "exact_match", "Gen"))
+    monkeypatch.setitem(suites.SUITES, "amd-llama-135m", suites.Suite(columns, num_fewshot=0))
+    run_script(documented(
+        "python eval/lm_eval_harness.py --checkpoint_dir checkpoints/AMD-Llama-135m --tasks amd-llama-135m "
+        "--output_path out/eval", replace={"--checkpoint_dir": lit_dir, "--output_path": tmp_path / "eval"}, add=local))
+    assert set(saved_results(tmp_path / "eval")["results"]) == {"tiny_mc", "tiny_generate"}
+    (table,) = (tmp_path / "eval").glob("*/results_*.md")
+    assert table.read_text().splitlines()[0] == "| Model | MC | Gen | Avg |"
 
 
 def test_suite_presets_name_tasks_of_lm_evals_default_index():

@@ -1,4 +1,4 @@
-"""inheritune/reproduce.py end to end with its tiny preset, on shards made here: every experiment runs through the
+"""inheritune/reproduce.py end to end, its documented command with the tiny preset, on shards made here: every experiment runs through the
 training core and is measured, the table and the plot are written, and a rerun trains nothing again."""
 
 import json
@@ -9,6 +9,7 @@ import pytest
 
 from inheritune.reproduce import PAPER, reproduce
 from shard_format import PackedDatasetBuilder, write_manifest
+from tests.documented import documented, run_script
 
 SEQ_LEN = 32  # the tiny preset's
 
@@ -32,8 +33,9 @@ def reproduced(tmp_path_factory):
     write_corpus(data, "train", "train_prose", 32, seed=2)
     write_corpus(data, "validation", "validation_code", 8, seed=3)
     out = root / "out"
-    results = reproduce(preset="tiny", data_dir=data, out_dir=out, vocab_size=256, accelerator="cpu")
-    return out, data, results
+    run_script(documented("python inheritune/reproduce.py --preset cpu", replace={"--preset": "tiny"},
+                          add={"--data_dir": data, "--out_dir": out, "--vocab_size": 256, "--accelerator": "cpu"}))
+    return out, data, json.loads((out / "results.json").read_text())
 
 
 def test_every_experiment_is_trained_measured_and_tabulated(reproduced):
