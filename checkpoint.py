@@ -3,7 +3,7 @@ load weights without the training stack.
 
 A checkpoint directory holds
 - `lit_model.pth`: the full (unsharded) state dict of `model.GPT`, loaded with `weights_only=True`;
-- `model_config.json`: the `Config`, read by `Config.from_file`;
+- `model_config.json`: the `Config`, read by `load_config`;
 - the tokenizer files (`tokenizer.model` or `tokenizer.json`, and their configs), when there is a tokenizer;
 - what a producer adds: a chat template (`chat_template.jinja`), a finetuning's LoRA adapters and their config.
 
@@ -114,8 +114,8 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise KeyError(f"{source} does not match the model: missing keys {missing[:10]}, "
-                       f"unexpected keys {unexpected[:10]}")
+        raise UserError(f"{source} does not match the model: missing keys {missing[:10]}, "
+                        f"unexpected keys {unexpected[:10]}")
     for key, value in state_dict.items():
         if value.shape != expected[key].shape:
             raise UserError(
@@ -159,7 +159,7 @@ def load_model(checkpoint_dir: Union[str, Path], device: Union[str, torch.device
                dtype: Optional[torch.dtype] = None) -> GPT:
     """Build the GPT of `checkpoint_dir/model_config.json` and load `checkpoint_dir/lit_model.pth` into it."""
     checkpoint_dir = Path(checkpoint_dir)
-    config = Config.from_file(checkpoint_dir / CONFIG_FILE)
+    config = load_config(checkpoint_dir)
     with torch.device("meta"):
         model = GPT(config)
     state_dict = load_state_dict(checkpoint_dir / WEIGHTS_FILE)
@@ -168,6 +168,25 @@ def load_model(checkpoint_dir: Union[str, Path], device: Union[str, torch.device
     # the rope caches are not in the checkpoint: compute them on the CPU, then move the model
     model.cos, model.sin = build_rope_cache(config)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_config(path: Union[str, Path]) -> Config:
+    """The Config of a checkpoint directory or of its model_config.json: `Config.from_file`, with a file that does
+    not parse or describes no model as a UserError naming it (model.py, torch only, raises plain ValueError)."""
+    path = Path(path)
+    file = path / CONFIG_FILE if path.is_dir() else path
+    try:
+        return Config.from_file(file)
+    except ValueError as error:
+        message = str(error)
+        raise UserError(message if message.startswith(str(file)) else f"{file}: {message}") from None
+
+
+def named_config(name: str, flag: str = "--model_name") -> Config:
+    """`Config.from_name` of a name the user gave with `flag`; an unknown name is a UserError naming the flag."""
+    if name not in Config.names():
+        raise UserError(f"{flag} {name!r} is not a config of model.py; the known ones: {', '.join(Config.names())}")
+    return Config.from_name(name)
 
 
 class UnsafeCheckpointError(UserError):

@@ -2,7 +2,8 @@
 
 Torch and model.py only (no transformers): the converters in scripts/ add the file I/O, and anything that hands our
 weights to transformers (or takes theirs) uses these same functions. HF stores q and k for rotate-half RoPE, the
-convention model.py uses, so every tensor is copied without a permutation.
+convention model.py uses, so every tensor is copied without a permutation. What a checkpoint of another kind or a
+config of another model makes impossible is a UserError naming the file.
 """
 
 import re
@@ -12,6 +13,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 
 from model import Config, configs
+from utils import UserError
 
 # HF module name -> lit module name; "{}" is the layer index. Both ".weight" and ".bias" follow the same map.
 # q_proj, k_proj and v_proj all go to the fused qkv (see merge_qkv).
@@ -46,7 +48,7 @@ def to_lit_key(hf_key: str, source: str = "the checkpoint") -> Tuple[str, Option
     layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
     template = f"model.layers.{{}}.{layer[2]}" if layer else module
     if template not in HF_TO_LIT or param not in ("weight", "bias"):
-        raise KeyError(f"{source}: unknown key {hf_key!r}; expected the keys of a LlamaForCausalLM")
+        raise UserError(f"{source}: unknown key {hf_key!r}; expected the keys of a LlamaForCausalLM")
     key = f"{HF_TO_LIT[template].format(layer[1] if layer else '')}.{param}"
     qkv_part = template.rpartition(".")[2]
     return key, qkv_part if qkv_part in QKV_ORDER else None
@@ -81,7 +83,7 @@ def lit_state_dict(hf_tensors: Iterable[Tuple[str, torch.Tensor]], tie_word_embe
     buffers; lm_head.weight when `tie_word_embeddings`, whose head then gets a copy of the embedding).
 
     The pairs are consumed one at a time and a q, k or v part is held only until its siblings arrive, so a sharded
-    checkpoint can be streamed shard by shard. Raises KeyError naming an unknown key or a qkv part that is missing.
+    checkpoint can be streamed shard by shard. Raises UserError naming an unknown key or a qkv part that is missing.
     """
     state_dict: Dict[str, torch.Tensor] = {}
     pending_qkv: Dict[str, Dict[str, torch.Tensor]] = {}  # lit qkv key -> the q/k/v parts read so far
@@ -101,7 +103,7 @@ def lit_state_dict(hf_tensors: Iterable[Tuple[str, torch.Tensor]], tie_word_embe
             del pending_qkv[key]
     if pending_qkv:
         key, parts = next(iter(pending_qkv.items()))
-        raise KeyError(f"{source}: {key!r} is missing {sorted(set(QKV_ORDER) - set(parts))}")
+        raise UserError(f"{source}: {key!r} is missing {sorted(set(QKV_ORDER) - set(parts))}")
     if tie_word_embeddings:
         # model.GPT's head is untied: give it its own copy of the embedding
         state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"].clone()
@@ -126,15 +128,15 @@ def config_from_hf(hf_config: dict, model_name: Optional[str] = None, source: st
     model.configs with the same values unless `model_name` is given (a name of model.configs must then match)."""
     architectures = hf_config.get("architectures") or ["LlamaForCausalLM"]
     if architectures != ["LlamaForCausalLM"] or hf_config.get("model_type", "llama") != "llama":
-        raise ValueError(
+        raise UserError(
             f"{source}: architectures={architectures}, model_type={hf_config.get('model_type')!r}; "
             "only LlamaForCausalLM (model_type 'llama') is supported"
         )
     if hf_config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act={hf_config['hidden_act']!r}; the model implements 'silu' only")
+        raise UserError(f"{source}: hidden_act={hf_config['hidden_act']!r}; the model implements 'silu' only")
     attention_bias, mlp_bias = bool(hf_config.get("attention_bias", False)), bool(hf_config.get("mlp_bias", False))
     if attention_bias != mlp_bias:
-        raise ValueError(
+        raise UserError(
             f"{source}: attention_bias={attention_bias} and mlp_bias={mlp_bias} differ; the model has one `bias` "
             "switch for both"
         )
@@ -142,7 +144,7 @@ def config_from_hf(hf_config: dict, model_name: Optional[str] = None, source: st
 
     def required(key: str):
         if key not in hf_config:
-            raise KeyError(f"{source}: {key!r} is missing")
+            raise UserError(f"{source}: {key!r} is missing")
         return hf_config[key]
 
     n_embd, n_head = required("hidden_size"), required("num_attention_heads")
@@ -166,7 +168,7 @@ def config_from_hf(hf_config: dict, model_name: Optional[str] = None, source: st
     elif model_name in configs and not same_values(config, Config.from_name(model_name)):
         named = asdict(Config.from_name(model_name))
         diff = {k: (v, named[k]) for k, v in asdict(config).items() if k != "name" and v != named[k]}
-        raise ValueError(f"{source} does not match the named config {model_name!r}: (checkpoint, named) = {diff}")
+        raise UserError(f"{source} does not match the named config {model_name!r}: (checkpoint, named) = {diff}")
     config.name = model_name
     return config
 
@@ -178,12 +180,12 @@ def rope_from_hf(hf_config: dict, source: str) -> Tuple[Union[int, float], int]:
     rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
+        raise UserError(
             f"{source}: RoPE scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
         )
     factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
     if not factor.is_integer() or factor < 1:
-        raise ValueError(f"{source}: linear RoPE scaling factor {factor} must be a whole number >= 1")
+        raise UserError(f"{source}: linear RoPE scaling factor {factor} must be a whole number >= 1")
     theta = float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
     return int(theta) if theta.is_integer() else theta, int(factor)
 

@@ -8,10 +8,11 @@ run as written (by the `tokenizers` library, as transformers 4 did); transformer
 pipeline from its vocabulary instead, which can differ after a special token (the "legacy" dummy prefix).
 """
 
-import json
 import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+from utils import UserError, read_json
 
 # What a checkpoint directory holds of its tokenizer and chat format: copied next to the weights by pretraining,
 # finetuning and conversion
@@ -44,7 +45,10 @@ class Tokenizer:
             import sentencepiece as spm
 
             self.backend = "sentencepiece"
-            self.processor = spm.SentencePieceProcessor(model_file=str(path))
+            try:
+                self.processor = spm.SentencePieceProcessor(model_file=str(path))
+            except RuntimeError as error:  # "could not parse ModelProto": a truncated or foreign file
+                raise UserError(f"{path} cannot be read ({error}): expected a sentencepiece model") from None
             self.vocab_size = self.processor.vocab_size()
             # what transformers' LlamaTokenizer makes special: sentencepiece's control symbols and <unk>
             self.special_tokens = {self.processor.id_to_piece(i): i for i in range(self.vocab_size)
@@ -63,7 +67,10 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             self.backend = "huggingface"
-            self.processor = HFTokenizer.from_file(str(path))
+            try:
+                self.processor = HFTokenizer.from_file(str(path))
+            except Exception as error:  # the tokenizers library raises a plain Exception ("expected value at ...")
+                raise UserError(f"{path} cannot be read ({error}): expected a Hugging Face tokenizer.json") from None
             self.processor.encode_special_tokens = True  # "</s>" in a text is text, as with sentencepiece
             self.vocab_size = self.processor.get_vocab_size(with_added_tokens=True)
             # the added tokens that `encode_special_tokens` switches: transformers' split_special_tokens
@@ -109,16 +116,16 @@ class Tokenizer:
         for token in tokens:
             token_id = self.token_id(token)
             if token_id is None:
-                raise ValueError(f"{token!r} is not a token of {self.path}: expected one of its special tokens "
-                                 f"{sorted(self.special_tokens)}")
+                raise UserError(f"{token!r} is not a token of {self.path}: expected one of its special tokens "
+                                f"{sorted(self.special_tokens)}")
             ids.append(token_id)
         return ids
 
     def check_fits(self, vocab_size: int, source: str) -> None:
         """Every token id must be one of the model's `vocab_size` tokens; `source` names where vocab_size came from."""
         if self.vocab_size > vocab_size:
-            raise ValueError(f"{self.path} has {self.vocab_size} tokens, more than the vocab_size={vocab_size} "
-                             f"of {source}")
+            raise UserError(f"{self.path} has {self.vocab_size} tokens, more than the vocab_size={vocab_size} "
+                            f"of {source}")
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, parse_special: bool = False) -> List[int]:
         """The ids of `text`, with the BOS id before and the EOS id after when asked for (an error if undefined).
@@ -205,7 +212,7 @@ def read_tokenizer_config(checkpoint_dir: Path) -> dict:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = Path(checkpoint_dir) / name
         if path.is_file():
-            config.update(json.loads(path.read_text()))
+            config.update(read_json(path, "the tokenizer's settings (a JSON object)"))
     return config
 
 

@@ -90,6 +90,15 @@ def write_json(path: Union[str, Path], obj: Any) -> None:
         Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path: Union[str, Path], expected: str) -> Any:
+    """The JSON value of a file the user gave (or a script wrote into a directory the user gave); one that does not
+    parse is a `UserError` naming it and `expected`, what it should hold ("the checkpoint's generation settings")."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}): expected {expected}") from None
+
+
 def cli(fn: Callable, argv: Optional[list] = None, *, defaults: Optional[Mapping[str, Any]] = None,
         description: Optional[str] = None) -> Any:
     """Call `fn` with arguments parsed from the command line (`argv`, default sys.argv): its typed signature is the CLI.

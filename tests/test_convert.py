@@ -14,6 +14,7 @@ from model import GPT, Config
 from scripts.convert_hf_checkpoint import convert_hf_checkpoint
 from scripts.convert_lit_checkpoint import convert_lit_checkpoint
 from tokenizer import Tokenizer
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -299,7 +300,7 @@ def test_unknown_key_is_named(tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     weights["model.layers.1.self_attn.q_norm.weight"] = torch.ones(16)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.self_attn\.q_norm\.weight"):
+    with pytest.raises(UserError, match=r"model\.layers\.1\.self_attn\.q_norm\.weight"):
         convert_hf_checkpoint(tmp_path)
 
 
@@ -310,7 +311,7 @@ def test_missing_qkv_part_is_named(tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     del weights["model.layers.0.self_attn.k_proj.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=r"transformer\.h\.0\.attn\.qkv\.weight.*k_proj"):
+    with pytest.raises(UserError, match=r"transformer\.h\.0\.attn\.qkv\.weight.*k_proj"):
         convert_hf_checkpoint(tmp_path)
 
 
@@ -348,7 +349,7 @@ def test_unsupported_configs_are_rejected(change, message):
 
 def test_missing_config_key_is_named():
     incomplete = {k: v for k, v in TINYLLAMA_HF_CONFIG.items() if k != "intermediate_size"}
-    with pytest.raises(KeyError, match="x/config.json: 'intermediate_size' is missing"):
+    with pytest.raises(UserError, match="x/config.json: 'intermediate_size' is missing"):
         config_from_hf(incomplete, source="x/config.json")
 
 

@@ -77,7 +77,7 @@ def test_mismatched_checkpoint_names_key_and_both_shapes(tmp_path):
         load_checkpoint(small, tmp_path / "lit_model.pth")
     state = small.state_dict()
     state["extra.weight"] = state.pop("lm_head.weight")
-    with pytest.raises(KeyError, match=r"missing keys \['lm_head.weight'\].*unexpected keys \['extra.weight'\]"):
+    with pytest.raises(UserError, match=r"missing keys \['lm_head.weight'\].*unexpected keys \['extra.weight'\]"):
         check_state_dict(small, state, "test")
 
 
