@@ -115,8 +115,9 @@ class PackedDataset(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         for key, value in self._identity().items():
             if state.get(key) != value:
-                raise ValueError(f"PackedDataset state was saved with {key}={state.get(key)!r}, this dataset has "
-                                 f"{key}={value!r}: it would not continue the same sequence")
+                raise UserError(f"the data position was saved with {key}={state.get(key)!r}, this run's data has "
+                                f"{key}={value!r}: it would not continue the same sequence; resume with the --seed, "
+                                f"--train_data_mix and data that wrote it")
         self._start = int(state["blocks_consumed"])
         self._iterator = None
 
@@ -221,8 +222,8 @@ class CombinedDataset(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["datasets"]) != len(self.datasets):
-            raise ValueError(f"CombinedDataset state holds {len(state['datasets'])} datasets, "
-                             f"this one has {len(self.datasets)}")
+            raise UserError(f"the data position holds {len(state['datasets'])} sources of --train_data_mix, this run "
+                            f"has {len(self.datasets)}: resume with the mix that wrote it")
         for dataset, dataset_state in zip(self.datasets, state["datasets"]):
             dataset.load_state_dict(dataset_state)
         self._draws = int(state["draws"])

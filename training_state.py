@@ -78,8 +78,8 @@ def find_resume_checkpoint(fabric: Fabric, resume: Optional[str], out_dir: Path)
     latest = fabric.broadcast(latest_checkpoint(out_dir) if fabric.global_rank == 0 else None)
     if resume is None:
         if latest is not None:
-            raise FileExistsError(f"{out_dir} holds checkpoints of an earlier run (the latest is {latest}): pass "
-                                  f"--resume auto to continue it, or choose another --out_dir")
+            raise UserError(f"{out_dir} holds checkpoints of an earlier run (the latest is {latest}): pass "
+                            f"--resume auto to continue it, or choose another --out_dir")
         return None
     if str(resume) == "auto":
         if latest is None:
@@ -303,7 +303,10 @@ def load_training_state(fabric: Fabric, path: Path, state: dict, train_data: Dat
     if len(checkpoint["train_data"]) != fabric.world_size:
         raise UserError(f"{path} was written by {len(checkpoint['train_data'])} processes; resume it with as many "
                         f"(devices x num_nodes), not {fabric.world_size}: each holds its own data position")
-    train_data.load_state_dict(checkpoint["train_data"][fabric.global_rank])
+    try:
+        train_data.load_state_dict(checkpoint["train_data"][fabric.global_rank])
+    except UserError as error:  # another --seed or data mix, or other data
+        raise UserError(f"{path}: {error}") from None
     set_rng_states(checkpoint["rng"][fabric.global_rank])
     for key in ("step", "tokens", "target_tokens"):
         state[key] = checkpoint[key]

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 import packed_dataset
 from packed_dataset import CombinedDataset, PackedDataset
 from shard_format import PackedDatasetBuilder, dtype_for_vocab
+from utils import UserError
 
 
 UINT16, INT32 = 8, 4  # lit-gpt's dtype codes
@@ -348,7 +349,7 @@ def test_state_from_another_dataset_is_refused(tmp_path):
     filenames = make_files(tmp_path, 3)
     state = PackedDataset(filenames, n_chunks=2, block_size=4, num_processes=2).state_dict()
     other = PackedDataset(filenames, n_chunks=2, block_size=4, num_processes=1)
-    with pytest.raises(ValueError, match="num_processes=2"):
+    with pytest.raises(UserError, match="num_processes=2"):
         other.load_state_dict(state)
 
 

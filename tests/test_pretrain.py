@@ -31,6 +31,7 @@ from shard_format import PackedDatasetBuilder, write_manifest
 from training import get_lr, gradient_accumulation_steps, parameter_groups, peak_flops, training_flops_per_token
 from training_state import latest_checkpoint
 from tokenizer import TOKENIZER_FILES, Tokenizer
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 16
@@ -267,7 +268,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
     weights, reference = final_weights(resumed), final_weights(straight)
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
 
-    with pytest.raises(FileExistsError, match="--resume auto"):  # a fresh run would overwrite them
+    with pytest.raises(UserError, match="--resume auto"):  # a fresh run would overwrite them
         train_here(straight, data_dir, max_steps=12)
 
     # an explicit path resumes too, and writes on from there
