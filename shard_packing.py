@@ -50,13 +50,21 @@ def load_tokenizer(
     tokenizer = Tokenizer(tokenizer_path)
     for wanted, name, token_id in ((bos, "bos", tokenizer.bos_id), (eos, "eos", tokenizer.eos_id)):
         if wanted and token_id is None:
-            raise ValueError(f"{tokenizer.path} defines no {name.upper()} token; pass --no-{name} to pack without it")
+            raise UserError(f"{tokenizer.path} defines no {name.upper()} token; pass --no-{name} to pack without it")
     if dtype is not None and dtype not in DTYPE_CHOICES:
-        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+        raise UserError(f"--dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
     try:  # the shard writer's own check, here to fail before any process starts and to name the file
         return tokenizer, token_dtype(tokenizer.vocab_size, dtype)
     except ValueError as error:
-        raise ValueError(f"{tokenizer.path}: {error}") from None
+        raise UserError(f"{tokenizer.path}: {error}") from None
+
+
+def check_packing_args(chunk_size: int, num_processes: Optional[int]) -> None:
+    """Refuse a shard size or a process count that packs nothing, naming the flag, before any file is read."""
+    if chunk_size < 1:
+        raise UserError(f"--chunk_size must be at least 1 token, got {chunk_size}")
+    if num_processes is not None and num_processes < 1:
+        raise UserError(f"--num_processes must be at least 1 (or none: every core), got {num_processes}")
 
 
 @dataclass
@@ -201,12 +209,13 @@ def prepare(
     input under --strict, an error, Ctrl-C or SIGTERM), and raises NothingWrittenError when no document was kept.
     `unknown_files`: the files of other extensions the caller skipped, for the summary."""
     start = time.perf_counter()
+    check_packing_args(job.chunk_size, num_processes)
     tokenizer, _ = load_tokenizer(job.tokenizer_path, job.bos, job.eos, job.dtype)  # fail here, not in every process
     existing = job.shards_on_disk()
     if existing:
-        raise FileExistsError(
+        raise UserError(
             f"{len(existing)} shards from an earlier run are in the destination (e.g. {existing[0]}); "
-            f"remove them or choose another destination_path"
+            f"remove them or choose another --destination_path"
         )
     for split in job.splits:  # an earlier run's manifest must not cover what this run writes until it is complete
         (job.outdir(split) / manifest_name(job.label)).unlink(missing_ok=True)

@@ -131,7 +131,7 @@ def find_inputs(source: Union[str, Path], suffixes: Sequence[str]) -> Tuple[List
     unknown = len(files) - len(known)
     if unknown and (is_glob(source) or not Path(source).is_dir()):
         path = next(path for path in files if not suffix_of(path, suffixes))
-        raise ValueError(f"{path}: unknown file extension; expected one of {' '.join(suffixes)} (in any case)")
+        raise UserError(f"{path}: unknown file extension; expected one of {' '.join(suffixes)} (in any case)")
     if not known:
         raise FileNotFoundError(f"No {' or '.join(suffixes)} files in {str(source)!r} ({unknown} other files)")
     return known, unknown

@@ -19,7 +19,6 @@ text in the training data. A documentation file goes by a hash of its text.
 
 import ast
 import glob
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -27,11 +26,11 @@ from typing import Iterator, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare_data.train_tokenizer import LineCounts, train_tokenizer
+from prepare_data.train_tokenizer import LineCounts, check_vocab_size, train_tokenizer
 from shard_format import read_manifests, uncovered
-from shard_packing import Job, prepare
+from shard_packing import Job, check_packing_args, prepare
 from text_readers import STDLIB, Report, hashed_split, read_whole_file, sample_documents, stdlib_files
-from utils import cli, write_json
+from utils import UserError, cli, read_json, write_json
 
 VOCAB_SIZE = 4096
 CHUNK_SIZE = (256 + 1) * 64  # per shard: 64 blocks of the demo model's 256 tokens + 1 (the last target)
@@ -122,14 +121,22 @@ def prepare_demo(
         quiet: no progress bars or summaries
     """
     destination_path = Path(destination_path)
+    # the flags first: the standard library is read and a tokenizer trained before the first shard is packed
+    check_vocab_size(vocab_size)
+    check_packing_args(chunk_size, num_processes)
+    if not 0 < validation_fraction < 1:
+        raise UserError(f"--validation_fraction must be in (0, 1): both splits need documents, got "
+                        f"{validation_fraction}")
+    if max_files is not None and max_files < 1:
+        raise UserError(f"--max_files must be at least 1 (or none: all), got {max_files}")
     marker = destination_path / "summary.json"
     settings = dict(
         vocab_size=vocab_size, chunk_size=chunk_size, validation_fraction=validation_fraction, max_files=max_files
     )
     if marker.is_file():
-        built = json.loads(marker.read_text())["settings"]
+        built = read_json(marker, "the summary of a demo corpus that prepare_demo.py wrote").get("settings")
         if built != settings:
-            raise ValueError(
+            raise UserError(
                 f"{destination_path} holds a demo corpus built with {built}; remove it to build one with {settings}"
             )
         if all(uncovered(sorted(destination_path.glob(f"{split}/*.bin")), read_manifests(destination_path / split))

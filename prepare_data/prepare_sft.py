@@ -133,12 +133,7 @@ def main(
         quiet: print no summary
     """
     start = time.perf_counter()
-    if not 0 <= val_fraction <= 1:
-        raise UserError(f"--val_fraction must be in [0, 1], got {val_fraction}")
-    if max_seq_length < 2:
-        raise UserError(f"--max_seq_length must be at least 2 (an input and a target), got {max_seq_length}")
-    if format not in ("auto", *FORMATS):
-        raise UserError(f"--format must be auto or one of {', '.join(FORMATS)}, got {format!r}")
+    check_flags(format, max_seq_length, val_fraction)
     destination_path = Path(destination_path)
     check_destination(destination_path)
     files, unknown_files = find_inputs(source_path, SUFFIXES)
@@ -182,6 +177,15 @@ def main(
     if not quiet:
         print_summary(destination_path, metadata, report, unknown_files, time.perf_counter() - start)
     return metadata
+
+
+def check_flags(format: str, max_seq_length: int, val_fraction: float) -> None:
+    if not 0 <= val_fraction <= 1:
+        raise UserError(f"--val_fraction must be in [0, 1], got {val_fraction}")
+    if max_seq_length < 2:
+        raise UserError(f"--max_seq_length must be at least 2 (an input and a target), got {max_seq_length}")
+    if format not in ("auto", *FORMATS):
+        raise UserError(f"--format must be auto or one of {', '.join(FORMATS)}, got {format!r}")
 
 
 def check_destination(path: Path) -> None:

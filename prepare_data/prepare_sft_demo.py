@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sft_data
 from prepare_data import prepare_sft
 from text_readers import STDLIB, hashed_split, stdlib_files
-from utils import atomic_write, cli, write_json
+from tokenizer import has_tokenizer
+from utils import UserError, atomic_write, cli, write_json
 
 MAX_CHARACTERS = 640  # of request and answer together: at most about 230 tokens of the demo tokenizer
 MAX_EXAMPLES = 3000
@@ -57,6 +58,14 @@ def build_sft_demo_data(
         quiet: print no summary
     """
     destination_path = Path(destination_path)
+    # what prepare_sft.py checks, here before the standard library is read
+    prepare_sft.check_flags("chat", max_seq_length, val_fraction)
+    for name, value in (("max_examples", max_examples), ("max_files", max_files)):
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    prepare_sft.check_destination(destination_path)
+    if not has_tokenizer(tokenizer_dir):
+        raise FileNotFoundError(f"--tokenizer_dir {tokenizer_dir}: no tokenizer.model or tokenizer.json there")
     examples = sorted(
         (example for path in stdlib_files(max_files) for example in file_examples(path) if fits(example)),
         key=lambda example: hashlib.blake2b(f"{example[0]}\n{example[1]}".encode(), digest_size=8).digest(),

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shard_packing import DEFAULT_CHUNK_SIZE, TokenDtype, prepare_files
 from text_readers import Report, find_files, read_records
-from utils import cli
+from utils import UserError, cli
 
 REDPAJAMA_SETS = (
     "RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaBook",
@@ -70,7 +70,7 @@ def main(
     """
     unknown = sorted(set(exclude_sets) - set(REDPAJAMA_SETS))
     if unknown:
-        raise ValueError(f"exclude_sets: unknown set names {unknown}; SlimPajama's sets are {list(REDPAJAMA_SETS)}")
+        raise UserError(f"--exclude_sets: unknown set names {unknown}; SlimPajama's sets are {list(REDPAJAMA_SETS)}")
     split_dir = Path(source_path) / split
     if not split_dir.is_dir():
         raise FileNotFoundError(

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shard_packing import DEFAULT_CHUNK_SIZE, TokenDtype, prepare_files
 from text_readers import Report, TEXT_SUFFIXES, find_inputs, read_text_documents
-from utils import cli
+from utils import UserError, cli
 
 
 def main(
@@ -54,9 +54,9 @@ def main(
         dtype: token dtype of the shards; none: uint16 when the vocabulary fits, else int32
     """
     if not 0 <= validation_fraction <= 1:
-        raise ValueError(f"validation_fraction must be in [0, 1], got {validation_fraction}")
+        raise UserError(f"--validation_fraction must be in [0, 1], got {validation_fraction}")
     if not name or "/" in name:
-        raise ValueError(f"name must be a non-empty file name part, got {name!r}")
+        raise UserError(f"--name must be a non-empty file name part, got {name!r}")
     files, unknown_files = find_inputs(source_path, TEXT_SUFFIXES)
     return prepare_files(
         files, partial(read_text_documents, text_key=text_key), name=name, split=None,

@@ -56,6 +56,9 @@ LLAMA2_SPEC = dict(
 )
 
 
+MIN_VOCAB_SIZE = 3 + 256  # <unk>, <s>, </s> and the byte pieces of byte fallback; the text's characters add more
+
+
 class NoTextError(UserError):
     """Nothing but blank lines to train on."""
 
@@ -123,18 +126,31 @@ def train_tokenizer(
         raise NoTextError(f"no text to train a tokenizer on: every line is blank or invalid ({counts.invalid_lines}"
                           f" lines with a lone surrogate)")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=chain([first], sentences),
-        model_writer=model,
-        vocab_size=vocab_size,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=1,
-        **LLAMA2_SPEC,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=chain([first], sentences),
+            model_writer=model,
+            vocab_size=vocab_size,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=1,
+            **LLAMA2_SPEC,
+        )
+    except RuntimeError as error:  # a vocabulary too small for the text's characters, or too large for the text
+        if "vocab" not in str(error).lower():
+            raise
+        reason = str(error).rpartition("] ")[2].strip()
+        raise UserError(f"--vocab_size {vocab_size} does not fit the text: {reason}") from None
     path = Path(destination_path) / "tokenizer.model"
     with atomic_write(path) as tmp:
         tmp.write_bytes(model.getvalue())
     return path
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a vocabulary that cannot hold the special and byte pieces, before any text is read."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"--vocab_size must be at least {MIN_VOCAB_SIZE} (<unk>, <s>, </s> and the 256 byte pieces), "
+                        f"got {vocab_size}")
 
 
 def read_any(path: Path, report: Report, text_key: str = "text") -> Iterator:
@@ -160,6 +176,9 @@ def main(
         max_characters: text sampled for training, spread evenly over the files (sentencepiece keeps it in memory)
         text_key: the field of a JSON line that holds the document
     """
+    check_vocab_size(vocab_size)
+    if max_characters < 1:
+        raise UserError(f"--max_characters must be at least 1, got {max_characters}")
     files, unknown_files = find_inputs(source_path, [*TEXT_SUFFIXES, PARQUET_SUFFIX])
     report, counts = Report(), LineCounts()
     documents = sample_documents(files, partial(read_any, text_key=text_key), max_characters, report)
