@@ -28,14 +28,15 @@ STOP_CHECK_INTERVAL = 8
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> None:
+    """Refuse sampling settings that generate nothing or make no distribution, naming the flag."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+        raise UserError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not temperature >= 0:  # written so that NaN fails it too
+        raise UserError(f"--temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1 (or None for no top-k filtering), got {top_k}")
+        raise UserError(f"--top_k must be at least 1 (or none for no top-k filtering), got {top_k}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -124,7 +125,7 @@ def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, temperat
     if T >= max_seq_length:
         limits = f"block_size={model.config.block_size}" + (
             f" and max_seq_length={max_seq_length}" if max_seq_length < model.config.block_size else "")
-        raise ValueError(f"The prompt has {T} tokens; it must be shorter than {limits}")
+        raise UserError(f"The prompt has {T} tokens; it must be shorter than {limits}: shorten it")
     device = model.lm_head.weight.device
     ensure_kv_cache(model, batch_size=1, max_seq_length=max_seq_length)
     length = min(T + max_new_tokens, max_seq_length)
@@ -202,7 +203,10 @@ def load_for_generation(checkpoint_dir: Path, device: torch.device,
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, device: torch.device) -> torch.Tensor:
     """(T,) int64 ids of `prompt`, after BOS when the tokenizer has one."""
-    return torch.tensor(tokenizer.encode(prompt, bos=tokenizer.bos_id is not None), dtype=torch.long, device=device)
+    ids = tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)
+    if not ids:  # an empty prompt and no BOS: there is nothing to continue
+        raise UserError(f"--prompt {prompt!r} makes no token and {tokenizer.path} has no BOS token: give some text")
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def synchronize(device: torch.device) -> None:

@@ -168,8 +168,8 @@ class SmallLlamaLM(TemplateLM):
                 results[index] = (0.0, True)  # the empty string: probability 1, and what greedy decoding "gives"
                 continue
             if len(continuation) > self.max_length:
-                raise ValueError(f"A continuation of {len(continuation)} tokens does not fit the block size "
-                                 f"{self.max_length}")
+                raise UserError(f"A continuation of {len(continuation)} tokens does not fit the block size "
+                                f"{self.max_length} of the model: evaluate it on tasks with shorter answers")
             # left-truncated as HFLM: the last max_length + 1 tokens of context + continuation (the last one is
             # predicted, never fed)
             tokens = (list(context_tokens) + list(continuation))[-(self.max_length + 1):]

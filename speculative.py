@@ -152,18 +152,18 @@ def cache_length(target: GPT, draft: Optional[GPT], prompts: Sequence[torch.Tens
                  speculative_k: int, max_seq_length: Optional[int]) -> int:
     """The KV caches' length S, after checking what speculative_generate was given."""
     if speculative_k < 1:
-        raise ValueError(f"speculative_k must be at least 1, got {speculative_k}")
+        raise UserError(f"--speculative_k must be at least 1, got {speculative_k}")
     if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty 1-D tensors")
     if draft is not None and draft.config.vocab_size > target.config.vocab_size:
-        raise ValueError(f"The draft's vocabulary ({draft.config.vocab_size}) is larger than the target's "
-                         f"({target.config.vocab_size}): it must be the target's or a prefix of it")
+        raise UserError(f"The draft's vocabulary ({draft.config.vocab_size}) is larger than the target's "
+                        f"({target.config.vocab_size}): it must be the target's or a prefix of it")
     block_size = min(m.config.block_size for m in (target, draft) if m is not None)
     longest = max(p.numel() for p in prompts)
     S = max_seq_length or min(longest + max_new_tokens, block_size)
     if S > block_size or longest >= S:
-        raise ValueError(f"The longest prompt has {longest} tokens and max_seq_length is {S}: prompts must be "
-                         f"shorter than max_seq_length, which must not exceed the block size {block_size}")
+        raise UserError(f"The longest prompt has {longest} tokens and max_seq_length is {S}: prompts must be "
+                        f"shorter than max_seq_length, which must not exceed the block size {block_size}")
     return S
 
 
@@ -298,8 +298,12 @@ def load_prompts(prompt: str, prompts_file: Optional[Path], prompts: Optional[st
         raise UserError(f"--prompts_file {prompts_file} does not exist: give a file of one prompt per line, or of "
                         f"JSON lines with a 'prompt' field")
     lines = [line for line in prompts_file.read_text().splitlines() if line.strip()]
-    if prompts_file.suffix == ".jsonl":
-        return [json.loads(line)["prompt"] for line in lines]
     if not lines:
         raise UserError(f"--prompts_file {prompts_file} holds no prompt")
+    if prompts_file.suffix == ".jsonl":
+        try:
+            return [json.loads(line)["prompt"] for line in lines]
+        except (ValueError, TypeError, KeyError) as error:  # not JSON, not an object, or no 'prompt'
+            raise UserError(f"--prompts_file {prompts_file}: expected JSON lines with a 'prompt' field "
+                            f"({type(error).__name__}: {error})") from None
     return [line.replace("\\n", "\n") for line in lines]

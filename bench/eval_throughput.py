@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import cpu_model, versions  # noqa: E402
-from checkpoint import save_model_dir  # noqa: E402
+from checkpoint import named_config, save_model_dir  # noqa: E402
 from eval_suites import write_local_task  # noqa: E402
 from lm_eval_model import SmallLlamaLM  # noqa: E402
 from model import GPT, Config  # noqa: E402
@@ -108,7 +108,7 @@ def main(
     """
     if set(tasks) - set(TASKS) or set(models) - set(MODELS) or not tasks or not models:
         raise UserError(f"--tasks must be among {TASKS} and --models among {MODELS}, got {tasks} and {models}")
-    config = Config.from_name(model_name)
+    config = named_config(model_name)
     device = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     report = {
         "benchmark": "bench/eval_throughput.py",

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ATTENTION_OPS, report_header  # noqa: E402
+from checkpoint import named_config  # noqa: E402
 from generation import PRECISIONS, default_precision, generate, synchronize  # noqa: E402
 from hf import hf_config, hf_state_dict  # noqa: E402
 from model import GPT, Config, num_parameters  # noqa: E402
@@ -71,7 +72,7 @@ def main(
     if repeats < 1 or max_new_tokens < 1 or prompt_length < 1:
         raise UserError(f"--repeats {repeats}, --max_new_tokens {max_new_tokens} and --prompt_length {prompt_length} "
                         f"must be at least 1")
-    config = Config.from_name(model_name)
+    config = named_config(model_name)
     if prompt_length + max_new_tokens > config.block_size:
         raise UserError(f"--prompt_length {prompt_length} + --max_new_tokens {max_new_tokens} exceeds the "
                         f"block_size {config.block_size} of {model_name}")

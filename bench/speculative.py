@@ -52,13 +52,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import report_header  # noqa: E402
+from checkpoint import named_config  # noqa: E402
 from generation import (  # noqa: E402
     PRECISIONS, compiled_step, default_precision, generate, last_logits, load_for_generation, synchronize,
 )
 from speculative import (  # noqa: E402
     SpeculativeStats, check_tokenizers_agree, fit_prompt, load_prompts, speculative_generate, verify_logits,
 )
-from model import GPT, Config  # noqa: E402
+from model import GPT  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
 
 
@@ -176,8 +177,10 @@ def predict_from_shapes(report: dict, target_model_name: str, draft_model_name: 
         raise UserError(f"--target_model_name needs a --draft_model_name and an --alpha in [0, 1), got "
                         f"{draft_model_name!r} and {alpha}")
     dtype = PRECISIONS[precision or default_precision(device)]
+    target_config = named_config(target_model_name, "--target_model_name")
+    draft_config = named_config(draft_model_name, "--draft_model_name")
     with device:
-        target, draft = (GPT(Config.from_name(name)).to(dtype).eval() for name in (target_model_name, draft_model_name))
+        target, draft = (GPT(config).to(dtype).eval() for config in (target_config, draft_config))
     block_size = min(target.config.block_size, draft.config.block_size, 2048)
     steps = step_times(target, draft, max(ks), block_size, step_repeats, compile)
     report.update(arguments=dict(target_model_name=target_model_name, draft_model_name=draft_model_name, alpha=alpha,

@@ -67,12 +67,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ATTENTION_OPS, cpu_model, versions  # noqa: E402
 from generation import synchronize  # noqa: E402
+from checkpoint import named_config  # noqa: E402
 from hf import hf_config, hf_state_dict  # noqa: E402
 from model import GPT, Config, num_parameters  # noqa: E402
 from training import (  # noqa: E402
     Accelerator, Precision, build_optimizer, loss_sum, peak_flops, peak_memory_gb, training_flops_per_token,
 )
-from utils import cli, write_json  # noqa: E402
+from utils import UserError, cli, write_json  # noqa: E402
 
 MODELS = ("ours", "hf")
 # TinyLlama's AdamW and clipping: the values do not change the cost of a step
@@ -116,8 +117,8 @@ def main(
         output: write the figures here as JSON, rewritten as each result comes in
         seed: seed of the weights and the tokens
     """
-    config = Config.from_name(model_name)
-    seq_len = seq_len or config.block_size
+    config = named_config(model_name)
+    seq_len = config.block_size if seq_len is None else seq_len
     accelerator = resolve_device(device)
     precision = precision or ("bf16-mixed" if accelerator == "cuda" else "32-true")
     steps = steps or (20 if accelerator == "cuda" else 5)
@@ -187,10 +188,10 @@ def main(
 
 def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False); "
-                         "use --device cpu")
+        raise UserError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False); "
+                        "use --device cpu")
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: expected auto, cpu or cuda")
+        raise UserError(f"--device {device!r}: expected auto, cpu or cuda")
     return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
@@ -199,16 +200,16 @@ def check_arguments(config: Config, micro_batch_size: int, seq_len: int, precisi
     for name, value in (("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("steps", steps),
                         ("warmup_steps", warmup_steps)):
         if value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}"
-                             + (": the first step compiles, allocates AdamW's state and checks ours against HF"
+            raise UserError(f"--{name} must be at least 1, got {value}"
+                            + (": the first step compiles, allocates AdamW's state and checks ours against HF"
                                 if name == "warmup_steps" else ""))
     if seq_len > config.block_size:
-        raise ValueError(f"--seq_len {seq_len} exceeds the block_size {config.block_size} of {config.name!r}")
+        raise UserError(f"--seq_len {seq_len} exceeds the block_size {config.block_size} of {config.name!r}")
     if precision not in TOLERANCE:
-        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(TOLERANCE)}")
+        raise UserError(f"--precision {precision!r}: expected one of {', '.join(TOLERANCE)}")
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models:
-        raise ValueError(f"--models {','.join(models)!r}: expected ours, hf or ours,hf")
+        raise UserError(f"--models {','.join(models)!r}: expected ours, hf or ours,hf")
 
 
 def build_ours(fabric: Fabric, config: Config, seed: int) -> GPT:

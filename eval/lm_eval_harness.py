@@ -77,6 +77,13 @@ def main(
     if not (checkpoint_dir / "lit_model.pth").is_file():
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: no lit_model.pth there; give a checkpoint directory "
                         f"(pretraining's out_dir/final, or scripts/convert_hf_checkpoint.py's output)")
+    for name, value in (("batch_size", batch_size), ("devices", devices)):
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num_fewshot must be at least 0, got {num_fewshot}")
+    if limit is not None and not limit > 0:
+        raise UserError(f"--limit must be positive (documents per task, or a share of them below 1), got {limit}")
     if log_samples and output_path is None:
         raise UserError("--log_samples writes the samples into --output_path: give one")
     if fewshot_as_multiturn and not apply_chat_template:

@@ -63,8 +63,12 @@ def main(
 
     if (data_dir is None) == (not text_files):
         raise UserError("Give either --data_dir (packed shards) or --text_files")
-    if micro_batch_size < 1 or (eval_iters is not None and eval_iters < 1):
-        raise UserError(f"--micro_batch_size ({micro_batch_size}) and --eval_iters ({eval_iters}) must be at least 1")
+    if micro_batch_size < 1 or any(value is not None and value < 1 for value in (eval_iters, seq_len)):
+        raise UserError(f"--micro_batch_size ({micro_batch_size}), --eval_iters ({eval_iters}) and --seq_len "
+                        f"({seq_len}) must be at least 1")
+    absent = [path for path in text_files or [] if not Path(path).is_file()]
+    if absent:  # before the model is loaded
+        raise FileNotFoundError(f"--text_files: {absent[0]} is not a file")
     fabric = Fabric(accelerator=device, devices=devices, strategy="ddp" if devices > 1 else "auto")
     fabric.launch()
     model = load_model(checkpoint_dir, device=fabric.device, dtype=PRECISIONS[precision])
@@ -109,8 +113,6 @@ def text_tokens(checkpoint_dir: Path, text_files: List[Path]) -> List[int]:
     tokenizer = Tokenizer(checkpoint_dir)
     tokens: List[int] = []
     for path in text_files:
-        if not Path(path).is_file():
-            raise UserError(f"--text_files: {path} is not a file")
         tokens += tokenizer.encode(Path(path).read_text(encoding="utf-8"), bos=tokenizer.bos_id is not None)
     return tokens
 

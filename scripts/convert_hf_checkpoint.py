@@ -13,7 +13,6 @@ where they are, so generate/chat.py and every checkpoint made from this one (whi
 template; the conversion says which template it found.
 """
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from chat_template import ChatTemplate
 from checkpoint import save_model_dir
 from hf import config_from_hf, lit_state_dict
 from model import Config
-from utils import UserError, cli
+from utils import UserError, cli, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +36,7 @@ def weight_files(checkpoint_dir: Path) -> List[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = checkpoint_dir / index_name
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            names = sorted(set(read_json(index, "the index of the weight files")["weight_map"].values()))
             missing = [name for name in names if not (checkpoint_dir / name).is_file()]
             if missing:
                 raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}")
@@ -79,8 +78,8 @@ def convert_hf_checkpoint(
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(config_path)!r} does not exist; expected a Hugging Face checkpoint directory")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
-    hf_config = json.loads(config_path.read_text())
+        raise UserError(f"--dtype {dtype!r}: expected one of {list(DTYPES)}")
+    hf_config = read_json(config_path, "a Hugging Face model config")
     config = config_from_hf(hf_config, model_name, source=str(config_path))
     tied = bool(hf_config.get("tie_word_embeddings", False))
 

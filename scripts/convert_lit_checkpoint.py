@@ -11,7 +11,6 @@ A chat model's generation_config.json lists EOS and the template's end-of-turn t
 `transformers.generate` (and vLLM) stop at the end of a turn.
 """
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -23,11 +22,11 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import TEMPLATE_FILE, ChatTemplate, resolve_chat_template
-from checkpoint import check_state_dict, load_state_dict
+from checkpoint import check_state_dict, load_config, load_state_dict
 from hf import generation_config, hf_config, hf_state_dict
 from model import GPT, Config
 from tokenizer import TOKENIZER_FILES, Tokenizer, has_tokenizer
-from utils import UserError, atomic_write, cli, write_json
+from utils import UserError, atomic_write, cli, read_json, write_json
 
 # written here rather than copied: generation_config.json gets the ids of this tokenizer and template
 WRITTEN_FILES = ("generation_config.json", TEMPLATE_FILE)
@@ -78,8 +77,8 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, chat_template
     """
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if output_dir.resolve() == checkpoint_dir.resolve():
-        raise ValueError(f"output_dir must differ from checkpoint_dir ({str(checkpoint_dir)!r})")
-    config = Config.from_file(checkpoint_dir / "model_config.json")
+        raise UserError(f"--output_dir must differ from --checkpoint_dir ({str(checkpoint_dir)!r})")
+    config = load_config(checkpoint_dir)
     checkpoint = checkpoint_dir / "lit_model.pth"
     state_dict = load_state_dict(checkpoint)
     with torch.device("meta"):
@@ -108,7 +107,8 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, chat_template
         save_file(hf_state_dict(state_dict, config), tmp, metadata={"format": "pt"})
     write_json(output_dir / "config.json", config_json)
     own_generation_config = checkpoint_dir / "generation_config.json"
-    existing = json.loads(own_generation_config.read_text()) if own_generation_config.is_file() else {}
+    existing = (read_json(own_generation_config, "the checkpoint's generation settings (a JSON object)")
+                if own_generation_config.is_file() else {})
     write_json(output_dir / "generation_config.json", generation_config(existing, bos_id, eos_id, stop_ids))
     for name in tokenizer_present:
         with atomic_write(output_dir / name) as tmp:

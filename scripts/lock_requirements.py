@@ -44,6 +44,11 @@ def main(torch_version: str = "2.13.0", torch_find_links: str = "/opt/wheels", u
             https://download.pytorch.org/whl/cpu` fills DIR)
         upgrade: take the newest versions the .in files allow, instead of keeping the locked ones
     """
+    if not re.fullmatch(r"\d+(\.\d+)+", torch_version):
+        raise UserError(f"--torch_version {torch_version!r}: expected a release such as 2.13.0")
+    if "://" not in torch_find_links and not Path(torch_find_links).is_dir():
+        raise FileNotFoundError(f"--torch_find_links {torch_find_links}: no such folder (give a folder or the address "
+                                f"of a page holding torch=={torch_version}'s CPU wheel)")
     if importlib.util.find_spec("uv") is None:
         raise UserError("scripts/lock_requirements.py compiles the locks with uv: pip install uv")
     with tempfile.TemporaryDirectory() as tmp:
