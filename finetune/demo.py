@@ -63,6 +63,10 @@ def demo(checkpoint_dir: Path = Path("out/demo/final"), data_dir: Path = Path("d
         max_new_tokens: the longest answer, in tokens
     """
     checkpoint_dir, data_dir, out_dir = Path(checkpoint_dir), Path(data_dir), Path(out_dir)
+    for name, value in (("max_steps", max_steps), ("eval_interval", eval_interval), ("eval_iters", eval_iters),
+                        ("max_files", max_files), ("max_new_tokens", max_new_tokens)):
+        if value is not None and value < 1:  # before the data is built and the model trained, which take minutes
+            raise UserError(f"--{name} must be at least 1, got {value}")
     if not (checkpoint_dir / WEIGHTS_FILE).is_file():
         raise UserError(f"--checkpoint_dir {checkpoint_dir} holds no {WEIGHTS_FILE}: run `python pretrain/demo.py` "
                         f"first, or give the final directory of another pretraining run")

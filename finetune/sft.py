@@ -18,7 +18,6 @@ at positions from 0 (training.packed_documents): the same loss, less padding. Th
 prepare_sft.py) is written into out_dir/final, so generate/chat.py, the evaluation and the converters use it.
 """
 
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -40,7 +39,7 @@ from training import (
 )
 from training_state import find_resume_checkpoint
 from tokenizer import Tokenizer, has_tokenizer
-from utils import UserError, cli
+from utils import UserError, cli, read_json
 
 # TinyLlama-Chat v0.1 (TinyLlama's sft/script.sh, a Hugging Face Trainer run)
 RECIPE = dict(
@@ -147,10 +146,7 @@ def setup(
         wandb_project: also log to this Weights & Biases project (pip install wandb)
     """
     initial_checkpoint_dir, data_dir = Path(initial_checkpoint_dir), Path(data_dir)
-    metadata = read_metadata(data_dir)
-    hparams = {name: str(value) if isinstance(value, Path) else value for name, value in locals().items()
-               if name != "metadata"}
-    hparams["chat_template"] = metadata["chat_template"]  # in every checkpoint, as in out_dir/final
+    hparams = {name: str(value) if isinstance(value, Path) else value for name, value in locals().items()}
     settings = TrainingSettings(
         out_dir=Path(out_dir), global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
         seq_len=None, max_steps=max_steps, max_tokens=None, epochs=epochs, max_time=max_time,
@@ -158,9 +154,11 @@ def setup(
         grad_clip=grad_clip, log_interval=log_interval, eval_interval=eval_interval, eval_iters=eval_iters,
         save_interval=save_interval, tokenizer_dir=initial_checkpoint_dir,
     )
-    # everything that can be checked is checked before processes are launched
+    # everything that can be checked is checked before processes are launched, the flags first
     preflight(settings, accelerator, strategy, precision, devices, num_nodes, weight_decay, (beta1, beta2), eps)
     lora = None if lora_r is None else LoRAConfig(lora_r, lora_alpha, lora_dropout, tuple(lora_targets))
+    metadata = read_metadata(data_dir)
+    hparams["chat_template"] = metadata["chat_template"]  # in every checkpoint, as in out_dir/final
     config = model_config(None, initial_checkpoint_dir)
     check_data(metadata, data_dir, initial_checkpoint_dir, config, chat_template_override)
     pad_id = padding_id(config)
@@ -243,9 +241,10 @@ def chat_configs(tokenizer_dir: Path, chat_template: str) -> dict:
     if generation.is_file() and has_tokenizer(tokenizer_dir):
         tokenizer = Tokenizer(tokenizer_dir)
         stop_ids = ChatTemplate(chat_template).stop_ids(tokenizer)
-        files[generation.name] = generation_config(json.loads(generation.read_text()), tokenizer.bos_id,
-                                                   tokenizer.eos_id, stop_ids)
-    own_config = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
+        own_generation = read_json(generation, "the checkpoint's generation settings (a JSON object)")
+        files[generation.name] = generation_config(own_generation, tokenizer.bos_id, tokenizer.eos_id, stop_ids)
+    own_config = (read_json(tokenizer_config, "the tokenizer's settings (a JSON object)") if tokenizer_config.is_file()
+                  else {})
     if "chat_template" in own_config:
         files[tokenizer_config.name] = {**own_config, "chat_template": chat_template}
     return files

@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpoint import load_model
+from checkpoint import load_config, load_model
 from model import GPT, Block, apply_rope
 from packed_dataset import PackedDataset, data_files
-from utils import atomic_write, cli, write_json
+from utils import UserError, atomic_write, cli, write_json
 
 LAZY_RULE = ("a layer is lazy when every one of its heads has approximate rank k* <= lazy_rank and mass m* <= "
              "lazy_mass, both measured at `threshold` on the head's attention averaged over the sequences")
@@ -74,20 +74,20 @@ def attention_rank(checkpoint_dir: Path, data_dir: Path, num_sequences: int = 32
     checkpoint_dir, data_dir = Path(checkpoint_dir), Path(data_dir)
     out_dir = checkpoint_dir if out_dir is None else Path(out_dir)
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device; use --device cpu (or auto)")
+        raise UserError("--device cuda: torch sees no CUDA device; use --device cpu (or auto)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(checkpoint_dir, device=device, dtype=torch.float32)
-    config = model.config
+    config = load_config(checkpoint_dir)  # the model is loaded once the flags and the data are checked
     if seq_len > config.block_size:
-        raise ValueError(f"--seq_len {seq_len} exceeds the block_size {config.block_size} of {checkpoint_dir}: "
-                         f"choose --seq_len <= {config.block_size}")
+        raise UserError(f"--seq_len {seq_len} exceeds the block_size {config.block_size} of {checkpoint_dir}: "
+                        f"choose --seq_len <= {config.block_size}")
     bad_layers = [layer for layer in plot_layers if not 0 <= layer < config.n_layer]
     if bad_layers:
-        raise ValueError(f"--plot_layers {bad_layers}: {checkpoint_dir} has {config.n_layer} layers, "
-                         f"numbered 0 to {config.n_layer - 1}")
+        raise UserError(f"--plot_layers {bad_layers}: {checkpoint_dir} has {config.n_layer} layers, "
+                        f"numbered 0 to {config.n_layer - 1}")
     sequences = validation_sequences(data_dir, num_sequences, seq_len)
     check_vocabulary(sequences, config.vocab_size, data_dir, checkpoint_dir)
+    model = load_model(checkpoint_dir, device=device, dtype=torch.float32)
 
     attention = mean_attention(model, sequences, batch_size).cpu()
     layers = [layer_summary(heads, threshold, lazy_rank, lazy_mass) for heads in attention]
@@ -126,9 +126,9 @@ def check_arguments(num_sequences: int, seq_len: int, threshold: float, lazy_ran
     for name, value in (("num_sequences", num_sequences), ("seq_len", seq_len), ("lazy_rank", lazy_rank),
                         ("lazy_mass", lazy_mass), ("batch_size", batch_size)):
         if value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}")
+            raise UserError(f"--{name} must be at least 1, got {value}")
     if not 0 < threshold <= 1:
-        raise ValueError(f"--threshold must be in (0, 1], got {threshold}: it is a share of the energy and the mass")
+        raise UserError(f"--threshold must be in (0, 1], got {threshold}: it is a share of the energy and the mass")
 
 
 def import_pyplot():
@@ -151,17 +151,17 @@ def validation_sequences(data_dir: Path, num_sequences: int, seq_len: int) -> to
     dataset = PackedDataset(data_files(data_dir, "validation", "--data_dir"), n_chunks=1, block_size=seq_len,
                             shuffle=False)
     if dataset.n_blocks_total < num_sequences:
-        raise ValueError(f"--num_sequences {num_sequences}: the validation shards in {data_dir} hold only "
-                         f"{dataset.n_blocks_total} blocks of {seq_len} tokens; lower --num_sequences or --seq_len")
+        raise UserError(f"--num_sequences {num_sequences}: the validation shards in {data_dir} hold only "
+                        f"{dataset.n_blocks_total} blocks of {seq_len} tokens; lower --num_sequences or --seq_len")
     return torch.stack(list(itertools.islice(dataset, num_sequences)))
 
 
 def check_vocabulary(sequences: torch.Tensor, vocab_size: int, data_dir: Path, checkpoint_dir: Path) -> None:
     low, high = int(sequences.min()), int(sequences.max())
     if low < 0 or high >= vocab_size:
-        raise ValueError(f"The validation shards of {data_dir} hold token id {low if low < 0 else high}, outside the "
-                         f"vocabulary [0, {vocab_size - 1}] of {checkpoint_dir}: tokenize the data with the "
-                         f"checkpoint's own tokenizer")
+        raise UserError(f"The validation shards of {data_dir} hold token id {low if low < 0 else high}, outside the "
+                        f"vocabulary [0, {vocab_size - 1}] of {checkpoint_dir}: tokenize the data with the "
+                        f"checkpoint's own tokenizer")
 
 
 @torch.inference_mode()

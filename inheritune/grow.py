@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model
+from checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, load_model
 from inheritune.init_from import init_from
 from model import GPT, Config, num_parameters
 from packed_dataset import validation_batches
@@ -49,7 +49,7 @@ from pretrain.tinyllama import setup
 from tokenizer import TOKENIZER_FILES
 from training import Accelerator, Precision, Schedule, Strategy, summed_loss
 from training_state import latest_checkpoint
-from utils import atomic_write, cli, launched_as_rank_zero, write_json
+from utils import UserError, atomic_write, cli, launched_as_rank_zero, read_json, write_json
 
 RESULTS_FILE = "grow.json"
 PLOT_FILE = "grow.png"
@@ -129,10 +129,10 @@ def grow(
     settings = {name: str(Path(value).resolve()) if isinstance(value, Path) else value
                 for name, value in locals().items() if name not in NOT_COMPARED}
     ref_dir, out_dir = Path(ref_checkpoint_dir), Path(out_dir)
-    ref_config = Config.from_file(ref_dir / CONFIG_FILE)
+    ref_config = load_config(ref_dir)
     k = ref_config.n_layer
     start = k // 2 if start_layers is None else start_layers
-    check_arguments(ref_dir, k, start, step_layers, max_steps)
+    check_arguments(ref_dir, k, start, step_layers, max_steps, seq_len)
     seq_len = seq_len or ref_config.block_size
     settings.update(start_layers=start, seq_len=seq_len)
     if tokenizer_dir is None and any((ref_dir / name).is_file() for name in TOKENIZER_FILES):
@@ -207,14 +207,17 @@ def grow(
     return record
 
 
-def check_arguments(ref_dir: Path, k: int, start: int, step_layers: int, max_steps: int) -> None:
+def check_arguments(ref_dir: Path, k: int, start: int, step_layers: int, max_steps: int,
+                    seq_len: Optional[int]) -> None:
     if not 1 <= start < k:
-        raise ValueError(f"--start_layers {start} is out of range: the reference {ref_dir} has {k} blocks and the grow "
-                         f"loop tries n < {k}; choose 1 to {k - 1}")
+        raise UserError(f"--start_layers {start} is out of range: the reference {ref_dir} has {k} blocks and the grow "
+                        f"loop tries n < {k}; choose 1 to {k - 1}")
     if step_layers < 1:
-        raise ValueError(f"--step_layers must be at least 1, got {step_layers}")
+        raise UserError(f"--step_layers must be at least 1, got {step_layers}")
     if max_steps < 1:
-        raise ValueError(f"--max_steps must be at least 1, got {max_steps}")
+        raise UserError(f"--max_steps must be at least 1, got {max_steps}")
+    if seq_len is not None and seq_len < 1:
+        raise UserError(f"--seq_len must be at least 1 (or none: the reference's block size), got {seq_len}")
 
 
 @torch.no_grad()
@@ -226,7 +229,7 @@ def validation_loss(checkpoint_dir: Path, val_data_dir: Path, seq_len: int, micr
     with full-precision matmuls, whatever the checkpoint's dtype: one measure for every checkpoint compared."""
     model = load_model(checkpoint_dir, device=device, dtype=torch.float32)
     if seq_len > model.config.block_size:
-        raise ValueError(f"seq_len {seq_len} exceeds the block_size {model.config.block_size} of {checkpoint_dir}")
+        raise UserError(f"--seq_len {seq_len} exceeds the block_size {model.config.block_size} of {checkpoint_dir}")
     batches = validation_batches(Path(val_data_dir), seq_len + 1, micro_batch_size, num_processes=1, process_rank=0)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # training sets TF32 ("high") for the whole process
@@ -235,8 +238,8 @@ def validation_loss(checkpoint_dir: Path, val_data_dir: Path, seq_len: int, micr
     finally:
         torch.set_float32_matmul_precision(previous)
     if target_tokens == 0:
-        raise ValueError(f"--val_data_dir {val_data_dir} makes no micro-batch of {micro_batch_size} blocks of "
-                         f"{seq_len + 1} tokens with a target")
+        raise UserError(f"--val_data_dir {val_data_dir} makes no micro-batch of {micro_batch_size} blocks of "
+                        f"{seq_len + 1} tokens with a target")
     return loss_total / target_tokens
 
 
@@ -256,15 +259,15 @@ def load_record(path: Path, settings: dict, reference_loss: Optional[float]) -> 
     """grow.json of an earlier run of the same settings (refusing other settings), or a new record."""
     if not path.exists():
         return dict(settings=settings, reference=None, rounds=[], matched_at=None, result=None)
-    record = json.loads(path.read_text())
+    record = read_json(path, "the record of a grow run that inheritune/grow.py wrote")
     for name, value in settings.items():
         if record["settings"].get(name) != value:
-            raise ValueError(f"{path} records a run with --{name} {record['settings'].get(name)!r}, not {value!r}: "
-                             f"rerun with the same settings to continue it, or choose another --out_dir")
+            raise UserError(f"{path} records a run with --{name} {record['settings'].get(name)!r}, not {value!r}: "
+                            f"rerun with the same settings to continue it, or choose another --out_dir")
     recorded = (record["reference"] or {}).get("validation_loss")
     if reference_loss is not None and recorded is not None and reference_loss != recorded:
-        raise ValueError(f"--reference_loss {reference_loss} differs from the {recorded} that {path} records: leave "
-                         f"it out to continue that run, or choose another --out_dir")
+        raise UserError(f"--reference_loss {reference_loss} differs from the {recorded} that {path} records: leave "
+                        f"it out to continue that run, or choose another --out_dir")
     return record
 
 
@@ -279,7 +282,7 @@ def measure_reference(ref_dir: Path, config: Config, reference_loss: Optional[fl
 
 def count_parameters(checkpoint_dir: Path) -> int:
     with torch.device("meta"):
-        return num_parameters(GPT(Config.from_file(Path(checkpoint_dir) / CONFIG_FILE)))
+        return num_parameters(GPT(load_config(checkpoint_dir)))
 
 
 def round_dir(out_dir: Path, index: int) -> Path:
@@ -306,9 +309,9 @@ def prepare_round(ref_dir: Path, init_dir: Path, n: int, main: bool) -> Path:
     if main:
         if not has_weights(init_dir):
             init_from(ref_dir, init_dir, n_layers=n, overwrite=True)  # overwrite: what a crash left of it
-        elif Config.from_file(init_dir / CONFIG_FILE).n_layer != n:
-            raise ValueError(f"{init_dir} holds a {Config.from_file(init_dir / CONFIG_FILE).n_layer}-block model, not "
-                             f"{n}: it is not this run's; remove it or choose another --out_dir")
+        elif load_config(init_dir).n_layer != n:
+            raise UserError(f"{init_dir} holds a {load_config(init_dir).n_layer}-block model, not {n}: it is not this "
+                            f"run's; remove it or choose another --out_dir")
     if distributed():
         # the other ranks read init_dir in setup; in a run's first round the process group's set-up in setup waits
         torch.distributed.barrier()

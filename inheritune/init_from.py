@@ -42,9 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_state_dict, load_state_dict, save_model_dir
-from model import GPT, Config
-from utils import cli
+from checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_state_dict, load_config, load_state_dict, save_model_dir
+from model import GPT
+from utils import UserError, cli
 
 PROVENANCE_FILE = "inheritune.json"
 Modules = Literal["all", "attn", "mlp", "attn_mlp", "none"]
@@ -88,17 +88,17 @@ def init_from(
     """
     ref_dir, out_dir = Path(ref_checkpoint_dir), Path(out_dir)
     if modules not in BLOCK_PARTS:
-        raise ValueError(f"--modules {modules!r} is not one of {', '.join(BLOCK_PARTS)}")
-    ref_config = Config.from_file(ref_dir / CONFIG_FILE)
+        raise UserError(f"--modules {modules!r} is not one of {', '.join(BLOCK_PARTS)}")
+    ref_config = load_config(ref_dir)
     layer_ids = inherited_layers(ref_config.n_layer, n_layers, layer_ids)
     check_out_dir(ref_dir, out_dir, overwrite)
     ref_weights = load_state_dict(ref_dir / WEIGHTS_FILE)
     try:
         with torch.device("meta"):
             check_state_dict(GPT(ref_config), ref_weights, str(ref_dir / WEIGHTS_FILE))
-    except (KeyError, ValueError) as error:
-        raise ValueError(f"--ref_checkpoint_dir {ref_dir}: its weights do not match its {CONFIG_FILE}: "
-                         f"{error.args[0]}") from None
+    except UserError as error:
+        raise UserError(f"--ref_checkpoint_dir {ref_dir}: its weights do not match its {CONFIG_FILE}: "
+                        f"{error.args[0]}") from None
 
     n = len(layer_ids)
     config = replace(ref_config, n_layer=n, name=f"{ref_config.name or ref_dir.resolve().name}-inherit-{n}")
@@ -134,36 +134,36 @@ def inherited_layers(k: int, n_layers: Optional[int], layer_ids: Optional[List[i
         n = k // 2 if n_layers is None else n_layers
         if not 1 <= n <= k:
             given = f"--n_layers {n}" if n_layers is not None else f"the default --n_layers {k} // 2 = {n}"
-            raise ValueError(f"{given} is out of range: the reference has {k} blocks; choose 1 to {k}")
+            raise UserError(f"{given} is out of range: the reference has {k} blocks; choose 1 to {k}")
         return list(range(n))
     if n_layers is not None and n_layers != len(layer_ids):
-        raise ValueError(f"--n_layers {n_layers} disagrees with --layer_ids {layer_ids} ({len(layer_ids)} blocks): "
-                         "give one of them, or make them agree")
+        raise UserError(f"--n_layers {n_layers} disagrees with --layer_ids {layer_ids} ({len(layer_ids)} blocks): "
+                        "give one of them, or make them agree")
     if not layer_ids:
-        raise ValueError("--layer_ids is empty: name at least one reference block")
+        raise UserError("--layer_ids is empty: name at least one reference block")
     outside = [i for i in layer_ids if not 0 <= i < k]
     if outside:
-        raise ValueError(f"--layer_ids {layer_ids}: {outside} out of range; the reference's {k} blocks are "
-                         f"numbered 0 to {k - 1}")
+        raise UserError(f"--layer_ids {layer_ids}: {outside} out of range; the reference's {k} blocks are "
+                        f"numbered 0 to {k - 1}")
     repeated = sorted({i for i in layer_ids if layer_ids.count(i) > 1})
     if repeated:
-        raise ValueError(f"--layer_ids {layer_ids} repeats {repeated}: each reference block can be inherited once")
+        raise UserError(f"--layer_ids {layer_ids} repeats {repeated}: each reference block can be inherited once")
     return list(layer_ids)
 
 
 def check_out_dir(ref_dir: Path, out_dir: Path, overwrite: bool) -> None:
     # save_model_dir replaces out_dir whole: it must not be (or hold) the reference, nor silently replace files
     if out_dir.resolve() == ref_dir.resolve() or out_dir.resolve() in ref_dir.resolve().parents:
-        raise ValueError(f"--out_dir {out_dir} is the reference directory {ref_dir} or holds it, and would replace "
-                         "it: choose another --out_dir")
+        raise UserError(f"--out_dir {out_dir} is the reference directory {ref_dir} or holds it, and would replace "
+                        "it: choose another --out_dir")
     if overwrite or not out_dir.exists():
         return
     if (out_dir / WEIGHTS_FILE).exists():
-        raise FileExistsError(f"--out_dir {out_dir} already holds {WEIGHTS_FILE}: choose another --out_dir, or pass "
-                              "--overwrite to replace that directory whole")
+        raise UserError(f"--out_dir {out_dir} already holds {WEIGHTS_FILE}: choose another --out_dir, or pass "
+                        "--overwrite to replace that directory whole")
     if not out_dir.is_dir() or any(out_dir.iterdir()):
-        raise FileExistsError(f"--out_dir {out_dir} exists and is not an empty directory: choose another --out_dir, "
-                              "or pass --overwrite to replace it whole")
+        raise UserError(f"--out_dir {out_dir} exists and is not an empty directory: choose another --out_dir, "
+                        "or pass --overwrite to replace it whole")
 
 
 def reference_key(key: str, layer_ids: List[int]) -> str:

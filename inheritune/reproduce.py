@@ -35,7 +35,7 @@ from inheritune.init_from import init_from
 from model import GPT, Config, num_parameters
 from pretrain.tinyllama import setup
 from tokenizer import Tokenizer, has_tokenizer
-from utils import atomic_write, cli, write_json
+from utils import UserError, atomic_write, cli, write_json
 
 # Model and run sizes; every one can be overridden by its flag
 PRESETS = {
@@ -86,6 +86,7 @@ def reproduce(
     settings = {**PRESETS[preset], **{name: value for name, value in
                                      dict(n_layer=n_layer, n_embd=n_embd, max_steps=max_steps).items()
                                      if value is not None}}
+    check_settings(settings, vocab_size)
     out_dir = Path(out_dir or f"out/inheritune-{preset}")
     data_dir = Path(data_dir)
     if not (data_dir / "train").is_dir():
@@ -96,7 +97,7 @@ def reproduce(
     if tokenizer_dir is not None:
         vocab_size = vocab_size or Tokenizer(tokenizer_dir).vocab_size
     if vocab_size is None:
-        raise ValueError(f"{data_dir} holds no tokenizer: give --vocab_size")
+        raise UserError(f"--data_dir {data_dir} holds no tokenizer: give --vocab_size")
     k, T = settings["n_layer"], settings["max_steps"]
     n = k // 2
     config = Config(name=f"inheritune-{preset}-{k}L", block_size=settings["seq_len"], vocab_size=vocab_size,
@@ -185,6 +186,20 @@ def reproduce(
     plot_validation_losses(results, out_dir / "validation_loss.png")
     print(results_table(results))
     return results
+
+
+def check_settings(settings: dict, vocab_size: Optional[int]) -> None:
+    """Refuse flags that make no experiment, before the corpus is built."""
+    if settings["n_layer"] < 2:
+        raise UserError(f"--n_layer must be at least 2 (the small models have n_layer // 2 blocks), got "
+                        f"{settings['n_layer']}")
+    for name, value in (("max_steps", settings["max_steps"]), ("vocab_size", vocab_size)):
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    pair_per_head = 2 * settings["n_head"]  # RoPE rotates pairs of channels: a head's size must be even
+    if settings["n_embd"] < 1 or settings["n_embd"] % pair_per_head:
+        raise UserError(f"--n_embd must be a positive multiple of {pair_per_head} (the preset's {settings['n_head']} "
+                        f"heads of an even size), got {settings['n_embd']}")
 
 
 def parameters(checkpoint_dir: Path) -> int:

@@ -19,7 +19,7 @@ from generation import generate
 from prepare_data.prepare_demo import prepare_demo
 from pretrain.tinyllama import setup
 from tokenizer import Tokenizer
-from utils import cli
+from utils import UserError, cli
 
 # The 4-layer "demo" model on the corpus of prepare_data/prepare_demo.py, on the CPU, in about 5 minutes
 DEMO = dict(
@@ -53,6 +53,9 @@ def demo(data_dir: Path = Path("data/demo"), out_dir: Path = Path("out/demo"), m
         eval_iters: validation micro-batches
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    for name, value in (("max_steps", max_steps), ("eval_interval", eval_interval), ("eval_iters", eval_iters)):
+        if value < 1:  # before the corpus is built, which takes minutes
+            raise UserError(f"--{name} must be at least 1, got {value}")
     prepare_demo(data_dir)  # returns at once if the corpus is complete
     setup(**DEMO, train_data_dir=data_dir / "train", val_data_dir=data_dir / "validation", tokenizer_dir=data_dir,
           out_dir=out_dir, max_steps=max_steps, eval_interval=eval_interval, eval_iters=eval_iters)

@@ -16,6 +16,7 @@ import torch
 from checkpoint import load_model, save_model_dir
 from inheritune.init_from import init_from
 from model import GPT, Config
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 4  # reference blocks
@@ -181,8 +182,8 @@ def test_reference_whose_weights_do_not_match_its_config_is_refused(tmp_path, ch
 
 def test_existing_weights_are_kept_unless_overwrite(reference, tmp_path):
     out = init_from(reference, tmp_path / "out", n_layers=2)
-    with pytest.raises(FileExistsError, match=r"already holds lit_model.pth: choose another --out_dir, or pass "
-                                              r"--overwrite"):
+    with pytest.raises(UserError, match=r"already holds lit_model.pth: choose another --out_dir, or pass "
+                                        r"--overwrite"):
         init_from(reference, out, n_layers=1)
     assert Config.from_file(out).n_layer == 2
     init_from(reference, out, n_layers=1, overwrite=True)
@@ -192,7 +193,7 @@ def test_existing_weights_are_kept_unless_overwrite(reference, tmp_path):
 def test_directory_holding_other_files_is_not_replaced(reference, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="exists and is not an empty directory"):
+    with pytest.raises(UserError, match="exists and is not an empty directory"):
         init_from(reference, tmp_path / "out")
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
