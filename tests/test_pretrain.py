@@ -30,6 +30,7 @@ from pretrain.tinyllama import setup
 from shard_format import PackedDatasetBuilder, write_manifest
 from training import get_lr, gradient_accumulation_steps, parameter_groups, peak_flops, training_flops_per_token
 from training_state import latest_checkpoint
+from tests.documented import documented
 from tokenizer import TOKENIZER_FILES, Tokenizer
 from utils import UserError
 
@@ -529,8 +530,9 @@ def test_demo_command_learns_end_to_end(tmp_path):
     ln(4096) = 8.3, a random model's, to about 7), and the final weights load in generate/base.py."""
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "pretrain/demo.py"), "--data_dir", str(tmp_path / "demo"),
-         "--out_dir", str(out), "--max_steps", "10", "--eval_interval", "10", "--eval_iters", "2"],
+        [sys.executable, *documented("python pretrain/demo.py", add={
+            "--data_dir": tmp_path / "demo", "--out_dir": out, "--max_steps": 10, "--eval_interval": 10,
+            "--eval_iters": 2})],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
