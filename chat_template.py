@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, read_json
 
 TEMPLATE_FILE = "chat_template.jinja"
 
@@ -126,7 +126,8 @@ class ChatTemplate:
         if (checkpoint_dir / TEMPLATE_FILE).is_file():
             return cls.from_file(checkpoint_dir / TEMPLATE_FILE)
         config_path = checkpoint_dir / "tokenizer_config.json"
-        template = json.loads(config_path.read_text()).get("chat_template") if config_path.is_file() else None
+        template = (read_json(config_path, "the tokenizer's settings").get("chat_template") if config_path.is_file()
+                    else None)
         if isinstance(template, list):
             named = {entry["name"]: entry["template"] for entry in template}
             if "default" not in named:

@@ -327,9 +327,10 @@ def training_batches(data_dir: Path, mix: str, block_size: int, micro_batch_size
 
 
 def validation_batches(data_dir: Path, block_size: int, micro_batch_size: int, num_processes: int,
-                       process_rank: int) -> PackedBatches:
-    """The files data_dir/validation*, in order; each iter() starts from the beginning."""
-    files = data_files(data_dir, "validation", "--val_data_dir")
+                       process_rank: int, flag: str = "--val_data_dir") -> PackedBatches:
+    """The files data_dir/validation*, in order; each iter() starts from the beginning. `flag` names data_dir in
+    errors."""
+    files = data_files(data_dir, "validation", flag)
     manifests = covering_manifests(data_dir, files, read_manifests(data_dir))
     dataset = PackedDataset(files, n_chunks=SHUFFLE_BUFFER_FILES, block_size=block_size, shuffle=False,
                             num_processes=num_processes, process_rank=process_rank)

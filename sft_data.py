@@ -13,13 +13,12 @@ mask[1:] is False; mask[0] is never used. numpy only: data preparation never imp
 """
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterable, List, Tuple, Union
 
 import numpy as np
 
-from utils import UserError, atomic_write, write_json
+from utils import UserError, atomic_write, read_json, write_json
 
 FORMAT = "small-llama-sft/1"
 METADATA_FILE = "sft_metadata.json"
@@ -67,7 +66,7 @@ def read_metadata(data_dir: Union[str, Path]) -> dict:
     if not path.is_file():
         raise UserError(f"{str(data_dir)!r} has no {METADATA_FILE}: it is not prepared SFT data (or its preparation "
                         "did not finish); run prepare_data/prepare_sft.py")
-    metadata = json.loads(path.read_text())
+    metadata = read_json(path, "the metadata of prepared SFT data")
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} has format {metadata.get('format')!r}; this version reads {FORMAT!r}")
     return metadata

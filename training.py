@@ -41,7 +41,7 @@ from lightning_fabric import Fabric
 from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from checkpoint import load_checkpoint, save_model_dir
+from checkpoint import load_checkpoint, load_config, named_config, save_model_dir
 from model import GPT, Config, num_parameters
 from training_state import (
     SaveFinal, checkpoint_path, last_checkpoint_hint, load_training_state, save_checkpoint, save_final_weights,
@@ -156,8 +156,8 @@ def model_config(model_name: Optional[str], initial_checkpoint_dir: Optional[Pat
     if initial_checkpoint_dir is None:
         if model_name is None:
             raise UserError("Give --model_name (a config of model.py) or --initial_checkpoint_dir")
-        return Config.from_name(model_name)
-    config = Config.from_file(Path(initial_checkpoint_dir) / "model_config.json")
+        return named_config(model_name)
+    config = load_config(initial_checkpoint_dir)
     if model_name is not None and config.name != model_name:
         raise UserError(f"{initial_checkpoint_dir}/model_config.json is a {config.name!r} model, but --model_name "
                         f"is {model_name!r}")

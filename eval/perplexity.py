@@ -78,7 +78,7 @@ def main(
     ranks = dict(num_processes=fabric.world_size, process_rank=fabric.global_rank)
     source = f"--data_dir {data_dir}" if data_dir is not None else f"--text_files {' '.join(map(str, text_files))}"
     if data_dir is not None:
-        packed = validation_batches(Path(data_dir), seq_len + 1, micro_batch_size, **ranks)
+        packed = validation_batches(Path(data_dir), seq_len + 1, micro_batch_size, **ranks, flag="--data_dir")
         packed.check_vocabulary(model.config.vocab_size, str(Path(checkpoint_dir) / "model_config.json"))
         blocks, rank_blocks = packed.dataset, packed.dataset.n_blocks
         whole_batches, unread = len(packed), packed.dataset.n_skipped_tokens

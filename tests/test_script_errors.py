@@ -4,6 +4,7 @@ runs it (runpy, with its argv), and two in a subprocess too. The values are chec
 built, a model loaded), so the whole table takes seconds."""
 
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,8 @@ def bad(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("bad")
     (directory / "empty.bin").write_bytes(b"")
     (directory / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
+    for name in ("model_config.json", "sft_metadata.json"):
+        (directory / name).write_text("{")
     return directory
 
 
@@ -225,3 +228,20 @@ def test_a_script_run_as_a_command_prints_one_line_and_exits_with_2(script, flag
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and named.format(**paths) in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("script, flags, named", [
+    ("pretrain/tinyllama.py", ["--model_name", "no_such_model", *CPU], "--model_name"),
+    ("pretrain/tinyllama.py", ["--initial_checkpoint_dir", "{bad}", *CPU], "{bad}/model_config.json"),
+    ("finetune/sft.py", ["--initial_checkpoint_dir", "{checkpoint}", "--data_dir", "{bad}", *CPU],
+     "{bad}/sft_metadata.json"),
+    ("scripts/convert_lit_checkpoint.py", ["--checkpoint_dir", "{tmp}/template", "--output_dir", "{tmp}/hf"],
+     "{tmp}/template/tokenizer_config.json"),
+])
+def test_a_name_that_is_no_config_and_files_that_do_not_parse_are_one_line(script, flags, named, paths, tmp_path,
+                                                                             monkeypatch, capsys):
+    shutil.copytree(paths["checkpoint"], tmp_path / "template")
+    (tmp_path / "template" / "tokenizer_config.json").write_text('{"chat_template": ')
+    monkeypatch.chdir(tmp_path)
+    line = run_in_process(script, filled(flags, paths), monkeypatch, capsys)
+    assert named.format(**paths) in line
