@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import packed_dataset
-from packed_dataset import CombinedDataset, PackedDataset
+from packed_dataset import CombinedDataset, PackedDataset, parse_data_mix, training_batches
 from shard_format import PackedDatasetBuilder, dtype_for_vocab
+from test_pretrain import SEQ_LEN, data_dir  # noqa: F401 (data_dir: a fixture)
 from utils import UserError
 
 
@@ -427,3 +428,19 @@ def test_bad_files_are_named(tmp_path):
         PackedDataset([good, tmp_path / "missing.bin"], n_chunks=2, block_size=4)
     with pytest.raises(ValueError, match="empty list"):
         PackedDataset([], n_chunks=2, block_size=4)
+
+
+def test_data_mix_parsing_and_size_weights(data_dir):
+    assert parse_data_mix("train_slimpajama:0.693584,train_starcoder:0.306416") == [
+        ("train_slimpajama", 0.693584), ("train_starcoder", 0.306416)]
+    assert parse_data_mix("a,b") == [("a", None), ("b", None)]
+    for bad, message in [("a:1,b", "to every prefix or to none"), ("a:x", "not a number"), ("a:0", "positive"),
+                         ("a,,b", "expected")]:
+        with pytest.raises(ValueError, match=message):
+            parse_data_mix(bad)
+    # without weights, every block of every source is equally likely: weights = blocks, counted from the files
+    one_process = dict(micro_batch_size=2, seed=0, num_processes=1, process_rank=0)
+    combined = training_batches(data_dir, "train_a,train_b", SEQ_LEN + 1, **one_process).dataset
+    assert combined.weights == [64, 40]
+    with pytest.raises(FileNotFoundError, match="train_c"):
+        training_batches(data_dir, "train_a,train_c", SEQ_LEN + 1, **one_process)

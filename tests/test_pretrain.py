@@ -24,12 +24,11 @@ import torch
 
 from checkpoint import save_model_dir
 from model import GPT, Config
-from packed_dataset import PackedDataset, parse_data_mix, training_batches
+from packed_dataset import PackedDataset
 from pretrain.demo import demo
 from pretrain.tinyllama import setup
 from shard_format import PackedDatasetBuilder, write_manifest
-from training import get_lr, gradient_accumulation_steps, parameter_groups, peak_flops, training_flops_per_token
-from training_state import latest_checkpoint
+from training import get_lr, gradient_accumulation_steps
 from tests.documented import documented
 from tokenizer import TOKENIZER_FILES, Tokenizer
 from utils import UserError
@@ -141,98 +140,12 @@ def word_level_tokenizer(directory: Path, vocab_size: int) -> Path:
 # ---- the pieces, against closed forms -------------------------------------------------------------------------
 
 
-def test_lr_schedule_warmup_cosine_then_flat():
-    lr, min_lr, warmup, max_steps = 4e-4, 4e-5, 10, 110
-    schedule = [get_lr(step, lr, min_lr, warmup, max_steps) for step in range(130)]
-    # linear warmup: step i (0-based) trains at lr * (i + 1) / warmup, reaching lr at the last warmup step
-    assert schedule[:warmup] == pytest.approx([lr * (i + 1) / warmup for i in range(warmup)])
-    # cosine from lr at the end of warmup to min_lr at max_steps, (lr + min_lr) / 2 halfway
-    assert schedule[warmup] == pytest.approx(lr)
-    assert schedule[warmup + 50] == pytest.approx((lr + min_lr) / 2)
-    assert schedule[warmup + 25] == pytest.approx(min_lr + (lr - min_lr) * (1 + math.cos(math.pi / 4)) / 2)
-    assert all(a >= b for a, b in zip(schedule[warmup:], schedule[warmup + 1:]))
-    # constant min_lr from max_steps on
-    assert schedule[max_steps:] == pytest.approx([min_lr] * (130 - max_steps))
-    assert get_lr(0, lr, min_lr, 0, max_steps) == pytest.approx(lr)  # no warmup
-
-
-@pytest.mark.parametrize("devices, num_nodes, expected", [(1, 1, 128), (2, 1, 64), (16, 1, 8), (8, 2, 8)])
-def test_global_batch_is_global_whatever_the_devices(devices, num_nodes, expected):
-    accumulation = gradient_accumulation_steps(1024, 8, devices * num_nodes)
-    assert accumulation == expected
-    assert accumulation * 8 * devices * num_nodes == 1024  # TinyLlama's 1024 sequences, not 1024 per node
-
-
 def test_global_batch_not_divisible_is_a_clear_error(tmp_path, data_dir):
     with pytest.raises(ValueError, match="--global_batch_size 1024 is not a multiple of --micro_batch_size 8 x 3"):
         gradient_accumulation_steps(1024, 8, 3)
     with pytest.raises(ValueError, match="--global_batch_size 10"):
         train_here(tmp_path / "out", data_dir, global_batch_size=10, micro_batch_size=4)
     assert not (tmp_path / "out").exists()
-
-
-def test_parameter_groups_decay_matrices_only():
-    model = GPT(Config.from_name("micro", bias=True))
-    names = {id(param): name for name, param in model.named_parameters()}
-    decay, no_decay = parameter_groups(model, weight_decay=0.1, decay_all_params=False)
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    decayed = {names[id(p)] for p in decay["params"]}
-    expected = {name for name, p in model.named_parameters() if name.endswith(".weight") and p.ndim == 2}
-    expected.discard("transformer.wte.weight")
-    assert decayed == expected
-    assert "lm_head.weight" in decayed and "transformer.h.0.attn.qkv.weight" in decayed
-    not_decayed = {names[id(p)] for p in no_decay["params"]}
-    assert not_decayed == set(names.values()) - expected
-    assert {"transformer.wte.weight", "transformer.ln_f.weight", "transformer.h.0.norm_1.weight",
-            "transformer.h.0.attn.qkv.bias"} <= not_decayed
-
-    (everything,) = parameter_groups(model, weight_decay=0.1, decay_all_params=True)  # the original TinyLlama
-    assert {names[id(p)] for p in everything["params"]} == set(names.values())
-    assert everything["weight_decay"] == 0.1
-
-
-def test_flops_per_token_leaves_out_the_embedding_and_counts_causal_attention():
-    config = Config.from_name("micro")
-    model = GPT(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    non_embedding = sum(p.numel() for name, p in model.named_parameters() if name != "transformer.wte.weight")
-    expected = 6 * non_embedding + 6 * config.n_layer * config.n_embd * 32
-    assert training_flops_per_token(config, n_params, seq_len=32) == expected
-    # TinyLlama-1.1B: 1,100,048,384 parameters of which 32000 x 2048 embedding
-    tiny = Config.from_name("tiny_LLaMA_1b")
-    assert training_flops_per_token(tiny, 1_100_048_384, 2048) == 6 * (1_100_048_384 - 65_536_000) + 6 * 22 * 2048**2
-
-
-def test_peak_flops_known_gpus_in_bf16_only():
-    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989e12
-    assert peak_flops("NVIDIA H200", "bf16-true") == 989e12
-    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16-mixed") == 312e12
-    assert peak_flops("NVIDIA A100-SXM4-80GB", "32-true") is None
-    assert peak_flops("Tesla T4", "bf16-mixed") is None
-    assert peak_flops(None, "bf16-mixed") is None
-
-
-def test_data_mix_parsing_and_size_weights(data_dir):
-    assert parse_data_mix("train_slimpajama:0.693584,train_starcoder:0.306416") == [
-        ("train_slimpajama", 0.693584), ("train_starcoder", 0.306416)]
-    assert parse_data_mix("a,b") == [("a", None), ("b", None)]
-    for bad, message in [("a:1,b", "to every prefix or to none"), ("a:x", "not a number"), ("a:0", "positive"),
-                         ("a,,b", "expected")]:
-        with pytest.raises(ValueError, match=message):
-            parse_data_mix(bad)
-    # without weights, every block of every source is equally likely: weights = blocks, counted from the files
-    one_process = dict(micro_batch_size=2, seed=0, num_processes=1, process_rank=0)
-    combined = training_batches(data_dir, "train_a,train_b", SEQ_LEN + 1, **one_process).dataset
-    assert combined.weights == [64, 40]
-    with pytest.raises(FileNotFoundError, match="train_c"):
-        training_batches(data_dir, "train_a,train_c", SEQ_LEN + 1, **one_process)
-
-
-def test_resume_auto_picks_the_highest_step_number(tmp_path):
-    for name in ("step-9", "step-10", "step-00000002", ".step-00000011.tmp", "step-3.old", "final"):
-        (tmp_path / name).mkdir()
-    assert latest_checkpoint(tmp_path) == tmp_path / "step-10"  # "step-9" sorts last as a string
-    assert latest_checkpoint(tmp_path / "missing") is None
 
 
 # ---- single-process runs --------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """training.py's loop with batch sources made here: the masked loss against a hand-computed reference, its
-independence of how sequences fall into micro-batches, token counts with padding, and the schedules."""
+independence of how sequences fall into micro-batches, token counts with padding; and its pieces against closed
+forms: the schedules, the global batch, the weight-decay groups, FLOPs per token and peak FLOP/s."""
 
 import csv
 import math
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from model import GPT, Config
 from packed_dataset import PackedBatches, PackedDataset
 from shard_format import PackedDatasetBuilder
-from training import IGNORE_INDEX, TrainingSettings, build_model, build_optimizer, fit, get_lr, launch_fabric
+from training import (IGNORE_INDEX, TrainingSettings, build_model, build_optimizer, fit, get_lr,
+                      gradient_accumulation_steps, launch_fabric, parameter_groups, peak_flops,
+                      training_flops_per_token)
 
 PAD_ID = 0
 SETTINGS = TrainingSettings(
@@ -156,3 +159,66 @@ def test_epochs_count_examples_of_the_batch_source(tmp_path):
     with pytest.raises(ValueError, match="--max_tokens needs sequences of a fixed length"):
         train(tmp_path / "tokens", ListBatches(input_ids, targets, 2),
               replace(SETTINGS, max_steps=None, max_tokens=1000))
+
+
+def test_lr_schedule_warmup_cosine_then_flat():
+    lr, min_lr, warmup, max_steps = 4e-4, 4e-5, 10, 110
+    schedule = [get_lr(step, lr, min_lr, warmup, max_steps) for step in range(130)]
+    # linear warmup: step i (0-based) trains at lr * (i + 1) / warmup, reaching lr at the last warmup step
+    assert schedule[:warmup] == pytest.approx([lr * (i + 1) / warmup for i in range(warmup)])
+    # cosine from lr at the end of warmup to min_lr at max_steps, (lr + min_lr) / 2 halfway
+    assert schedule[warmup] == pytest.approx(lr)
+    assert schedule[warmup + 50] == pytest.approx((lr + min_lr) / 2)
+    assert schedule[warmup + 25] == pytest.approx(min_lr + (lr - min_lr) * (1 + math.cos(math.pi / 4)) / 2)
+    assert all(a >= b for a, b in zip(schedule[warmup:], schedule[warmup + 1:]))
+    # constant min_lr from max_steps on
+    assert schedule[max_steps:] == pytest.approx([min_lr] * (130 - max_steps))
+    assert get_lr(0, lr, min_lr, 0, max_steps) == pytest.approx(lr)  # no warmup
+
+
+@pytest.mark.parametrize("devices, num_nodes, expected", [(1, 1, 128), (2, 1, 64), (16, 1, 8), (8, 2, 8)])
+def test_global_batch_is_global_whatever_the_devices(devices, num_nodes, expected):
+    accumulation = gradient_accumulation_steps(1024, 8, devices * num_nodes)
+    assert accumulation == expected
+    assert accumulation * 8 * devices * num_nodes == 1024  # TinyLlama's 1024 sequences, not 1024 per node
+
+
+def test_parameter_groups_decay_matrices_only():
+    model = GPT(Config.from_name("micro", bias=True))
+    names = {id(param): name for name, param in model.named_parameters()}
+    decay, no_decay = parameter_groups(model, weight_decay=0.1, decay_all_params=False)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    expected = {name for name, p in model.named_parameters() if name.endswith(".weight") and p.ndim == 2}
+    expected.discard("transformer.wte.weight")
+    assert decayed == expected
+    assert "lm_head.weight" in decayed and "transformer.h.0.attn.qkv.weight" in decayed
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert not_decayed == set(names.values()) - expected
+    assert {"transformer.wte.weight", "transformer.ln_f.weight", "transformer.h.0.norm_1.weight",
+            "transformer.h.0.attn.qkv.bias"} <= not_decayed
+
+    (everything,) = parameter_groups(model, weight_decay=0.1, decay_all_params=True)  # the original TinyLlama
+    assert {names[id(p)] for p in everything["params"]} == set(names.values())
+    assert everything["weight_decay"] == 0.1
+
+
+def test_flops_per_token_leaves_out_the_embedding_and_counts_causal_attention():
+    config = Config.from_name("micro")
+    model = GPT(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    non_embedding = sum(p.numel() for name, p in model.named_parameters() if name != "transformer.wte.weight")
+    expected = 6 * non_embedding + 6 * config.n_layer * config.n_embd * 32
+    assert training_flops_per_token(config, n_params, seq_len=32) == expected
+    # TinyLlama-1.1B: 1,100,048,384 parameters of which 32000 x 2048 embedding
+    tiny = Config.from_name("tiny_LLaMA_1b")
+    assert training_flops_per_token(tiny, 1_100_048_384, 2048) == 6 * (1_100_048_384 - 65_536_000) + 6 * 22 * 2048**2
+
+
+def test_peak_flops_known_gpus_in_bf16_only():
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989e12
+    assert peak_flops("NVIDIA H200", "bf16-true") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16-mixed") == 312e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "32-true") is None
+    assert peak_flops("Tesla T4", "bf16-mixed") is None
+    assert peak_flops(None, "bf16-mixed") is None

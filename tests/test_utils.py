@@ -1,84 +1,12 @@
-import ast
-import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import List, Literal, Optional
 
 import pytest
-import torch
-
-from checkpoint import check_state_dict, load_checkpoint, load_model, save_atomic, save_model_dir
-from model import GPT, Config
 from utils import TRACEBACK_VARIABLE, UserError, cli
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def test_save_atomic_leaves_no_temporary_file(tmp_path):
-    save_atomic({"x": torch.arange(3)}, tmp_path / "a" / "ckpt.pth")
-    assert [p.name for p in (tmp_path / "a").iterdir()] == ["ckpt.pth"]
-    assert torch.equal(torch.load(tmp_path / "a" / "ckpt.pth", weights_only=True)["x"], torch.arange(3))
-
-
-def test_save_atomic_gives_the_file_the_mode_of_a_normal_file(tmp_path):
-    save_atomic({"x": 1}, tmp_path / "ckpt.pth")
-    (tmp_path / "plain").write_bytes(b"")
-    assert (tmp_path / "ckpt.pth").stat().st_mode == (tmp_path / "plain").stat().st_mode
-
-
-def test_save_atomic_keeps_the_old_file_when_saving_fails(tmp_path):
-    path = tmp_path / "ckpt.pth"
-    save_atomic({"x": 1}, path)
-    with pytest.raises(Exception):
-        save_atomic({"x": lambda: None}, path)  # a lambda cannot be pickled
-    assert torch.load(path, weights_only=True) == {"x": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
-
-
-def test_save_model_dir_is_atomic_and_round_trips(tmp_path):
-    config = Config.from_name("micro", n_layer=3)
-    model = GPT(config)
-    out = tmp_path / "out"
-    save_model_dir(model, config, None, out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
-    assert sorted(p.name for p in out.iterdir()) == ["lit_model.pth", "model_config.json"]
-    assert Config.from_file(out) == config
-    loaded = load_model(out)
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
-
-    (tmp_path / "tokenizer").mkdir()
-    (tmp_path / "tokenizer" / "tokenizer.model").write_bytes(b"spm")
-    (tmp_path / "tokenizer" / "notes.txt").write_text("not a tokenizer file")
-    save_model_dir(model.state_dict(), config, tmp_path / "tokenizer", out, json_files={"provenance.json": {"a": 1}})
-    assert sorted(p.name for p in out.iterdir()) == [  # the older directory replaced whole
-        "lit_model.pth", "model_config.json", "provenance.json", "tokenizer.model"]
-    assert json.loads((out / "provenance.json").read_text()) == {"a": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tokenizer"]
-
-    with pytest.raises(ValueError, match=r"the weights for .*out: 'transformer.wte.weight' has shape \(256, 32\)"):
-        save_model_dir(GPT(Config.from_name("micro", n_layer=3, n_embd=32)), config, None, out)
-    assert Config.from_file(out) == config  # the directory that was there is intact
-
-
-def test_save_model_dir_into_the_tokenizer_dir_keeps_its_files(tmp_path):
-    """A converted Hugging Face directory: the weights and the config go beside its own files."""
-    config = Config.from_name("micro")
-    (tmp_path / "config.json").write_text("{}")
-    save_model_dir(GPT(config).state_dict(), config, tmp_path, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "lit_model.pth", "model_config.json"]
-
-
-def test_mismatched_checkpoint_names_key_and_both_shapes(tmp_path):
-    small = GPT(Config.from_name("micro"))
-    big = GPT(Config.from_name("micro", n_embd=128))
-    save_atomic(big.state_dict(), tmp_path / "lit_model.pth")
-    with pytest.raises(ValueError, match=r"'transformer.wte.weight' has shape \(256, 128\).*expects \(256, 64\)"):
-        load_checkpoint(small, tmp_path / "lit_model.pth")
-    state = small.state_dict()
-    state["extra.weight"] = state.pop("lm_head.weight")
-    with pytest.raises(UserError, match=r"missing keys \['lm_head.weight'\].*unexpected keys \['extra.weight'\]"):
-        check_state_dict(small, state, "test")
 
 
 def test_cli_parses_the_typed_signature():
@@ -166,30 +94,6 @@ def test_cli_description_replaces_the_docstring_text_before_args(capsys):
 
 REPOSITORY_MODULES = {"utils", "model", "tokenizer", "checkpoint", "hf", "training", "packed_dataset", "shard_format",
                       "generation", "speculative", "chat_template", "sft_data", "sft_batches", "lora", "training_state"}
-
-
-@pytest.mark.parametrize("module, allowed", [("utils.py", set()), ("model.py", {"torch"})])
-def test_the_lowest_modules_import_nothing_of_the_repository(module, allowed):
-    """utils.py imports neither torch nor the repository (data preparation imports it); model.py only torch."""
-    tree = ast.parse((ROOT / module).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not imported & (REPOSITORY_MODULES | {"torch"} - allowed)
-
-
-@pytest.mark.parametrize("modules, absent", [
-    # generation, chat and speculative decoding: the checkpoint loader, not the training or evaluation stacks
-    ("generation, speculative, generate.base, generate.chat, generate.speculative, checkpoint, hf, chat_template, lora",
-     ("lightning_fabric", "training", "transformers", "lm_eval")),
-    # the evaluation runs lm-eval on our model, never on transformers
-    ("lm_eval_model, eval.perplexity", ("transformers",)),
-])
-def test_generation_chat_and_eval_never_load_what_they_do_not_use(modules, absent):
-    check = f"import sys; import {modules}; print(sorted(name for name in {absent!r} if name in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
 
 
 def test_a_user_error_is_one_line_and_other_errors_keep_their_traceback(capsys, monkeypatch):

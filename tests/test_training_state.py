@@ -1,4 +1,5 @@
-"""Checkpoints cannot run code when loaded, and saving them stages nothing (issue 8: #1, #5).
+"""training_state.py: training checkpoints cannot run code when loaded, saving them stages nothing (issue 8: #1,
+#5), and --resume auto picks the highest step.
 
 #1: a sharded (FSDP) checkpoint is a `.metadata` pickle and `.distcp` files whose non-tensor items are pickles too;
 torch.distributed.checkpoint unpickles both without restriction. The payloads here create a marker file when
@@ -25,6 +26,7 @@ from checkpoint import UnsafeCheckpointError, load_shards, read_shard_index
 from model import GPT, Config
 from test_pretrain import ROOT, data_dir, losses, run_args, run_script, train_here  # noqa: F401 (data_dir: a fixture)
 from training import parameter_groups
+from training_state import latest_checkpoint
 
 
 class Payload:
@@ -185,3 +187,10 @@ def test_a_crash_during_the_write_leaves_no_partial_checkpoint_and_stale_tempora
     straight = tmp_path / "straight"
     train_here(straight, data_dir, max_steps=4, save_interval=2, val_data_dir=None)
     assert losses(out) == losses(straight)  # resumed from step-2 as if nothing had happened
+
+
+def test_resume_auto_picks_the_highest_step_number(tmp_path):
+    for name in ("step-9", "step-10", "step-00000002", ".step-00000011.tmp", "step-3.old", "final"):
+        (tmp_path / name).mkdir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-10"  # "step-9" sorts last as a string
+    assert latest_checkpoint(tmp_path / "missing") is None
