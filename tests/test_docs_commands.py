@@ -142,6 +142,10 @@ def test_amd_llama_data_pretraining_and_code_finetuning_commands(raw, trained, t
     run_script(documented("python pretrain/amd_llama_135m.py", add={
         **ON_THE_CPU, "--model_name": "demo", "--seq_len": 256, "--train_data_dir": amd, "--val_data_dir": amd,
         "--tokenizer_dir": trained.checkpoint_dir, "--out_dir": pretrained, "--max_steps": 2}))
+    recipe = json.loads((pretrained / "hyperparameters.json").read_text())  # AMD's, where no flag replaced it
+    assert (recipe["learning_rate"], recipe["min_lr"], recipe["warmup_steps"]) == (6e-4, 6e-5, 2000)
+    assert (recipe["weight_decay"], recipe["eps"], recipe["grad_clip"]) == (0.1, 1e-8, 1.0)
+    assert recipe["train_data_mix"] == "train_slimpajama,train_gutenberg" and recipe["max_tokens"] == 670_000_000_000
 
     code = tmp_path / "starcoder_python"
     run_script(documented(

@@ -30,6 +30,7 @@ from pretrain.tinyllama import setup
 from shard_format import PackedDatasetBuilder, write_manifest
 from training import get_lr, gradient_accumulation_steps
 from tests.documented import documented
+from tests.documented import run_script as run_in_process
 from tokenizer import TOKENIZER_FILES, Tokenizer
 from utils import UserError
 
@@ -377,25 +378,6 @@ def test_bf16_precisions_train_close_to_fp32_and_fsdp_matches_one_process(tmp_pa
 # ---- the recipe scripts ---------------------------------------------------------------------------------------
 
 
-def test_amd_llama_135m_recipe_runs_the_same_loop_with_its_defaults(tmp_path):
-    data = tmp_path / "data"
-    write_shards(data, "train_slimpajama", n_blocks=24, seed=4)
-    write_shards(data, "train_gutenberg", n_blocks=8, seed=5)
-    out = tmp_path / "out"
-    run_script("pretrain/amd_llama_135m.py", dict(
-        model_name="micro", out_dir=out, train_data_dir=data, val_data_dir=None, tokenizer_dir=None,
-        accelerator="cpu", devices=1, precision="32-true", seq_len=SEQ_LEN, global_batch_size=8,
-        micro_batch_size=4, max_steps=2, log_interval=1))
-    hparams = json.loads((out / "hyperparameters.json").read_text())
-    assert (hparams["learning_rate"], hparams["min_lr"], hparams["warmup_steps"]) == (6e-4, 6e-5, 2000)
-    assert (hparams["weight_decay"], hparams["eps"], hparams["grad_clip"]) == (0.1, 1e-8, 1.0)
-    assert hparams["train_data_mix"] == "train_slimpajama,train_gutenberg"
-    assert hparams["max_tokens"] == 670_000_000_000
-    logged = metrics(out)
-    assert logged[1]["learning_rate"] == pytest.approx(6e-4 / 2000)  # first warmup step
-    assert logged[2]["tokens"] == 2 * TOKENS_PER_STEP
-
-
 def test_code_finetune_starts_from_the_weights_and_runs_one_epoch(tmp_path, data_dir):
     pretrained = tmp_path / "pretrained"
     train_here(pretrained, data_dir, max_steps=3, eval_interval=3)
@@ -480,13 +462,11 @@ def test_demo_leaves_the_corpus_check_to_prepare_demo(tmp_path, monkeypatch):
         demo(data_dir=tmp_path, out_dir=tmp_path / "out")
 
 
-def test_help_shows_the_demo_and_the_demo_has_its_own():
+def test_help_shows_the_demo_and_the_demo_has_its_own(capsys):
     helps = {}
     for script in ("pretrain/tinyllama.py", "pretrain/demo.py"):
-        result = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, env=ENV,
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        helps[script] = " ".join(result.stdout.split())  # unwrapped
+        run_in_process([script, "--help"])
+        helps[script] = " ".join(capsys.readouterr().out.split())  # unwrapped
     assert "python pretrain/demo.py" in helps["pretrain/tinyllama.py"]
     assert "--global_batch_size" in helps["pretrain/tinyllama.py"]
     demo_flags = set(re.findall(r"--\w+", helps["pretrain/demo.py"].split("options:")[1]))

@@ -164,7 +164,6 @@ def test_check_fits_names_the_tokenizer_file_and_the_model_config(sentencepiece_
         tokenizer.check_fits(599, "small.json")
 
 
-
 def write_config(directory, **config) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
