@@ -24,7 +24,8 @@ def commands_named_by_tests() -> dict:
 
 def test_every_documented_command_is_run_by_a_test_and_every_test_command_is_documented():
     shown, named = documented_commands(), commands_named_by_tests()
-    untested = {command: page for command, page in shown.items() if command not in named and not not_run_reason(command)}
+    untested = {command: page for command, page in shown.items()
+                if command not in named and not not_run_reason(command)}
     assert not untested, f"commands the docs show that no test passes to documented(...): {untested}"
     unshown = {command: test for command, test in named.items() if command not in shown}
     assert not unshown, f"commands tests run that no page shows: {unshown}"
@@ -66,11 +67,13 @@ def test_commands_are_found_in_blocks_inline_and_across_continuations(tmp_path, 
 
     page = tmp_path / "page.md"
     page.write_text("Run `python generate/base.py --prompt 'a b'` or `python DIR/script.py`.\n\n```bash\n"
-                    "# a comment\npip install x && python pretrain/demo.py --max_steps 3 \\\n    --out_dir out/x\n```\n")
+                    "# a comment\npip install x && python pretrain/demo.py --max_steps 3 \\\n"
+                    "    --out_dir out/x\n```\n")
     monkeypatch.setattr(documented, "PAGES", [page])
     monkeypatch.setattr(documented, "ROOT", Path(ROOT))
     assert list(documented.documented_commands()) == [
-        "pip install x", "python pretrain/demo.py --max_steps 3 --out_dir out/x", "python generate/base.py --prompt 'a b'"]
+        "pip install x", "python pretrain/demo.py --max_steps 3 --out_dir out/x",
+        "python generate/base.py --prompt 'a b'"]
 
 
 def test_a_test_may_change_only_what_the_table_allows():
@@ -80,7 +83,8 @@ def test_a_test_may_change_only_what_the_table_allows():
 
     command = "python generate/base.py --checkpoint_dir out/demo/final --prompt 'def ' --max_new_tokens 100 " \
               "--temperature 0.8 --top_k 200 --top_p 0.95"
-    argv = documented(command, replace={"--checkpoint_dir": "/tmp/ckpt", "--max_new_tokens": 3}, add={"--device": "cpu"})
+    argv = documented(command, replace={"--checkpoint_dir": "/tmp/ckpt", "--max_new_tokens": 3},
+                      add={"--device": "cpu"})
     assert argv == ["generate/base.py", "--checkpoint_dir", "/tmp/ckpt", "--prompt", "def ", "--max_new_tokens", "3",
                     "--temperature", "0.8", "--top_k", "200", "--top_p", "0.95", "--device", "cpu"]
     with pytest.raises(AssertionError, match="allows no change"):

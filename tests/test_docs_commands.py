@@ -83,15 +83,17 @@ def test_tinyllama_data_commands_leave_out_github_and_keep_every_language(slim_s
     assert json.loads((slim_star / "summary_validation_slimpajama.json").read_text())["documents"] == {"validation": 6}
     assert json.loads((slim_star / "summary_train_starcoder.json").read_text())["documents"] == {"train": 12}
     for run in ("train_slimpajama", "validation_slimpajama", "train_starcoder"):
-        assert manifest_files(slim_star, f"manifest_{run}.json") == sorted(p.name for p in slim_star.glob(f"{run}*.bin"))
+        shards = sorted(path.name for path in slim_star.glob(f"{run}*.bin"))
+        assert manifest_files(slim_star, f"manifest_{run}.json") == shards
 
 
 def test_own_corpus_tokenizer_and_manifest_commands(raw, slim_star, tmp_path):
     tokenizer_dir = tmp_path / "my-model"
     run_script(documented(
-        "python prepare_data/train_tokenizer.py --source_path 'corpus/**/*.jsonl' --destination_path checkpoints/my-model "
-        "--vocab_size 32000", replace={"--source_path": f"{raw}/corpus/**/*.jsonl", "--destination_path": tokenizer_dir,
-                                       "--vocab_size": 600}))
+        "python prepare_data/train_tokenizer.py --source_path 'corpus/**/*.jsonl' "
+        "--destination_path checkpoints/my-model --vocab_size 32000",
+        replace={"--source_path": f"{raw}/corpus/**/*.jsonl", "--destination_path": tokenizer_dir,
+                 "--vocab_size": 600}))
     assert Tokenizer(tokenizer_dir).vocab_size == 600
     destination = tmp_path / "mine"
     run_script(documented(
@@ -179,8 +181,8 @@ def test_inheritune_commands(slim_star, trained, tmp_path):
 
     grow = tmp_path / "grow"
     run_script(documented(
-        "python inheritune/grow.py --ref_checkpoint_dir checkpoints/TinyLlama-1.1B --max_steps 1430512 --out_dir out/grow "
-        "--train_data_dir data/slim_star_combined --val_data_dir data/slim_star_combined",
+        "python inheritune/grow.py --ref_checkpoint_dir checkpoints/TinyLlama-1.1B --max_steps 1430512 "
+        "--out_dir out/grow --train_data_dir data/slim_star_combined --val_data_dir data/slim_star_combined",
         replace={"--ref_checkpoint_dir": trained.checkpoint_dir, "--max_steps": 2, "--out_dir": grow,
                  "--train_data_dir": slim_star, "--val_data_dir": slim_star},
         add={**ON_THE_CPU, "--tokenizer_dir": trained.checkpoint_dir}))

@@ -1,5 +1,6 @@
-"""inheritune/reproduce.py end to end, its documented command with the tiny preset, on shards made here: every experiment runs through the
-training core and is measured, the table and the plot are written, and a rerun trains nothing again."""
+"""inheritune/reproduce.py end to end, its documented command with the tiny preset, on shards made here: every
+experiment runs through the training core and is measured, the table and the plot are written, and a rerun trains
+nothing again."""
 
 import json
 from pathlib import Path
