@@ -169,7 +169,7 @@ def test_config_missing_file(tmp_path):
         Config.from_file(tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------------- RoPE and attention
+# -------------------------------------------------------------------------------------------- RoPE and attention
 
 
 def reference_rope_cache(config: Config, T: int):
@@ -283,7 +283,8 @@ def test_kv_cache_matches_full_forward(n_query_groups):
         # reuse, with a different prefill split: what the cache holds is overwritten before it is attended
         torch.testing.assert_close(cached_logits(model, idx, n_prefill=1), expected, atol=1e-5, rtol=1e-5)
         # stale entries beyond the new prompt are masked: a shorter sequence without reset gives its own logits
-        torch.testing.assert_close(cached_logits(model, idx[:, :10], n_prefill=3), expected[:, :10], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cached_logits(model, idx[:, :10], n_prefill=3), expected[:, :10], atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_kv_cache_full_block_size():
