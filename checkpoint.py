@@ -63,6 +63,10 @@ def save_model_dir(model_or_state_dict: Union[torch.nn.Module, Mapping[str, torc
                   else model_or_state_dict)
     with torch.device("meta"):
         check_state_dict(GPT(config), state_dict, f"the weights for {out_dir}")
+    if config.tie_embeddings:  # one tensor under both keys, stored once (an FSDP gather gives two equal copies)
+        if not torch.equal(state_dict["lm_head.weight"], state_dict["transformer.wte.weight"]):
+            raise ValueError(f"the weights for {out_dir}: tie_embeddings, but lm_head.weight is not the embedding")
+        state_dict = {**state_dict, "lm_head.weight": state_dict["transformer.wte.weight"]}
     out_dir = Path(out_dir)
     json_files = json_files or {}
     if tokenizer_dir is not None and out_dir.resolve() == Path(tokenizer_dir).resolve():
@@ -165,6 +169,7 @@ def load_model(checkpoint_dir: Union[str, Path], device: Union[str, torch.device
     state_dict = load_state_dict(checkpoint_dir / WEIGHTS_FILE)
     check_state_dict(model, state_dict, str(checkpoint_dir / WEIGHTS_FILE))
     model.load_state_dict(state_dict, assign=True)
+    model.tie_weights()
     # the rope caches are not in the checkpoint: compute them on the CPU, then move the model
     model.cos, model.sin = build_rope_cache(config)
     return model.to(device=device, dtype=dtype).eval()

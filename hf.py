@@ -80,7 +80,7 @@ def split_qkv(qkv: torch.Tensor, config: Config) -> Tuple[torch.Tensor, torch.Te
 def lit_state_dict(hf_tensors: Iterable[Tuple[str, torch.Tensor]], tie_word_embeddings: bool = False,
                    source: str = "the checkpoint") -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Our state dict for the (key, tensor) pairs of a LlamaForCausalLM's, and the HF keys left out (old rotary
-    buffers; lm_head.weight when `tie_word_embeddings`, whose head then gets a copy of the embedding).
+    buffers; lm_head.weight when `tie_word_embeddings`, whose head is then the embedding's tensor).
 
     The pairs are consumed one at a time and a q, k or v part is held only until its siblings arrive, so a sharded
     checkpoint can be streamed shard by shard. Raises UserError naming an unknown key or a qkv part that is missing.
@@ -104,17 +104,19 @@ def lit_state_dict(hf_tensors: Iterable[Tuple[str, torch.Tensor]], tie_word_embe
     if pending_qkv:
         key, parts = next(iter(pending_qkv.items()))
         raise UserError(f"{source}: {key!r} is missing {sorted(set(QKV_ORDER) - set(parts))}")
-    if tie_word_embeddings:
-        # model.GPT's head is untied: give it its own copy of the embedding
-        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"].clone()
+    if tie_word_embeddings:  # one tensor under both keys, as GPT(config) with tie_embeddings gives
+        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
     return state_dict, skipped
 
 
 def hf_state_dict(state_dict: Dict[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:
     """A LlamaForCausalLM's state dict for model.GPT's. The tensors are contiguous and no two share memory, as
-    safetensors requires: the q, k and v views of a qkv matrix are cloned."""
+    safetensors requires: the q, k and v views of a qkv matrix are cloned, and a tied head is left out (written once,
+    as the embedding, as transformers writes it)."""
     converted = {}
     for key, tensor in state_dict.items():
+        if config.tie_embeddings and key == "lm_head.weight":
+            continue
         names = to_hf_keys(key)
         if len(names) == 1:
             converted[names[0]] = tensor.contiguous()
@@ -162,6 +164,7 @@ def config_from_hf(hf_config: dict, model_name: Optional[str] = None, source: st
         intermediate_size=required("intermediate_size"),
         norm_eps=required("rms_norm_eps"),
         bias=attention_bias,
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
     )
     if model_name is None:
         model_name = next((name for name in configs if same_values(config, Config.from_name(name))), "")
@@ -218,7 +221,7 @@ def hf_config(config: Config, dtype: str, bos_id: Optional[int], eos_id: Optiona
         "vocab_size": config.padded_vocab_size,
         "attention_bias": config.bias,
         "mlp_bias": config.bias,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "torch_dtype": dtype,

@@ -39,6 +39,7 @@ class Config:
     intermediate_size: Optional[int] = None
     norm_eps: float = 1e-5
     bias: bool = False
+    tie_embeddings: bool = False  # one tensor is the token embedding and the head (HF's tie_word_embeddings)
 
     def __post_init__(self):
         if self.padded_vocab_size is None:
@@ -161,14 +162,21 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.tie_weights()
         cos, sin = build_rope_cache(config)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.register_buffer("mask_cache", None, persistent=False)
         self.reset_parameters()
 
+    def tie_weights(self) -> None:
+        """tie_embeddings: the head's weight is the embedding's Parameter (again after to_empty or assign=True)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
     def reset_parameters(self) -> None:
         """TinyLlama's init; also the way to materialise a model built on the meta device (after `to_empty`)."""
+        self.tie_weights()
         cos, sin = build_rope_cache(self.config, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -232,8 +240,7 @@ class GPT(nn.Module):
                       attention_mask: Optional[torch.Tensor] = None,
                       rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """forward without the head: the final normalised hidden states (B, T, n_embd), for callers that need the
-        logits of a few positions only (over a 32k vocabulary the head costs as much as ~3.5 layers of the 135m).
-        """
+        logits of a few positions only (over a 32k vocabulary the head costs as much as ~3.5 layers of the 135m)."""
         B, T = idx.shape
         cached = input_pos is not None and self.mask_cache is not None
         cache_rows = self.transformer.h[0].attn.kv_cache.k.size(0) if cached else B
@@ -300,8 +307,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         # q, k and v projections fused in one matrix, laid out [all q heads; all k groups; all v groups]
-        qkv_size = (config.n_head + 2 * config.n_query_groups) * config.head_size
-        self.qkv = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
+        self.qkv_sizes = [n * config.head_size for n in (config.n_head, config.n_query_groups, config.n_query_groups)]
+        self.qkv = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias)
         self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
         self.kv_cache: Optional[KVCache] = None
         self.config = config
@@ -309,10 +316,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, mask=None, input_pos=None, rows=None):
         B, T, _ = x.shape
         cfg = self.config
-        q, k, v = self.qkv(x).split(
-            (cfg.n_head * cfg.head_size, cfg.n_query_groups * cfg.head_size, cfg.n_query_groups * cfg.head_size),
-            dim=-1,
-        )
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
         q = apply_rope(q.view(B, T, cfg.n_head, cfg.head_size), cos, sin)
         k = apply_rope(k.view(B, T, cfg.n_query_groups, cfg.head_size), cos, sin)
         v = v.view(B, T, cfg.n_query_groups, cfg.head_size)
@@ -325,11 +329,9 @@ class CausalSelfAttention(nn.Module):
             if input_pos is not None:
                 k, v = self.kv_cache.update(input_pos, k, v, rows)
             gqa = cfg.n_query_groups != cfg.n_head
-            # The masked grouped-head call of the KV-cache steps: SDPA's CUDA flash kernel takes no mask and its
-            # efficient kernel no grouped heads, so torch's order leaves cuDNN (which takes both) or math; on the CPU
-            # the flash CPU kernel runs. Left to SDPA on purpose: the static cache gives every decode step one shape,
-            # so cuDNN's per-shape plan is built once, not once per KV length as with a growing cache.
-            # bench/generate_throughput.py reports the backend a decode step runs.
+            # KV-cache steps are masked and grouped: on CUDA only cuDNN (or math) takes both, on the CPU the flash CPU
+            # kernel runs. Left to SDPA: the static cache gives every decode step one shape, so cuDNN's per-shape plan
+            # is built once (bench/generate_throughput.py reports the backend a decode step runs).
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(cfg.head_size), enable_gqa=gqa
             ).transpose(1, 2)
@@ -387,14 +389,12 @@ def build_rope_cache(config: Config, device: Optional[torch.device] = None):
     n_elem = config.head_size
     inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.float32) / n_elem))
     positions = torch.arange(config.block_size, device=device, dtype=torch.float32) / config.rope_condense_ratio
-    freqs = torch.outer(positions, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    angles = torch.outer(positions, inv_freq).repeat(1, 2)  # rotate-half: each frequency on both halves
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE (HF / NeoX) on x: (B, T, heads, hs); cos, sin: (T, hs) for every row or (B, T, hs) per row."""
-    cos = cos.unsqueeze(-2).to(x.dtype)
-    sin = sin.unsqueeze(-2).to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -589,10 +589,12 @@ def summed_loss(model: nn.Module, batches: Iterable[tuple], n_batches: Optional[
 
 
 def training_flops_per_token(config: Config, n_params: int, seq_len: int) -> int:
-    """6 x non-embedding parameters (forward + backward of every matmul) + 6 x n_layer x n_embd x seq_len (causal
-    attention scores and values: 2 matmuls of n_embd per query-key pair, half the pairs, x3 for the backward)."""
-    embedding = config.padded_vocab_size * config.n_embd
-    return 6 * (n_params - embedding) + 6 * config.n_layer * config.n_embd * seq_len
+    """6 x the parameters of every matmul (forward + backward) + 6 x n_layer x n_embd x seq_len (causal attention
+    scores and values: 2 matmuls of n_embd per query-key pair, half the pairs, x3 for the backward). The embedding
+    is a lookup, not a matmul, and is left out, unless it is also the head (tie_embeddings), counted once in
+    n_params, whose matmul costs as an untied head's."""
+    lookup_only = 0 if config.tie_embeddings else config.padded_vocab_size * config.n_embd
+    return 6 * (n_params - lookup_only) + 6 * config.n_layer * config.n_embd * seq_len
 
 
 def peak_flops(device_name: Optional[str], precision: str) -> Optional[float]:

@@ -26,7 +26,7 @@ Variants:
   `--modules none --no-copy_embeddings --no-copy_final_norm --no-copy_head`. `--modules none` alone still copies
   wte, ln_f and lm_head.
 - The official code's runs: its GPT-2 runs (behind the paper's tables) copied the blocks and the tied wte/lm_head
-  (two tensors here, where they are untied) but not ln_f: `--no-copy_final_norm`. Its 1.5B lit-gpt run (OpenLLaMA-3B,
+  (one tensor with tie_embeddings, two where they are untied) but not ln_f: `--no-copy_final_norm`. Its 1.5B lit-gpt run (OpenLLaMA-3B,
   26 -> 13 blocks) also left wte random: `--no-copy_embeddings --no-copy_final_norm`.
 
 The reference's weights are memory-mapped and only the inherited tensors are read; the reference model is not built.
@@ -90,6 +90,9 @@ def init_from(
     if modules not in BLOCK_PARTS:
         raise UserError(f"--modules {modules!r} is not one of {', '.join(BLOCK_PARTS)}")
     ref_config = load_config(ref_dir)
+    if ref_config.tie_embeddings and copy_head != copy_embeddings:
+        raise UserError(f"{ref_dir}'s head is its token embedding (tie_embeddings): --copy_head and "
+                        f"--copy_embeddings copy one tensor, give both or neither")
     layer_ids = inherited_layers(ref_config.n_layer, n_layers, layer_ids)
     check_out_dir(ref_dir, out_dir, overwrite)
     ref_weights = load_state_dict(ref_dir / WEIGHTS_FILE)
@@ -107,12 +110,16 @@ def init_from(
     copy = {"transformer.wte": copy_embeddings, "transformer.ln_f": copy_final_norm, "lm_head": copy_head}
     copied = []
     for key in weights:
+        if config.tie_embeddings and key == "lm_head.weight":
+            continue  # the embedding's tensor: copied once, below
         source = reference_key(key, layer_ids)
         if is_copied(key, modules, copy):
             weights[key] = ref_weights[source].clone()  # reads the memory-mapped tensor
             copied.append(key)
         else:  # the reference's dtype for every tensor: a bf16 reference gives a bf16 model
             weights[key] = weights[key].to(ref_weights[source].dtype)
+    if config.tie_embeddings:
+        weights["lm_head.weight"] = weights["transformer.wte.weight"]
 
     provenance = dict(
         reference_dir=str(ref_dir.resolve()), reference_sha256=file_sha256(ref_dir / WEIGHTS_FILE),
@@ -191,7 +198,8 @@ def file_sha256(path: Path) -> str:
 
 
 def count_line(weights: Mapping[str, torch.Tensor], copied: List[str], seed: int) -> str:
-    fresh = sorted(set(weights) - set(copied))
+    tied = weights["lm_head.weight"] is weights["transformer.wte.weight"]  # one tensor, counted once
+    fresh = sorted(set(weights) - set(copied) - ({"lm_head.weight"} if tied else set()))
     copied_params = sum(weights[key].numel() for key in copied)
     fresh_params = sum(weights[key].numel() for key in fresh)
     return (f"  copied {len(copied)} tensors ({copied_params:,} parameters); freshly initialised with seed {seed}: "

@@ -81,14 +81,14 @@ def convert_hf_checkpoint(
         raise UserError(f"--dtype {dtype!r}: expected one of {list(DTYPES)}")
     hf_config = read_json(config_path, "a Hugging Face model config")
     config = config_from_hf(hf_config, model_name, source=str(config_path))
-    tied = bool(hf_config.get("tie_word_embeddings", False))
 
     hf_tensors = ((key, tensor) for path in weight_files(checkpoint_dir) for key, tensor in load_tensors(path))
     if dtype is not None:
         hf_tensors = ((key, tensor.to(DTYPES[dtype])) for key, tensor in hf_tensors)
-    state_dict, skipped = lit_state_dict(hf_tensors, tie_word_embeddings=tied, source=str(checkpoint_dir))
-    if tied:
-        print("tie_word_embeddings=true: lm_head.weight is a copy of the token embedding")
+    state_dict, skipped = lit_state_dict(hf_tensors, tie_word_embeddings=config.tie_embeddings,
+                                         source=str(checkpoint_dir))
+    if config.tie_embeddings:
+        print("tie_word_embeddings=true: one tensor is the token embedding and the head (tie_embeddings)")
     save_model_dir(state_dict, config, checkpoint_dir, checkpoint_dir)
     skipped_kinds = sorted({re.sub(r"\.\d+\.", ".N.", key) for key in skipped})
     print(

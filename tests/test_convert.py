@@ -10,7 +10,7 @@ import torch
 
 from checkpoint import load_model, load_state_dict, save_model_dir
 from hf import config_from_hf, to_hf_keys, to_lit_key
-from model import GPT, Config
+from model import GPT, Config, num_parameters
 from scripts.convert_hf_checkpoint import convert_hf_checkpoint
 from scripts.convert_lit_checkpoint import convert_lit_checkpoint
 from tokenizer import Tokenizer
@@ -79,6 +79,24 @@ def assert_same_state_dicts(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def test_a_tied_model_stays_tied_both_ways_with_transformers_parameter_count(tmp_path):
+    """tie_word_embeddings: one Parameter in our model (the count equals transformers'), the head written once in
+    the export (safetensors refuses shared tensors, and transformers writes only the embedding), and the flag kept."""
+    from safetensors import safe_open
+
+    hf_model = tiny_hf_model("tied")
+    hf_dir, out_dir = tmp_path / "hf", tmp_path / "out"
+    hf_model.save_pretrained(hf_dir)
+    convert_hf_checkpoint(hf_dir)
+    model = load_model(hf_dir)
+    assert model.config.tie_embeddings and model.lm_head.weight is model.transformer.wte.weight
+    assert num_parameters(model) == hf_model.num_parameters()
+    convert_lit_checkpoint(hf_dir, out_dir)
+    assert json.loads((out_dir / "config.json").read_text())["tie_word_embeddings"] is True
+    with safe_open(out_dir / "model.safetensors", "pt") as exported:
+        assert "lm_head.weight" not in exported.keys() and "model.embed_tokens.weight" in exported.keys()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

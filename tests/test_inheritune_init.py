@@ -222,3 +222,20 @@ def test_command_line_gives_what_the_function_gives(reference, tmp_path):
                         torch.load(tmp_path / "function" / "lit_model.pth", weights_only=True))
     for name in ("inheritune.json", "model_config.json"):
         assert (tmp_path / "cli" / name).read_text() == (tmp_path / "function" / name).read_text()
+
+
+def test_a_tied_reference_gives_a_tied_model_whose_shared_tensor_is_copied_once(tmp_path, capsys):
+    config = Config.from_name("micro", n_layer=K, tie_embeddings=True)
+    torch.manual_seed(0)
+    reference = tmp_path / "tied"
+    save_model_dir(GPT(config), config, None, reference)
+    init_from(reference, tmp_path / "out", n_layers=2)
+    weights = torch.load(tmp_path / "out" / "lit_model.pth", weights_only=True)
+    assert weights[HEAD].data_ptr() == weights[WTE].data_ptr()  # one tensor, stored once
+    assert torch.equal(weights[WTE], torch.load(reference / "lit_model.pth", weights_only=True)[WTE])
+    model = load_model(tmp_path / "out")
+    assert model.config.tie_embeddings and model.lm_head.weight is model.transformer.wte.weight
+    out = capsys.readouterr().out
+    assert "copied 16 tensors" in out and ": 0 tensors (0 parameters)" in out  # 2 x 7 block tensors, wte, ln_f
+    with pytest.raises(UserError, match="give both or neither"):
+        init_from(reference, tmp_path / "head_only", n_layers=2, copy_embeddings=False)

@@ -107,6 +107,19 @@ def test_meta_init_matches_normal_init():
         assert torch.equal(p, q), name
 
 
+
+def test_a_tied_model_has_one_parameter_for_embedding_and_head_also_after_to_empty():
+    config = Config.from_name("micro", tie_embeddings=True)
+    model = meta_model(config)
+    model.to_empty(device="cpu")  # makes two tensors of the shared one
+    model.reset_parameters()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert num_parameters(model) == num_parameters(GPT(Config.from_name("micro"))) - model.lm_head.weight.numel()
+    idx = torch.randint(0, config.vocab_size, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), model.hidden_states(idx) @ model.transformer.wte.weight.T)
+
+
 # ---------------------------------------------------------------------------------------------------- Config
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, Config
+from checkpoint import load_model, load_state_dict
+from model import GPT, Config, num_parameters
 from packed_dataset import PackedBatches, PackedDataset
 from shard_format import PackedDatasetBuilder
 from training import (IGNORE_INDEX, TrainingSettings, build_model, build_optimizer, fit, get_lr,
@@ -74,11 +75,11 @@ def logged(out_dir: Path) -> dict:
     return rows
 
 
-def train(out_dir: Path, train_data, settings: TrainingSettings, seed: int = 7, sgd: bool = False) -> GPT:
+def train(out_dir: Path, train_data, settings: TrainingSettings, seed: int = 7, sgd: bool = False,
+          config: Config = Config.from_name("micro")) -> GPT:
     """`sgd`: plain SGD, whose update is proportional to the gradient, where Adam's normalised update would turn a
     rounding difference in a near-zero gradient into a large one."""
     fabric = launch_fabric("1", 1, "cpu", "fsdp", "32-true", out_dir, None)
-    config = Config.from_name("micro")
     model = build_model(fabric, config, seed, None, compile=False)
     if sgd:
         optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=settings.learning_rate))
@@ -111,6 +112,29 @@ def test_masked_loss_is_summed_over_targets_and_divided_by_the_step_count(tmp_pa
         weights[micro_batch_size] = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     for name, tensor in weights[1].items():
         torch.testing.assert_close(weights[4][name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_a_tied_head_stays_the_embedding_through_training_and_its_checkpoint(tmp_path):
+    """One Parameter, counted once, without weight decay (the embedding's rule); after 3 AdamW steps the model and
+    its final weights still have one tensor for both, and it trained."""
+    config = Config.from_name("micro", tie_embeddings=True)
+    torch.manual_seed(7)
+    initial = GPT(config).transformer.wte.weight.detach().clone()
+    assert num_parameters(GPT(config)) == num_parameters(GPT(Config.from_name("micro"))) - initial.numel()
+    tied = GPT(config)
+    decay, no_decay = parameter_groups(tied, weight_decay=0.1, decay_all_params=False)
+    assert any(param is tied.lm_head.weight for param in no_decay["params"])
+    assert not any(param is tied.lm_head.weight for param in decay["params"])
+
+    model = train(tmp_path / "out", ListBatches(*sft_like_examples(), 4), replace(SETTINGS, micro_batch_size=4),
+                  config=config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert not torch.equal(model.lm_head.weight.detach(), initial)
+    saved = load_state_dict(tmp_path / "out" / "final" / "lit_model.pth")
+    assert saved["lm_head.weight"].data_ptr() == saved["transformer.wte.weight"].data_ptr()  # stored once
+    loaded = load_model(tmp_path / "out" / "final")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight.detach(), rtol=0, atol=0)
 
 
 def test_packed_blocks_loss_is_the_mean_cross_entropy(tmp_path):
@@ -210,6 +234,9 @@ def test_flops_per_token_leaves_out_the_embedding_and_counts_causal_attention():
     non_embedding = sum(p.numel() for name, p in model.named_parameters() if name != "transformer.wte.weight")
     expected = 6 * non_embedding + 6 * config.n_layer * config.n_embd * 32
     assert training_flops_per_token(config, n_params, seq_len=32) == expected
+    # a tied head is counted once in the parameters, but its matmul costs as an untied head's: the same FLOPs
+    tied = Config.from_name("micro", tie_embeddings=True)
+    assert training_flops_per_token(tied, num_parameters(GPT(tied)), seq_len=32) == expected
     # TinyLlama-1.1B: 1,100,048,384 parameters of which 32000 x 2048 embedding
     tiny = Config.from_name("tiny_LLaMA_1b")
     assert training_flops_per_token(tiny, 1_100_048_384, 2048) == 6 * (1_100_048_384 - 65_536_000) + 6 * 22 * 2048**2
