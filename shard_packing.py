@@ -187,14 +187,14 @@ def peak_memory_mb() -> float:
 def prepare_files(
     files: List[Path], read_documents: ReadDocuments, *, name: str, split: Optional[str], tokenizer_path: Path,
     destination_path: Path, chunk_size: int, num_processes: Optional[int], strict: bool, bos: bool, eos: bool,
-    dtype: Optional[TokenDtype], validation_fraction: float = 0.0, unknown_files: int = 0,
+    dtype: Optional[TokenDtype], quiet: bool = False, validation_fraction: float = 0.0, unknown_files: int = 0,
 ) -> Report:
     """What the command-line preparers share: their Job from `read_documents` and their common arguments (named
     as on their command lines), run by `prepare` over `files`."""
     job = Job(read_documents=read_documents, tokenizer_path=Path(tokenizer_path), destination=Path(destination_path),
               name=name, split=split, validation_fraction=validation_fraction, chunk_size=chunk_size, bos=bos, eos=eos,
               strict=strict, dtype=dtype)
-    return prepare(job, files, num_processes, unknown_files=unknown_files)
+    return prepare(job, files, num_processes, quiet=quiet, unknown_files=unknown_files)
 
 
 def prepare(

@@ -30,7 +30,7 @@ import math
 import resource
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, Literal, Optional, Protocol, Tuple
 
@@ -158,6 +158,9 @@ def model_config(model_name: Optional[str], initial_checkpoint_dir: Optional[Pat
             raise UserError("Give --model_name (a config of model.py) or --initial_checkpoint_dir")
         return named_config(model_name)
     config = load_config(initial_checkpoint_dir)
+    if not config.name:  # a converted model that matches no named config: the logs call it by its directory
+        directory = Path(initial_checkpoint_dir).resolve()
+        config = replace(config, name=directory.parent.name if directory.name == "final" else directory.name)
     if model_name is not None and config.name != model_name:
         raise UserError(f"{initial_checkpoint_dir}/model_config.json is a {config.name!r} model, but --model_name "
                         f"is {model_name!r}")

@@ -52,6 +52,7 @@ def main(
     bos: bool = True,
     eos: bool = True,
     dtype: Optional[TokenDtype] = None,
+    quiet: bool = False,
 ) -> Report:
     """Tokenize one split of SlimPajama into shards {split}_slimpajama_{process}_*.bin in destination_path.
 
@@ -67,6 +68,7 @@ def main(
         bos: BOS before each document
         eos: EOS after each document
         dtype: token dtype of the shards; none: uint16 when the vocabulary fits, else int32
+        quiet: no progress bar and no summary (the summary file is written all the same)
     """
     unknown = sorted(set(exclude_sets) - set(REDPAJAMA_SETS))
     if unknown:
@@ -80,7 +82,7 @@ def main(
     return prepare_files(
         files, partial(read_documents, exclude_sets=tuple(exclude_sets)), name="slimpajama", split=split,
         tokenizer_path=tokenizer_path, destination_path=destination_path, chunk_size=chunk_size,
-        num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype,
+        num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype, quiet=quiet,
     )
 
 

@@ -49,6 +49,7 @@ def main(
     bos: bool = True,
     eos: bool = True,
     dtype: Optional[TokenDtype] = None,
+    quiet: bool = False,
 ) -> Report:
     """Tokenize one split of StarCoder into shards {split}_starcoder_{process}_*.bin in destination_path.
 
@@ -64,12 +65,13 @@ def main(
         bos: BOS before each document
         eos: EOS after each document
         dtype: token dtype of the shards; none: uint16 when the vocabulary fits, else int32
+        quiet: no progress bar and no summary (the summary file is written all the same)
     """
     files = select_files(Path(source_path), split, languages)
     return prepare_files(
         files, partial(read_parquet_documents, languages=tuple(languages)), name="starcoder", split=split,
         tokenizer_path=tokenizer_path, destination_path=destination_path, chunk_size=chunk_size,
-        num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype,
+        num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype, quiet=quiet,
     )
 
 

@@ -35,6 +35,7 @@ def main(
     bos: bool = True,
     eos: bool = True,
     dtype: Optional[TokenDtype] = None,
+    quiet: bool = False,
 ) -> Report:
     """Tokenize your own corpus into train and validation shards {split}_{name}_{process}_*.bin in destination_path.
 
@@ -52,6 +53,7 @@ def main(
         bos: BOS before each document
         eos: EOS after each document
         dtype: token dtype of the shards; none: uint16 when the vocabulary fits, else int32
+        quiet: no progress bar and no summary (the summary file is written all the same)
     """
     if not 0 <= validation_fraction <= 1:
         raise UserError(f"--validation_fraction must be in [0, 1], got {validation_fraction}")
@@ -61,7 +63,7 @@ def main(
     return prepare_files(
         files, partial(read_text_documents, text_key=text_key), name=name, split=None,
         tokenizer_path=tokenizer_path, destination_path=destination_path, chunk_size=chunk_size,
-        num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype,
+        num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype, quiet=quiet,
         validation_fraction=validation_fraction, unknown_files=unknown_files,
     )
 

@@ -19,7 +19,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from packed_dataset import parse_data_mix, training_batches, validation_batches
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, has_tokenizer
 from training import (
     Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer, fit, launch_fabric,
     model_config, preflight,
@@ -86,7 +86,8 @@ def setup(
         val_data_dir: directory of the validation* shards; none: no validation
         train_data_mix: 'prefix:weight,...' (the files train_data_dir/prefix*, drawn with those probabilities) or
             'prefix,...' (weighted by their sizes)
-        tokenizer_dir: its tokenizer is copied into out_dir/final; none: leave it out
+        tokenizer_dir: its tokenizer is copied into out_dir/final (an initial checkpoint's own tokenizer wins); none:
+            leave it out
         initial_checkpoint_dir: start from its weights and model_config.json (a fresh optimizer and schedule)
         devices: processes per node: auto (every local GPU, or 1 on the CPU) or a number
         num_nodes: number of nodes (see the README for multi-node launching)
@@ -136,7 +137,11 @@ def setup(
     seq_len = seq_len or config.block_size
     if seq_len > config.block_size:
         raise UserError(f"--seq_len {seq_len} exceeds the block_size {config.block_size} of {config.name!r}")
-    settings = replace(settings, seq_len=seq_len)
+    if initial_checkpoint_dir is not None and has_tokenizer(initial_checkpoint_dir):
+        # the weights' own tokenizer goes with them, whatever --tokenizer_dir says (its default is TinyLlama's)
+        fabric.print(f"The final weights get the tokenizer of --initial_checkpoint_dir {initial_checkpoint_dir}")
+        tokenizer_dir = initial_checkpoint_dir
+    settings = replace(settings, seq_len=seq_len, tokenizer_dir=tokenizer_dir)
     if tokenizer_dir is not None:
         check_tokenizer(Path(tokenizer_dir), config.vocab_size, initial_checkpoint_dir, config.name)
 

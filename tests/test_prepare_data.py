@@ -641,3 +641,23 @@ def test_progress_is_plain_lines_off_a_terminal(capsys):
     bar.update(1_500_000)
     bar.close()
     assert re.fullmatch(r"code: 25% of 2\.0 MB, \d+ s\ncode: 100% of 2\.0 MB, \d+ s\n", capsys.readouterr().err)
+
+
+def test_every_corpus_preparer_has_the_same_common_flags_and_quiet_prints_nothing(tmp_path, tokenizer_dir, capsys):
+    import inspect
+
+    from prepare_data import prepare_slimpajama, prepare_starcoder, prepare_text
+
+    common = ("chunk_size", "num_processes", "strict", "bos", "eos", "dtype", "quiet")
+    signatures = [inspect.signature(module.main).parameters for module in
+                  (prepare_text, prepare_slimpajama, prepare_starcoder)]
+    for name in common:
+        assert len({(str(parameters[name].annotation), parameters[name].default) for parameters in signatures}) == 1
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(" ".join(sentences(20, seed=1)))
+    capsys.readouterr()
+    prepare_text.main(source_path=str(tmp_path / "corpus"), tokenizer_path=tokenizer_dir,
+                      destination_path=tmp_path / "out", num_processes=1, quiet=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert (tmp_path / "out" / "summary_text.json").is_file()

@@ -419,6 +419,19 @@ def test_initial_checkpoint_of_an_unnamed_config_trains_without_model_name(tmp_p
     assert metrics(out)[0]["val_loss"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_converted_model_is_named_by_its_directory_and_keeps_its_tokenizer(tmp_path, data_dir, capsys):
+    """No named config matches (an empty name): the logs name its directory; its own tokenizer goes with the final
+    weights although --tokenizer_dir names another (the recipe's default)."""
+    config = replace(Config.from_name("micro"), n_layer=1, name="")
+    save_model_dir(GPT(config), config, word_level_tokenizer(tmp_path / "tokenizer", 256), tmp_path / "SmolLM-mini")
+    out = tmp_path / "out"
+    train_here(out, data_dir, model_name=None, initial_checkpoint_dir=tmp_path / "SmolLM-mini", max_steps=1,
+               tokenizer_dir=tmp_path / "checkpoints" / "TinyLlama-1.1B")
+    printed = capsys.readouterr().out
+    assert "SmolLM-mini: " in printed and "the tokenizer of --initial_checkpoint_dir" in printed
+    assert (out / "final" / "tokenizer.json").read_text() == (tmp_path / "tokenizer" / "tokenizer.json").read_text()
+
+
 def test_demo_command_learns_end_to_end(tmp_path):
     """`python pretrain/demo.py` as the README runs it, with fewer steps: it builds the corpus and the
     tokenizer from the standard library and trains; the validation loss falls (10 steps take it from about
