@@ -13,9 +13,15 @@ over those sequences; on that average A:
 - the mass m* is the fewest columns of A holding `threshold` of its mass: the smallest m such that the m largest
   column sums add up to >= threshold * T (every row of A sums to 1, so the whole mass is T).
 
-Lazy rule: a layer is lazy when every one of its heads has k* <= lazy_rank and m* <= lazy_mass (defaults 2 and 2),
-both measured at the same threshold on the head's attention averaged over the sequences; that is, when the max over
-heads of k* is <= lazy_rank and the max over heads of m* is <= lazy_mass.
+k* at threshold 0.9 is the paper's approximate rank (its Section 2 and Figure 1: "attention matrices collapse to
+near rank-one" in the deeper layers); m* is its single-column measure, shown beside k*.
+
+Lazy rule (the paper's): a layer is lazy when every one of its heads has k* <= lazy_rank (default 1: the rank-1
+degeneration the paper calls lazy; at 2, a head that mixes two patterns, a sink and the previous token, would count
+too), measured at `threshold` on the head's attention averaged over the sequences. With lazy_mass, also m* <=
+lazy_mass: the stricter single-column rule. A head that puts half of every row on the first token and spreads the
+rest over its prefix has k* = 1 at 0.9 and a large m*: lazy by the paper's rule, not by the mass rule. (Under a causal
+mask an exactly rank-1 row-stochastic matrix is the single column; a spread head is rank-1 only at the threshold.)
 
 Writes `attention_rank.json` (the settings, and per layer: k* and m* of each head, their max, mean and min over heads,
 and whether the layer is lazy), `attention_rank.png` (k* vs layer) and `attention_mass.png` (m* vs layer), each with
@@ -41,15 +47,16 @@ from model import GPT, Block, apply_rope
 from packed_dataset import PackedDataset, data_files
 from utils import UserError, atomic_write, cli, write_json
 
-LAZY_RULE = ("a layer is lazy when every one of its heads has approximate rank k* <= lazy_rank and mass m* <= "
-             "lazy_mass, both measured at `threshold` on the head's attention averaged over the sequences")
+LAZY_RULE = ("a layer is lazy when every one of its heads has approximate rank k* <= lazy_rank (and, with lazy_mass, "
+             "mass m* <= lazy_mass), measured at `threshold` on the head's attention averaged over the sequences")
 # A share within this of the threshold counts as reaching it: the identity of size 10 holds exactly 9/10 of its
 # energy in 9 directions, and the rounding of the SVD must not turn that into 10.
 TIE_TOLERANCE = 1e-9
 
 
 def attention_rank(checkpoint_dir: Path, data_dir: Path, num_sequences: int = 32, seq_len: int = 256,
-                   out_dir: Optional[Path] = None, threshold: float = 0.9, lazy_rank: int = 2, lazy_mass: int = 2,
+                   out_dir: Optional[Path] = None, threshold: float = 0.9, lazy_rank: int = 1,
+                   lazy_mass: Optional[int] = None,
                    plot_layers: Sequence[int] = (), device: Literal["auto", "cpu", "cuda"] = "auto",
                    batch_size: int = 8) -> dict:
     """Measure the approximate rank and the mass of every head's average attention, layer by layer, and find the lazy
@@ -63,8 +70,8 @@ def attention_rank(checkpoint_dir: Path, data_dir: Path, num_sequences: int = 32
         seq_len: tokens per sequence (T); at most the model's block_size
         out_dir: where the JSON and the PNGs are written; none: checkpoint_dir
         threshold: the share of the energy (squared singular values) for k*, and of the mass for m*
-        lazy_rank: a layer is lazy when every head has k* <= lazy_rank ...
-        lazy_mass: ... and m* <= lazy_mass
+        lazy_rank: a layer is lazy when every head has k* <= lazy_rank (1: the paper's rank-1 degeneration)
+        lazy_mass: ... and, if given, m* <= lazy_mass (the stricter single-column rule); none: m* is only reported
         plot_layers: the layers (0-based) whose heads' average attention is drawn as heat maps
         device: where the model runs; auto: cuda when available, else cpu
         batch_size: sequences per forward pass
@@ -121,11 +128,11 @@ def attention_rank(checkpoint_dir: Path, data_dir: Path, num_sequences: int = 32
     return report
 
 
-def check_arguments(num_sequences: int, seq_len: int, threshold: float, lazy_rank: int, lazy_mass: int,
+def check_arguments(num_sequences: int, seq_len: int, threshold: float, lazy_rank: int, lazy_mass: Optional[int],
                     batch_size: int) -> None:
     for name, value in (("num_sequences", num_sequences), ("seq_len", seq_len), ("lazy_rank", lazy_rank),
                         ("lazy_mass", lazy_mass), ("batch_size", batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
     if not 0 < threshold <= 1:
         raise UserError(f"--threshold must be in (0, 1], got {threshold}: it is a share of the energy and the mass")
@@ -246,7 +253,7 @@ def smallest_share(values: torch.Tensor, threshold: float) -> int:
     return int((shares < threshold - TIE_TOLERANCE).sum()) + 1
 
 
-def layer_summary(heads: torch.Tensor, threshold: float, lazy_rank: int, lazy_mass: int) -> dict:
+def layer_summary(heads: torch.Tensor, threshold: float, lazy_rank: int, lazy_mass: Optional[int] = None) -> dict:
     """heads: (n_head, T, T), one layer's average attention. Returns k* and m* of each head, their max, mean and
     min over heads, and whether the layer is lazy (`LAZY_RULE`)."""
     ranks = [approximate_rank(head, threshold) for head in heads]
@@ -255,13 +262,14 @@ def layer_summary(heads: torch.Tensor, threshold: float, lazy_rank: int, lazy_ma
     for key, values in (("rank", ranks), ("mass", masses)):
         summary.update({key: values, f"max_{key}": max(values), f"mean_{key}": sum(values) / len(values),
                         f"min_{key}": min(values)})
-    summary["lazy"] = max(ranks) <= lazy_rank and max(masses) <= lazy_mass
+    summary["lazy"] = max(ranks) <= lazy_rank and (lazy_mass is None or max(masses) <= lazy_mass)
     return summary
 
 
-def plot_over_layers(plt, report: dict, key: str, lazy_limit: int, ylabel: str, title: str, path: Path) -> None:
+def plot_over_layers(plt, report: dict, key: str, lazy_limit: Optional[int], ylabel: str, title: str,
+                     path: Path) -> None:
     """One panel of the paper's Figure 1: the max, the mean and the min-max band over heads of k* or m* ("rank" or
-    "mass"), per layer; the lazy limit as a line, the lazy layers shaded."""
+    "mass"), per layer; the lazy limit (if any) as a line, the lazy layers shaded."""
     from matplotlib.ticker import FormatStrFormatter  # matplotlib is imported lazily: an optional dependency
 
     layers = report["layers"]
@@ -271,18 +279,19 @@ def plot_over_layers(plt, report: dict, key: str, lazy_limit: int, ylabel: str, 
                     alpha=0.2, color="C0", label="min-max over heads")
     ax.plot(x, [layer[f"max_{key}"] for layer in layers], "o-", color="C0", label="max over heads")
     ax.plot(x, [layer[f"mean_{key}"] for layer in layers], "s--", color="C1", label="mean over heads")
-    ax.axhline(lazy_limit, color="C3", linestyle=":", label=f"lazy limit ({lazy_limit})")
+    if lazy_limit is not None:
+        ax.axhline(lazy_limit, color="C3", linestyle=":", label=f"lazy limit ({lazy_limit})")
     for layer in report["lazy_layers"]:
         ax.axvspan(layer - 0.5, layer + 0.5, color="C3", alpha=0.1, linewidth=0)
     # log scale: 1 and 2 (lazy) must stay apart from each other and from T
     ax.set_yscale("log", base=2)
     ax.set_ylim(0.8, report["seq_len"] * 1.25)
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.set_xticks(x)
+    ax.set_xticks(x[::math.ceil(len(x) / 24)])  # at most 24 labels: at 30+ layers they would run together
     ax.set_xlabel("layer" + (" (shaded: lazy)" if report["lazy_layers"] else ""))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes, never over the data
     save_figure(plt, fig, path)
 
 
@@ -316,8 +325,9 @@ def print_table(report: dict) -> None:
     for layer in report["layers"]:
         print(f"{layer['layer']:>5} {layer['max_rank']:>7} {layer['mean_rank']:>8.1f} {layer['max_mass']:>7} "
               f"{layer['mean_mass']:>8.1f}  {'yes' if layer['lazy'] else ''}")
-    print(f"Lazy layers ({LAZY_RULE}, lazy_rank={report['lazy_rank']}, lazy_mass={report['lazy_mass']}, "
-          f"threshold={report['threshold']}): {report['lazy_layers'] or 'none'}")
+    mass = "" if report["lazy_mass"] is None else f", lazy_mass={report['lazy_mass']}"
+    print(f"Lazy layers ({LAZY_RULE}, lazy_rank={report['lazy_rank']}{mass}, threshold={report['threshold']}): "
+          f"{report['lazy_layers'] or 'none'}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ blocks at a time. The experiments, all trained with pretrain/tinyllama.py's loop
 1. reference: k layers from random init, T steps;
 2. Inheritune n = k/2 (all modules), T steps, and the grow loop (inheritune/grow.py) until parity;
 3. the same n layers from random init, T and 2T steps;
-4. the lazy-layer control: the LAST n blocks inherited instead of the first n;
+4. the lazy-layer control (the paper's "initialize with lazy layers"): the reference's lazy blocks (the deepest n of
+   them, inheritune/attention_rank.py's rule) inherited instead of the first n, or the LAST n blocks when the
+   reference has no lazy layer; results.json's `lazy_control` says which;
 5. sub-module ablations: only attention (+ norm_1), only MLP (+ norm_2), attention and MLP without norms;
 6. the attention-rank analysis (inheritune/attention_rank.py) of the reference and of the inherited model.
 Every validation loss is measured the same way (inheritune.grow.validation_loss on the same validation blocks).
@@ -127,6 +129,13 @@ def reproduce(
                                             run_dir=str(run_dir))
         write_json(out_dir / "results.json", results)
 
+    def analyse(checkpoint_dir: Path, name: str) -> list:
+        report = attention_rank(checkpoint_dir=checkpoint_dir, data_dir=data_dir, seq_len=settings["seq_len"],
+                                num_sequences=settings["rank_sequences"], out_dir=out_dir / "attention_rank" / name,
+                                device=device)
+        return [dict(layer=layer["layer"], max_rank=layer["max_rank"], max_mass=layer["max_mass"], lazy=layer["lazy"])
+                for layer in report["layers"]]
+
     def train(name: str, initial_dir: Path, steps: int, layers: int) -> None:
         run_dir = out_dir / name.replace(" ", "_") / "train"
         start = time.perf_counter()
@@ -142,6 +151,10 @@ def reproduce(
         save_model_dir(GPT(config), config, tokenizer_dir, initial)
     train("reference", initial, T, k)
     reference = out_dir / "reference" / "train" / "final"
+    results["attention_rank"] = {"reference": analyse(reference, "reference")}
+    results["lazy_control"] = lazy_control(results["attention_rank"]["reference"], n)
+    control_ids = results["lazy_control"]["layer_ids"]
+    print(f"Lazy-layer control: blocks {control_ids}, {results['lazy_control']['chosen_by']}")
 
     # 2. Inheritune and the grow loop (its first round is Inheritune at n = k/2)
     start = time.perf_counter()
@@ -159,33 +172,38 @@ def reproduce(
     variants = {
         "random T": (dict(modules="none", copy_embeddings=False, copy_final_norm=False, copy_head=False), T),
         "random 2T": (dict(modules="none", copy_embeddings=False, copy_final_norm=False, copy_head=False), 2 * T),
-        "last n blocks": (dict(layer_ids=list(range(k - n, k))), T),
+        "lazy-layer control": (dict(layer_ids=control_ids), T),
         "attn": (dict(modules="attn"), T),
         "mlp": (dict(modules="mlp"), T),
         "attn_mlp": (dict(modules="attn_mlp"), T),
     }
     for name, (options, steps) in variants.items():
         initial = out_dir / name.replace(" ", "_") / "init"
+        layers = len(options.get("layer_ids", range(n)))
         if not (initial / "lit_model.pth").is_file():
-            init_from(ref_checkpoint_dir=reference, out_dir=initial, n_layers=n, seed=seed, overwrite=True, **options)
-        train(name, initial, steps, n)
+            init_from(ref_checkpoint_dir=reference, out_dir=initial, n_layers=layers, seed=seed, overwrite=True,
+                      **options)
+        train(name, initial, steps, layers)
 
-    # 6. the lazy-layer analysis of the reference and of the inherited model
-    results["attention_rank"] = {}
-    for name in ("reference", "inheritune"):
-        analysed = Path(results["experiments"][name]["run_dir"]) / "final"
-        report = attention_rank(checkpoint_dir=analysed, data_dir=data_dir, seq_len=settings["seq_len"],
-                                num_sequences=settings["rank_sequences"], out_dir=out_dir / "attention_rank" / name,
-                                device=device)
-        results["attention_rank"][name] = [dict(layer=layer["layer"], max_rank=layer["max_rank"],
-                                                max_mass=layer["max_mass"], lazy=layer["lazy"])
-                                           for layer in report["layers"]]
+    # 6. the lazy-layer analysis of the inherited model (the reference's ran before the control)
+    results["attention_rank"]["inheritune"] = analyse(Path(results["experiments"]["inheritune"]["run_dir"]) / "final",
+                                                      "inheritune")
     write_json(out_dir / "results.json", results)
     with atomic_write(out_dir / "results.md") as tmp:
         tmp.write_text(results_table(results))
     plot_validation_losses(results, out_dir / "validation_loss.png")
     print(results_table(results))
     return results
+
+
+def lazy_control(reference_layers: list, n: int) -> dict:
+    """The blocks the lazy-layer control inherits: the reference's lazy layers (the deepest n of them), or the last n
+    blocks when it has none; and which of the two."""
+    lazy = [layer["layer"] for layer in reference_layers if layer["lazy"]]
+    if lazy:
+        return dict(layer_ids=lazy[-n:], chosen_by="the reference's lazy layers")
+    k = len(reference_layers)
+    return dict(layer_ids=list(range(k - n, k)), chosen_by="the last n blocks (the reference has no lazy layer)")
 
 
 def check_settings(settings: dict, vocab_size: Optional[int]) -> None:
@@ -224,6 +242,8 @@ def results_table(results: dict) -> str:
     rounds = ", ".join(f"{r['layers']} layers {r['validation_loss']:.4f}" for r in grown["rounds"])
     lines += ["", f"Grow loop (+2 layers a round until the reference's loss): {rounds}; "
               + (f"matched at {grown['matched_at']} layers." if grown["matched_at"] else "no round matched.")]
+    control = results["lazy_control"]
+    lines.append(f"Lazy-layer control: blocks {control['layer_ids']} of the reference, {control['chosen_by']}.")
     for name, layers in results["attention_rank"].items():
         lazy = [layer["layer"] for layer in layers if layer["lazy"]]
         lines.append(f"Attention of the {name}: max rank per layer {[layer['max_rank'] for layer in layers]}, "

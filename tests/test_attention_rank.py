@@ -128,6 +128,30 @@ def test_layer_is_lazy_only_when_every_head_is_within_both_limits():
     assert not layer_summary(torch.stack([sink, uniform_causal(T).float()]), 0.9, 2, 2)["lazy"]
 
 
+def test_the_default_rule_is_the_papers_rank_one_and_the_mass_rule_is_stricter():
+    """On attention matrices given directly: a head that puts half of each row on the first token and spreads the rest
+    over its prefix is rank-1 at 0.9 (energy ~T/4 in the sink against ~ln(T)/4 spread) with a large m*: lazy by the
+    default rule, not by the mass rule; a single column is lazy by both; a local (banded) pattern by neither."""
+    T = 64
+    rows = torch.arange(T)
+    spread = torch.tril(torch.ones(T, T)) / (rows + 1)[:, None]  # each row uniform over its prefix
+    half_sink = 0.5 * spread
+    half_sink[:, 0] += 0.5
+    single_column = torch.zeros(T, T)
+    single_column[:, 0] = 1.0
+    banded = torch.tril(torch.ones(T, T)) - torch.tril(torch.ones(T, T), diagonal=-3)  # itself and 2 before
+    banded = banded / banded.sum(-1, keepdim=True)
+
+    sink = layer_summary(half_sink[None], 0.9, lazy_rank=1)
+    assert sink["rank"] == [1] and sink["mass"][0] >= T // 4 and sink["lazy"]  # m* 29 of 64
+    assert not layer_summary(half_sink[None], 0.9, lazy_rank=1, lazy_mass=2)["lazy"]
+    assert layer_summary(single_column[None], 0.9, lazy_rank=1)["lazy"]
+    assert layer_summary(single_column[None], 0.9, lazy_rank=1, lazy_mass=2)["lazy"]
+    local = layer_summary(banded[None], 0.9, lazy_rank=1)
+    assert local["rank"][0] > 1 and not local["lazy"]
+    assert not layer_summary(banded[None], 0.9, lazy_rank=1, lazy_mass=2)["lazy"]
+
+
 # ---------------------------------------------------------------------------------------------------- attention
 
 
@@ -273,7 +297,7 @@ def test_command_line_writes_the_json_and_the_plots(tmp_path):
     # the same five blocks, averaged in one batch by a float64 copy of the checkpoint
     reference = load_model(tmp_path / "checkpoint", dtype=torch.float64)
     blocks = torch.from_numpy(np.stack([files[0][b * 16 : (b + 1) * 16] for b in range(5)]))
-    expected = [layer_summary(heads, 0.9, 2, 2) for heads in attention_matrices(reference, blocks)]
+    expected = [layer_summary(heads, 0.9, 1) for heads in attention_matrices(reference, blocks)]  # the defaults
     assert [{k: v for k, v in layer.items() if k != "layer"} for layer in report["layers"]] == expected
     assert report["lazy_layers"] == [i for i, layer in enumerate(expected) if layer["lazy"]]
     assert report["plots"] == ["attention_rank.png", "attention_mass.png", "attention_layer1.png"]

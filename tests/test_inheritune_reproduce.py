@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inheritune.reproduce import PAPER, reproduce
+from inheritune.reproduce import PAPER, lazy_control, reproduce
 from shard_format import PackedDatasetBuilder, write_manifest
 from tests.documented import documented, run_script
 
@@ -42,7 +42,7 @@ def reproduced(tmp_path_factory):
 def test_every_experiment_is_trained_measured_and_tabulated(reproduced):
     out, _, results = reproduced
     experiments = results["experiments"]
-    assert list(experiments) == ["reference", "inheritune", "random T", "random 2T", "last n blocks", "attn", "mlp",
+    assert list(experiments) == ["reference", "inheritune", "random T", "random 2T", "lazy-layer control", "attn", "mlp",
                                  "attn_mlp"]
     assert experiments["reference"]["layers"] == 4 and experiments["inheritune"]["layers"] == 2
     assert experiments["random 2T"]["steps"] == 2 * experiments["random T"]["steps"] == 8
@@ -82,3 +82,14 @@ def test_a_rerun_trains_nothing_again(reproduced):
     assert sorted(str(path) for path in out.rglob("metrics.csv")) == logs_before  # no new training run
     for name, run in results["experiments"].items():
         assert again["experiments"][name]["validation_loss"] == run["validation_loss"]
+
+
+def test_the_lazy_layer_control_inherits_the_references_lazy_layers_or_else_the_last_blocks(reproduced):
+    _, _, results = reproduced
+    assert results["lazy_control"] == lazy_control(results["attention_rank"]["reference"], 2)
+    layers = [dict(layer=i, lazy=lazy) for i, lazy in enumerate([False, False, True, False, True, True])]
+    assert lazy_control(layers, 2) == dict(layer_ids=[4, 5], chosen_by="the reference's lazy layers")
+    assert lazy_control(layers, 4)["layer_ids"] == [2, 4, 5]  # fewer lazy layers than n: all of them
+    busy = [dict(layer, lazy=False) for layer in layers]
+    assert lazy_control(busy, 2) == dict(layer_ids=[4, 5], chosen_by="the last n blocks (the reference has no lazy "
+                                                                      "layer)")
