@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from model import GPT, Config, build_rope_cache
+from quantize import QUANTIZATION_FILE, Quantization, prepare_model, quantize_model, read_quantization
 from tokenizer import TOKENIZER_FILES
 from utils import UserError, atomic_directory, atomic_write, write_json
 
@@ -61,14 +62,18 @@ def save_model_dir(model_or_state_dict: Union[torch.nn.Module, Mapping[str, torc
     """
     state_dict = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module)
                   else model_or_state_dict)
+    json_files = json_files or {}
     with torch.device("meta"):
-        check_state_dict(GPT(config), state_dict, f"the weights for {out_dir}")
+        structure = GPT(config)
+        if QUANTIZATION_FILE in json_files:  # a quantized checkpoint: codes and scales in place of weights
+            quantize_model(structure, Quantization(**{**json_files[QUANTIZATION_FILE],
+                                                        "excluded": tuple(json_files[QUANTIZATION_FILE]["excluded"])}))
+        check_state_dict(structure, state_dict, f"the weights for {out_dir}")
     if config.tie_embeddings:  # one tensor under both keys, stored once (an FSDP gather gives two equal copies)
         if not torch.equal(state_dict["lm_head.weight"], state_dict["transformer.wte.weight"]):
             raise ValueError(f"the weights for {out_dir}: tie_embeddings, but lm_head.weight is not the embedding")
         state_dict = {**state_dict, "lm_head.weight": state_dict["transformer.wte.weight"]}
     out_dir = Path(out_dir)
-    json_files = json_files or {}
     if tokenizer_dir is not None and out_dir.resolve() == Path(tokenizer_dir).resolve():
         write_extra_files(text_files or {}, tensor_files or {}, out_dir)
         write_model_files(state_dict, config, json_files, out_dir)
@@ -161,18 +166,44 @@ def load_checkpoint(model: torch.nn.Module, path: Union[str, Path]) -> None:
 
 def load_model(checkpoint_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
                dtype: Optional[torch.dtype] = None) -> GPT:
-    """Build the GPT of `checkpoint_dir/model_config.json` and load `checkpoint_dir/lit_model.pth` into it."""
+    """Build the GPT of `checkpoint_dir/model_config.json` and load `checkpoint_dir/lit_model.pth` into it. A
+    quantized checkpoint (quantization.json) gets its QuantizedLinear layers, packed for `device` with activations in
+    `dtype` (see quantize.py)."""
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
+    quantization = quantization_of(checkpoint_dir)
     with torch.device("meta"):
         model = GPT(config)
+        if quantization is not None:
+            quantize_model(model, quantization)
     state_dict = load_state_dict(checkpoint_dir / WEIGHTS_FILE)
     check_state_dict(model, state_dict, str(checkpoint_dir / WEIGHTS_FILE))
     model.load_state_dict(state_dict, assign=True)
     model.tie_weights()
     # the rope caches are not in the checkpoint: compute them on the CPU, then move the model
     model.cos, model.sin = build_rope_cache(config)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if quantization is not None:
+        prepare_model(model, dtype or torch.float32)
+    return model
+
+
+def quantization_of(checkpoint_dir: Union[str, Path]) -> Optional[Quantization]:
+    """The quantization of a checkpoint directory (None: float weights); a quantization.json that does not parse or
+    is of another format is a UserError naming it."""
+    try:
+        return read_quantization(Path(checkpoint_dir))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{Path(checkpoint_dir) / QUANTIZATION_FILE}: {error}: expected what scripts/quantize.py "
+                        f"writes") from None
+
+
+def refuse_quantized(checkpoint_dir: Union[str, Path], flag: str, use: str) -> None:
+    """A UserError where a quantized checkpoint cannot be used (`use`: "training", "an export"...)."""
+    quantization = quantization_of(checkpoint_dir)
+    if quantization is not None:
+        raise UserError(f"{flag} {checkpoint_dir} is quantized ({quantization.mode}): {use} needs its float weights; "
+                        f"use the checkpoint it was quantized from")
 
 
 def load_config(path: Union[str, Path]) -> Config:

@@ -13,8 +13,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, quantization_of
 from model import GPT
+from quantize import Quantization, activation_dtype, describe, prepare_model, quantize_model
 from tokenizer import Tokenizer
 from utils import UserError
 
@@ -96,7 +97,7 @@ def ensure_kv_cache(model: GPT, batch_size: int, max_seq_length: int) -> None:
     Reusing it needs no reset: each prompt's prefill overwrites the slots it attends, and a query never attends a
     slot past its own position. Keeping the same tensors keeps a compiled decode step valid (no recompilation).
     """
-    weight = model.lm_head.weight
+    weight = model.transformer.wte.weight
     cache = model.transformer.h[0].attn.kv_cache
     if (cache is None or model.mask_cache is None or model.mask_cache.size(0) != max_seq_length
             or cache.k.size(0) != batch_size or cache.k.dtype != weight.dtype or cache.k.device != weight.device):
@@ -126,7 +127,7 @@ def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, temperat
         limits = f"block_size={model.config.block_size}" + (
             f" and max_seq_length={max_seq_length}" if max_seq_length < model.config.block_size else "")
         raise UserError(f"The prompt has {T} tokens; it must be shorter than {limits}: shorten it")
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device
     ensure_kv_cache(model, batch_size=1, max_seq_length=max_seq_length)
     length = min(T + max_new_tokens, max_seq_length)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -183,22 +184,58 @@ def default_precision(device: torch.device) -> str:
     return "bf16-true" if device.type == "cuda" else "32-true"
 
 
-def load_for_generation(checkpoint_dir: Path, device: torch.device,
-                        precision: Optional[str] = None) -> Tuple[GPT, Tokenizer]:
-    """The model of a checkpoint directory in `precision` (one of PRECISIONS; default bf16-true on CUDA, 32-true
-    on CPU) on `device`, and its tokenizer, checked to fit the model's vocabulary."""
+def load_for_generation(checkpoint_dir: Path, device: torch.device, precision: Optional[str] = None,
+                        quantize: Optional[str] = None, group_size: int = 64,
+                        flag: str = "--quantize") -> Tuple[GPT, Tokenizer]:
+    """The model of a checkpoint directory (`load_inference_model`) and its tokenizer, checked to fit the model's
+    vocabulary."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist")
-    precision = precision or default_precision(device)
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision!r} is not one of {list(PRECISIONS)}")
     tokenizer = Tokenizer(checkpoint_dir)
-    t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, device=device, dtype=PRECISIONS[precision])
-    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({precision} on {device})", file=sys.stderr)
+    model = load_inference_model(checkpoint_dir, device, precision, quantize, group_size, flag)
     tokenizer.check_fits(model.config.vocab_size, str(checkpoint_dir / "model_config.json"))
     return model, tokenizer
+
+
+def load_inference_model(checkpoint_dir: Path, device: torch.device, precision: Optional[str] = None,
+                         quantize: Optional[str] = None, group_size: int = 64, flag: str = "--quantize") -> GPT:
+    """The model of a checkpoint directory in `precision` (one of PRECISIONS; default bf16-true on CUDA, 32-true
+    on CPU) on `device`, for inference.
+
+    quantize: int8 or int4 (groups of `group_size`): quantize the linear layers at load (quantize.py); a checkpoint
+        written by scripts/quantize.py is quantized already. A quantized model's precision is its activations' dtype,
+        by default the one its kernels are fast in (quantize.activation_dtype). `flag` names the option in errors.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist")
+    stored = quantization_of(checkpoint_dir)
+    if quantize is not None and stored is not None:
+        raise UserError(f"{flag} {quantize}: {checkpoint_dir} is quantized already ({stored.mode})")
+    quantized = quantize is not None or stored is not None
+    if precision is None:
+        precision = ("bf16-true" if activation_dtype(device) == torch.bfloat16 else "32-true") if quantized \
+            else default_precision(device)
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r} is not one of {list(PRECISIONS)}")
+    t0 = time.perf_counter()
+    if quantize is None:
+        model = load_model(checkpoint_dir, device=device, dtype=PRECISIONS[precision])
+    else:
+        model = load_model(checkpoint_dir, dtype=torch.float32)  # quantized from the float weights, on the CPU
+        tied_head = ("lm_head",) if model.config.tie_embeddings else ()  # stays the embedding
+        quantization = Quantization(quantize, group_size if quantize == "int4" else None, excluded=tied_head)
+        try:
+            quantize_model(model, quantization)
+        except ValueError as error:
+            raise UserError(f"{flag} {quantize} (--group_size {group_size}): {error}") from None
+        model = model.to(device=device, dtype=PRECISIONS[precision])
+        prepare_model(model, PRECISIONS[precision])
+    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({precision} on {device})", file=sys.stderr)
+    if quantized:
+        print(describe(model), file=sys.stderr)
+    return model
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, device: torch.device) -> torch.Tensor:

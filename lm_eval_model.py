@@ -60,7 +60,8 @@ class SmallLlamaLM(TemplateLM):
 
     def __init__(self, checkpoint_dir: Optional[str] = None, batch_size: int = 16, device: Optional[str] = None,
                  precision: Optional[str] = None, add_bos_token: Optional[bool] = None, max_batch_size=None,
-                 model: Optional[GPT] = None, tokenizer: Optional[Tokenizer] = None, fabric=None) -> None:
+                 model: Optional[GPT] = None, tokenizer: Optional[Tokenizer] = None, fabric=None,
+                 quantize: Optional[str] = None, group_size: int = 64) -> None:
         # max_batch_size: lm-eval passes it with batch_size when it builds a model by name; there is no automatic
         # batch size here, so it is unused
         super().__init__()
@@ -73,7 +74,7 @@ class SmallLlamaLM(TemplateLM):
         if model is None:
             if checkpoint_dir is None:
                 raise ValueError("SmallLlamaLM needs checkpoint_dir, or model and tokenizer")
-            model, tokenizer = load_for_generation(checkpoint_dir, self._device, precision)
+            model, tokenizer = load_for_generation(checkpoint_dir, self._device, precision, quantize, int(group_size))
         self.model, self.tokenizer = model.eval(), tokenizer
         self.checkpoint_dir = checkpoint_dir
         self._batch_size = int(batch_size)

@@ -202,8 +202,8 @@ class GPT(nn.Module):
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
-        device = device or self.lm_head.weight.device
-        dtype = dtype or self.lm_head.weight.dtype
+        device = device or self.transformer.wte.weight.device
+        dtype = dtype or self.transformer.wte.weight.dtype
         shape = (batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size)
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(shape, device=device, dtype=dtype)

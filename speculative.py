@@ -96,7 +96,7 @@ def speculative_generate(target: GPT, draft: Optional[GPT], prompts: Sequence[to
     check_generation_args(max_new_tokens, temperature, top_k, top_p)
     S = cache_length(target, draft, prompts, max_new_tokens, speculative_k, max_seq_length)
     stats = stats if stats is not None else SpeculativeStats()
-    device = target.lm_head.weight.device
+    device = target.transformer.wte.weight.device
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     greedy, V = temperature == 0, target.config.vocab_size
     draft_step = compiled_step(last_logits, device) if compiled else last_logits
@@ -173,7 +173,7 @@ def prefill(target: GPT, draft: Optional[GPT], prompts: Sequence[torch.Tensor], 
     are written again before it attends them), and the first new token of each row from the target's logits, so that
     each round starts with two known tokens for the draft (see `draft_round`). Returns tokens (B, S + 1), whose
     column S takes the writes of tokens past a row's end, and each row's length (B,): its prompt and that token."""
-    device = target.lm_head.weight.device
+    device = target.transformer.wte.weight.device
     B, longest = len(prompts), max(p.numel() for p in prompts)
     for model in (target, draft):
         if model is not None:

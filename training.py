@@ -41,7 +41,7 @@ from lightning_fabric import Fabric
 from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from checkpoint import load_checkpoint, load_config, named_config, save_model_dir
+from checkpoint import load_checkpoint, load_config, named_config, refuse_quantized, save_model_dir
 from model import GPT, Config, num_parameters
 from training_state import (
     SaveFinal, checkpoint_path, last_checkpoint_hint, load_training_state, save_checkpoint, save_final_weights,
@@ -157,6 +157,7 @@ def model_config(model_name: Optional[str], initial_checkpoint_dir: Optional[Pat
         if model_name is None:
             raise UserError("Give --model_name (a config of model.py) or --initial_checkpoint_dir")
         return named_config(model_name)
+    refuse_quantized(initial_checkpoint_dir, "--initial_checkpoint_dir", "training")
     config = load_config(initial_checkpoint_dir)
     if not config.name:  # a converted model that matches no named config: the logs call it by its directory
         directory = Path(initial_checkpoint_dir).resolve()

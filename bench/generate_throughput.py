@@ -170,7 +170,7 @@ def hf_decoder(model: GPT, config: Config, dtype: torch.dtype, max_new_tokens: i
     prompt returning the 1-D prompt and continuation."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device
     hf_cfg = LlamaConfig(**hf_config(config, str(dtype).removeprefix("torch."), None, None))
     with device:
         hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()

@@ -209,7 +209,7 @@ def step_times(target: GPT, draft: GPT, max_k: int, block_size: int, repeats: in
     """Median seconds of a 1-token and a 2-token draft step, a 1-token target step and a (k+1)-token verify for
     k = 1..max_k, batch 1, at position block_size // 2 of a cache of block_size slots (the calls speculative
     decoding makes: per-row positions, logits over the vocabulary), compiled if asked (the first call compiles)."""
-    device = target.lm_head.weight.device
+    device = target.transformer.wte.weight.device
     position = block_size // 2
     for model in (target, draft):
         model.set_kv_cache(batch_size=1, max_seq_length=block_size)

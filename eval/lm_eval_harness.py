@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval_suites import SUITES, expand_tasks, markdown_table  # noqa: E402
 from lm_eval_model import SmallLlamaLM  # noqa: E402
 from utils import UserError, cli  # noqa: E402
+from quantize import QuantizeMode  # noqa: E402
 
 Precision = Literal["32-true", "bf16-true", "16-true", "64-true"]
 
@@ -45,6 +46,8 @@ def main(
     apply_chat_template: bool = False,
     fewshot_as_multiturn: bool = False,
     add_bos_token: Optional[bool] = None,
+    quantize: Optional[QuantizeMode] = None,
+    group_size: int = 64,
 ) -> Optional[dict]:
     """Run lm-eval tasks on a checkpoint; print lm-eval's table and the markdown table, and return the results
     (on rank 0; None on the others).
@@ -67,6 +70,8 @@ def main(
         apply_chat_template: render each prompt with the checkpoint's chat template
         fewshot_as_multiturn: with --apply_chat_template, give the few-shot examples as chat turns
         add_bos_token: BOS before every text; default: as the checkpoint's tokenizer does (HF's default)
+        quantize: int8 or int4 weight-only quantization of the linear layers at load (quantize.py)
+        group_size: int4's group of input channels: 32, 64 or 128
     """
     from lightning_fabric import Fabric
     from lm_eval import simple_evaluate
@@ -99,7 +104,7 @@ def main(
     fabric = Fabric(accelerator=device, devices=devices, strategy="ddp" if devices > 1 else "auto")
     fabric.launch()
     lm = SmallLlamaLM(str(checkpoint_dir), batch_size=batch_size, precision=precision, add_bos_token=add_bos_token,
-                      fabric=fabric)
+                      fabric=fabric, quantize=quantize, group_size=group_size)
     tracker = EvaluationTracker(output_path=str(output_path) if output_path is not None else None)
     seeds = {} if seed is None else dict(random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                          fewshot_random_seed=seed)

@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpoint import load_model  # noqa: E402
-from generation import PRECISIONS  # noqa: E402
+from checkpoint import quantization_of  # noqa: E402
+from generation import load_inference_model  # noqa: E402
+from quantize import QuantizeMode  # noqa: E402
 from packed_dataset import validation_batches  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from training import summed_loss  # noqa: E402
@@ -43,7 +44,9 @@ def main(
     eval_iters: Optional[int] = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     devices: int = 1,
-    precision: Literal["32-true", "bf16-true", "16-true", "64-true"] = "32-true",
+    precision: Optional[Literal["32-true", "bf16-true", "16-true", "64-true"]] = None,
+    quantize: Optional[QuantizeMode] = None,
+    group_size: int = 64,
 ) -> dict:
     """Print and return the loss (mean cross-entropy in nats per target token), the perplexity exp(loss), and the
     counts of blocks and target tokens.
@@ -57,7 +60,10 @@ def main(
         eval_iters: whole micro-batches per process (pretraining's --eval_iters); default: every block
         device: auto (CUDA if available), cpu or cuda
         devices: processes (one per device); their sums are all-reduced
-        precision: the weights' dtype; the log-softmax is in fp32 whatever it is
+        precision: the weights' dtype (default 32-true; a quantized model's: its kernels'); the log-softmax is in
+            fp32 whatever it is
+        quantize: int8 or int4 weight-only quantization of the linear layers at load (quantize.py)
+        group_size: int4's group of input channels: 32, 64 or 128
     """
     from lightning_fabric import Fabric
 
@@ -71,7 +77,9 @@ def main(
         raise FileNotFoundError(f"--text_files: {absent[0]} is not a file")
     fabric = Fabric(accelerator=device, devices=devices, strategy="ddp" if devices > 1 else "auto")
     fabric.launch()
-    model = load_model(checkpoint_dir, device=fabric.device, dtype=PRECISIONS[precision])
+    quantized = quantize is not None or quantization_of(checkpoint_dir) is not None
+    precision = precision or (None if quantized else "32-true")  # a quantized model: its kernels' dtype
+    model = load_inference_model(checkpoint_dir, fabric.device, precision, quantize, group_size)
     seq_len = seq_len or model.config.block_size
     if seq_len > model.config.block_size:
         raise UserError(f"--seq_len {seq_len} exceeds the block_size {model.config.block_size} of {checkpoint_dir}")

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generation import check_generation_args, encode_prompt, generate, load_for_generation, synchronize
+from quantize import QuantizeMode
 from utils import cli
 
 
@@ -32,6 +33,8 @@ def main(
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
     compile: bool = False,
     max_seq_length: Optional[int] = None,
+    quantize: Optional[QuantizeMode] = None,
+    group_size: int = 64,
 ) -> None:
     """Print the prompt and its continuation; the speed goes to stderr.
 
@@ -47,10 +50,12 @@ def main(
         compile: compile the one-token decode step (CUDA graphs on CUDA); a warm-up run compiles it before timing
         max_seq_length: KV cache length, fixed so that prompts of any length reuse one compiled step; default the
             block size with --compile, else the prompt plus max_new_tokens
+        quantize: int8 or int4 weight-only quantization of the linear layers at load (quantize.py); none: as stored
+        group_size: int4's group of input channels: 32, 64 or 128
     """
     check_generation_args(max_new_tokens, temperature, top_k, top_p)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_for_generation(checkpoint_dir, device, precision)
+    model, tokenizer = load_for_generation(checkpoint_dir, device, precision, quantize, group_size)
     if compile:
         max_seq_length = max_seq_length or model.config.block_size
     prompt_ids = encode_prompt(tokenizer, prompt, device)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import ChatTemplate, resolve_chat_template
 from generation import check_generation_args, generate, load_for_generation
+from quantize import QuantizeMode
 from model import GPT
 from tokenizer import StreamDecoder, Tokenizer
 from utils import UserError, cli
@@ -43,6 +44,8 @@ def main(
     top_p: float = 1.0,
     seed: int = 1234,
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
+    quantize: Optional[QuantizeMode] = None,
+    group_size: int = 64,
 ) -> None:
     """Chat with a model: interactive in a terminal; one turn with --prompt; else a user turn per line of stdin.
 
@@ -58,12 +61,14 @@ def main(
         top_p: nucleus sampling: the smallest set of tokens whose probability reaches top_p
         seed: random seed for sampling
         precision: 32-true, bf16-true or 16-true; default bf16-true on CUDA, 32-true on CPU
+        quantize: int8 or int4 weight-only quantization of the linear layers at load (quantize.py); none: as stored
+        group_size: int4's group of input channels: 32, 64 or 128
     """
     check_generation_args(max_new_tokens, temperature, top_k, top_p)
     checkpoint_dir = Path(checkpoint_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # loaded first: a checkpoint directory that does not exist is named as such, not as one without a template
-    model, tokenizer = load_for_generation(checkpoint_dir, device, precision)
+    model, tokenizer = load_for_generation(checkpoint_dir, device, precision, quantize, group_size)
     template = resolve_chat_template(checkpoint_dir, chat_template)
     torch.manual_seed(seed)
     chat = Chat(model, tokenizer, template, system, dict(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -92,7 +97,7 @@ class Chat:
         self.system: List[Dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
         self.turns: List[Dict[str, str]] = []  # user and assistant messages, alternating
         self.stop_ids = template.stop_ids(tokenizer)
-        self.device = model.lm_head.weight.device
+        self.device = model.transformer.wte.weight.device
 
     def reset(self) -> None:
         self.turns = []

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generation import check_generation_args, encode_prompt, load_for_generation
+from quantize import QuantizeMode
 from speculative import SpeculativeStats, check_tokenizers_agree, fit_prompt, load_prompts, speculative_generate
 from utils import UserError, cli
 
@@ -37,6 +38,9 @@ def main(
     seed: int = 1234,
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
     compile: bool = False,
+    quantize: Optional[QuantizeMode] = None,
+    draft_quantize: Optional[QuantizeMode] = None,
+    group_size: int = 64,
 ) -> dict:
     """Print each prompt and its continuation; acceptance, forward counts and speed go to stderr; return them.
 
@@ -57,14 +61,18 @@ def main(
         seed: random seed for sampling
         precision: 32-true, bf16-true or 16-true; default bf16-true on CUDA, 32-true on CPU
         compile: compile the draft's step and the target's verify (CUDA graphs on CUDA); a warm-up compiles them
+        quantize: int8 or int4 weight-only quantization of the target's linear layers at load (quantize.py)
+        draft_quantize: the same for the draft
+        group_size: int4's group of input channels: 32, 64 or 128
     """
     check_generation_args(max_new_tokens, temperature, top_k, top_p)
     if speculative_k < 1 or batch_size < 1:
         raise UserError(f"--speculative_k {speculative_k} and --batch_size {batch_size} must be at least 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     texts = load_prompts(prompt, prompts_file, prompts)
-    target, tokenizer = load_for_generation(checkpoint_dir, device, precision)
-    draft, draft_tokenizer = load_for_generation(draft_checkpoint_dir, device, precision)
+    target, tokenizer = load_for_generation(checkpoint_dir, device, precision, quantize, group_size)
+    draft, draft_tokenizer = load_for_generation(draft_checkpoint_dir, device, precision, draft_quantize, group_size,
+                                                 flag="--draft_quantize")
     check_tokenizers_agree(tokenizer, draft_tokenizer, checkpoint_dir, draft_checkpoint_dir)
     if draft.config.vocab_size > target.config.vocab_size:
         raise UserError(f"The draft {draft_checkpoint_dir} has a larger vocabulary ({draft.config.vocab_size}) than "

@@ -175,7 +175,7 @@ def check_vocabulary(sequences: torch.Tensor, vocab_size: int, data_dir: Path, c
 def mean_attention(model: GPT, sequences: torch.Tensor, batch_size: int) -> torch.Tensor:
     """sequences: (N, T) token ids. Returns (n_layer, n_head, T, T), every head's attention averaged over the N
     sequences, on the model's device; batch_size sequences per forward, one layer's attention held at a time."""
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device
     total = None
     for batch in sequences.split(batch_size):
         for layer, attention in enumerate(layer_attentions(model, batch.to(device))):

@@ -42,7 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_state_dict, load_config, load_state_dict, save_model_dir
+from checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_state_dict, load_config, load_state_dict, refuse_quantized,
+                        save_model_dir)
 from model import GPT
 from utils import UserError, cli
 
@@ -89,6 +90,7 @@ def init_from(
     ref_dir, out_dir = Path(ref_checkpoint_dir), Path(out_dir)
     if modules not in BLOCK_PARTS:
         raise UserError(f"--modules {modules!r} is not one of {', '.join(BLOCK_PARTS)}")
+    refuse_quantized(ref_dir, "--ref_checkpoint_dir", "inheriting layers")
     ref_config = load_config(ref_dir)
     if ref_config.tie_embeddings and copy_head != copy_embeddings:
         raise UserError(f"{ref_dir}'s head is its token embedding (tie_embeddings): --copy_head and "

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import TEMPLATE_FILE, ChatTemplate, resolve_chat_template
-from checkpoint import check_state_dict, load_config, load_state_dict
+from checkpoint import check_state_dict, load_config, load_state_dict, refuse_quantized
 from hf import generation_config, hf_config, hf_state_dict
 from model import GPT, Config
 from tokenizer import TOKENIZER_FILES, Tokenizer, has_tokenizer
@@ -78,6 +78,7 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, chat_template
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if output_dir.resolve() == checkpoint_dir.resolve():
         raise UserError(f"--output_dir must differ from --checkpoint_dir ({str(checkpoint_dir)!r})")
+    refuse_quantized(checkpoint_dir, "--checkpoint_dir", "the Hugging Face export")
     config = load_config(checkpoint_dir)
     checkpoint = checkpoint_dir / "lit_model.pth"
     state_dict = load_state_dict(checkpoint)

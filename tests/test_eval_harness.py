@@ -304,6 +304,16 @@ def test_the_documented_commands_run_on_local_tasks(checkpoints, task_dir, tmp_p
     assert table.read_text().splitlines()[0] == "| Model | MC | Gen | Avg |"
 
 
+def test_a_model_quantized_at_load_evaluates_close_to_the_float_one(checkpoints, task_dir, capsys):
+    lit_dir, _ = checkpoints
+    flags = ["--checkpoint_dir", str(lit_dir), "--tasks", "tiny_rolling", "--include_path", str(task_dir), "--device",
+             "cpu", "--batch_size", "3"]
+    float_results = run_cli(flags)["results"]["tiny_rolling"]
+    quantized = run_cli(flags + ["--quantize", "int8"])["results"]["tiny_rolling"]
+    assert "int8 linear layers run" in capsys.readouterr().err
+    assert quantized["bits_per_byte,none"] == pytest.approx(float_results["bits_per_byte,none"], rel=0.02)
+
+
 def test_suite_presets_name_tasks_of_lm_evals_default_index():
     """Every preset's tasks exist in lm-eval's built-in task index (indexing it takes ~14 s: once)."""
     from lm_eval.tasks import TaskManager

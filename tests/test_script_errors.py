@@ -137,6 +137,11 @@ CASES = {
         ["--checkpoint_dir", "{missing}", "--output_dir", "{tmp}/hf"],
         (["--checkpoint_dir", "{checkpoint}", "--output_dir", "{checkpoint}"], "--output_dir"),
     ),
+    "scripts/quantize.py": (
+        ["--checkpoint_dir", "{missing}", "--out_dir", "{tmp}/q"],
+        (["--checkpoint_dir", "{checkpoint}", "--out_dir", "{tmp}/q", "--mode", "int4", "--group_size", "48"],
+         "--group_size 48"),
+    ),
     "scripts/lock_requirements.py": (
         ["--torch_find_links", "{missing}"],
         (["--torch_version", "latest"], "--torch_version"),

@@ -1,0 +1,254 @@
+"""Weight-only quantization of GPT's linear layers (the head included; embeddings and norms stay as they are).
+
+int8: symmetric, one scale per output channel: w = code * scale, code in [-127, 127].
+int4: asymmetric, groups of `group_size` along the input dimension: w = code * scale + low, code in [0, 15] (stored
+two to a byte, the even input index in the low nibble). The kernels take the same numbers as (code - 8) * scale +
+zero with zero = low + 8 * scale: that form is computed when the weights are packed for the device, at load.
+
+What is stored (`QuantizedLinear`'s buffers, a quantized checkpoint's lit_model.pth) is device-independent: codes
+and float32 scales. `prepare` packs them for the device and picks the computation:
+- CPU with bf16 instructions (avx512_bf16 or amx_bf16): activations in bf16, aten's `_weight_int8pack_mm` and
+  `_weight_int4pack_mm_for_cpu` (with fp32 activations these kernels take a path ~5-25x slower than fp32 F.linear);
+- CUDA: int8 as a dequantize-and-matmul that torch.compile fuses, int4 through the tinygemm kernel
+  (`_weight_int4pack_mm`);
+- elsewhere (a CPU without bf16 instructions, another device): the weights dequantized once into the activation
+  dtype and F.linear: the same numbers, float memory, no speedup; `prepare_model` says so in one line.
+The head returns float32 logits whatever the activation dtype.
+"""
+
+import json
+import typing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Literal, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT
+
+QuantizeMode = Literal["int8", "int4"]
+MODES = typing.get_args(QuantizeMode)
+GROUP_SIZES = (32, 64, 128)
+QUANTIZATION_FILE = "quantization.json"
+FORMAT = 1  # of QUANTIZATION_FILE and the stored codes
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What a quantized checkpoint's quantization.json records."""
+
+    mode: str
+    group_size: Optional[int] = None  # int4 only
+    excluded: Tuple[str, ...] = ()  # linear layers left in floating point, by module name
+    format: int = FORMAT
+
+    def check(self, widths: Sequence[int] = ()) -> None:
+        """ValueError naming what is wrong: an unknown mode, a group size int4 cannot use, or one that does not
+        divide an input width (`widths`: the in_features of the layers to quantize)."""
+        if self.mode not in MODES:
+            raise ValueError(f"quantization mode {self.mode!r} is not one of {list(MODES)}")
+        if self.mode == "int4":
+            if self.group_size not in GROUP_SIZES:
+                raise ValueError(f"int4 group size {self.group_size} is not one of {list(GROUP_SIZES)}")
+            bad = sorted({width for width in widths if width % self.group_size})
+            if bad:
+                raise ValueError(f"int4 group size {self.group_size} does not divide the input widths {bad}")
+
+
+def quantize_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) -> codes int8 (N, K), scales float32 (N,)."""
+    weight = weight.float()
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight (N, K) -> codes uint8 (N, K // 2) two per byte, scales and lows float32 (N, K // group_size)."""
+    N, K = weight.shape
+    groups = weight.float().reshape(N, K // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-12)
+    codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
+    return codes[:, ::2] | (codes[:, 1::2] << 4), scales, low
+
+
+def int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The codes (N, K) in [0, 15] of the stored bytes (N, K // 2)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.size(0), -1)
+
+
+def dequantize(module: "QuantizedLinear", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (N, K) weight the stored codes stand for, computed in float32 (float64 for float64)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if module.mode == "int8":
+        return (module.codes.to(compute) * module.scales.to(compute)[:, None]).to(dtype)
+    codes = int4_codes(module.codes).to(compute)
+    N, K = codes.shape
+    groups = codes.reshape(N, K // module.group_size, module.group_size)
+    weight = groups * module.scales.to(compute)[..., None] + module.lows.to(compute)[..., None]
+    return weight.reshape(N, K).to(dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is stored as codes and scales (see the module docstring); `prepare` before use."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, mode: str, group_size: Optional[int],
+                 float_output: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.mode, self.group_size, self.float_output = mode, group_size, float_output
+        if mode == "int8":
+            self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.ones(out_features))
+        else:
+            groups = in_features // group_size
+            self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.ones(out_features, groups))
+            self.register_buffer("lows", torch.zeros(out_features, groups))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.kernel = "unprepared"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str, group_size: Optional[int],
+                    float_output: bool = False) -> "QuantizedLinear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, mode, group_size, float_output)
+        weight = linear.weight.detach()
+        if mode == "int8":
+            module.codes, module.scales = quantize_int8(weight)
+        else:
+            module.codes, module.scales, module.lows = quantize_int4(weight, group_size)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def prepare(self, activation_dtype: torch.dtype) -> str:
+        """Pack the stored codes for this device's kernel and `activation_dtype`; returns the kernel's name."""
+        device = self.codes.device
+        self.activation_dtype = activation_dtype
+        if device.type == "cpu" and activation_dtype == torch.bfloat16:
+            if self.mode == "int8":
+                self.packed, self.packed_scales = self.codes, self.scales.to(torch.bfloat16)
+            else:
+                self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int4_codes(self.codes).int(), 1)
+                self.packed_scales = self.scales_and_zeros()
+            self.kernel = f"cpu_{self.mode}pack"
+        elif device.type == "cuda" and self.mode == "int4" and activation_dtype == torch.bfloat16:
+            codes = int4_codes(self.codes)  # tinygemm's byte order: the even input index in the high nibble
+            self.packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4) | codes[:, 1::2], 8)
+            self.packed_scales = self.scales_and_zeros()
+            self.kernel = "cuda_int4pack"
+        elif device.type == "cuda" and self.mode == "int8":
+            self.kernel = "cuda_int8_dequantize"
+        else:
+            self.packed = dequantize(self, activation_dtype)
+            self.kernel = "dequantized"
+        return self.kernel
+
+    def scales_and_zeros(self) -> torch.Tensor:
+        """(K // group_size, N, 2) bf16: the kernels' scale and zero = low + 8 * scale."""
+        return torch.stack([self.scales, self.lows + 8 * self.scales], dim=-1).transpose(0, 1).contiguous().to(
+            torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).to(self.activation_dtype)
+        if self.kernel == "cpu_int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(x, self.packed, self.packed_scales)
+        elif self.kernel == "cpu_int4pack":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.packed_scales)
+        elif self.kernel == "cuda_int4pack":
+            y = torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.packed_scales)
+        elif self.kernel == "cuda_int8_dequantize":
+            y = F.linear(x, self.codes.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+        else:
+            y = F.linear(x, self.packed)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        y = y.reshape(*shape, self.out_features)
+        return y.float() if self.float_output else y
+
+
+def linear_layers(model: GPT) -> Dict[str, nn.Linear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+def quantize_model(model: GPT, quantization: Quantization) -> GPT:
+    """Replace every linear layer of `model` not in `quantization.excluded` by a QuantizedLinear, in place (on the
+    meta device too: the structure of a quantized checkpoint, whose buffers its state dict then fills)."""
+    layers = linear_layers(model)
+    unknown = sorted(set(quantization.excluded) - set(layers))
+    if unknown:
+        raise ValueError(f"excluded layers {unknown} are not linear layers of the model (e.g. 'lm_head', "
+                         f"'transformer.h.0.attn.qkv')")
+    chosen = {name: layer for name, layer in layers.items() if name not in quantization.excluded}
+    quantization.check([layer.in_features for layer in chosen.values()])
+    if model.config.tie_embeddings and "lm_head" in chosen:
+        raise ValueError("the head is the token embedding (tie_embeddings): exclude 'lm_head', which stays tied")
+    for name, layer in chosen.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantizedLinear.from_linear(layer, quantization.mode, quantization.group_size,
+                                                           float_output=name == "lm_head"))
+    return model
+
+
+def bf16_instructions() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (Linux's cpuinfo flags), where the packed kernels are fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def activation_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the kernels are fast in it (CUDA; a CPU with bf16 instructions), else float32."""
+    return torch.bfloat16 if device.type == "cuda" or bf16_instructions() else torch.float32
+
+
+def prepare_model(model: GPT, dtype: torch.dtype) -> None:
+    """Pack every QuantizedLinear for its device with activations in `dtype`."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.prepare(dtype)
+
+
+def describe(model: GPT) -> str:
+    """A line saying which kernels the quantized layers run (and, for the dequantized fallback, what that means)."""
+    layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
+    kernels = sorted({module.kernel for module in layers})
+    dtype = str(layers[0].activation_dtype).removeprefix("torch.")
+    line = f"{len(layers)} {layers[0].mode} linear layers run {', '.join(kernels)} with {dtype} activations"
+    if "dequantized" in kernels:
+        line += (" (no fast kernel for this device and activation dtype: the weights are dequantized, the numbers "
+                 "are the same, the speed and memory those of a float model)")
+    return line
+
+
+def weight_bytes(model: GPT) -> int:
+    """Bytes of the weights a forward pass reads as stored: codes and scales for quantized layers."""
+    total = 0
+    for module in model.modules():
+        tensors = list(module.parameters(recurse=False))
+        if isinstance(module, QuantizedLinear):
+            tensors += [module.codes, module.scales] + ([module.lows] if module.mode == "int4" else [])
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def to_json(quantization: Quantization) -> dict:
+    return {**asdict(quantization), "excluded": list(quantization.excluded)}
+
+
+def read_quantization(directory: Path) -> Optional[Quantization]:
+    """The Quantization of a checkpoint directory, None if it is not quantized."""
+    path = Path(directory) / QUANTIZATION_FILE
+    if not path.is_file():
+        return None
+    values = json.loads(path.read_text())
+    if values.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {values.get('format')!r}; this version reads {FORMAT}")
+    return Quantization(values["mode"], values.get("group_size"), tuple(values.get("excluded", ())), FORMAT)

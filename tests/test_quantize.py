@@ -1,0 +1,169 @@
+"""quantize.py and scripts/quantize.py: codes within the format's error bound; the CPU kernels against a float64
+matmul of the same dequantized weights; a quantized model against a float model holding those weights; a saved
+quantized checkpoint loading in another process to the same logits; every inference script with --quantize; the
+fallback where the fast kernel cannot run; the refusals and the bad flags."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from checkpoint import load_model, save_model_dir
+from model import GPT, Config
+from quantize import (QuantizedLinear, Quantization, bf16_instructions, dequantize, int4_codes, prepare_model,
+                      quantize_model)
+from tests.documented import ROOT, documented, run_script
+from utils import UserError
+
+needs_bf16 = pytest.mark.skipif(not bf16_instructions(), reason="this CPU has no bf16 instructions: the packed "
+                                                                "kernels are not used here (the fallback is tested)")
+
+
+def linear(out_features: int = 96, in_features: int = 256, bias: bool = False, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        layer.weight.mul_(torch.linspace(0.1, 3.0, out_features)[:, None])  # channels of different ranges
+    return layer
+
+
+@pytest.mark.parametrize("mode, group_size", [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_codes_round_trip_within_half_a_step(mode, group_size):
+    layer = linear()
+    module = QuantizedLinear.from_linear(layer, mode, group_size)
+    error = (dequantize(module, torch.float64) - layer.weight.double()).abs()
+    if mode == "int8":
+        step = module.scales.double()[:, None]
+    else:
+        step = module.scales.double().repeat_interleave(group_size, dim=1)
+        assert int4_codes(module.codes).max() <= 15 and module.codes.dtype == torch.uint8
+    assert (error <= step / 2 * (1 + 1e-6)).all()
+
+
+@needs_bf16
+@pytest.mark.parametrize("mode, group_size", [("int8", None), ("int4", 64)])
+def test_cpu_kernels_compute_the_dequantized_matmul(mode, group_size):
+    """The packed kernel against float64 x_bf16 @ dequantized weight: within the bf16 rounding of its output."""
+    layer = linear(bias=True)
+    module = QuantizedLinear.from_linear(layer, mode, group_size)
+    assert module.prepare(torch.bfloat16) == f"cpu_{mode}pack"
+    x = torch.randn(5, 256).bfloat16()
+    expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double()
+    got = module(x).double()
+    assert ((got - expected).abs() <= 2 ** -7 * expected.abs() + 1e-2).all()
+
+
+def float_twin(model: GPT) -> GPT:
+    """A float64 GPT whose linear layers hold the quantized model's dequantized weights."""
+    twin = GPT(model.config).double()
+    state = {key: value for key, value in model.state_dict().items()}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, QuantizedLinear):
+                state[f"{name}.weight"] = dequantize(module, torch.float64)
+                for key in ("codes", "scales", "lows"):
+                    state.pop(f"{name}.{key}", None)
+    twin.load_state_dict({key: value.double() for key, value in state.items()})
+    return twin
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_is_the_float_model_of_its_dequantized_weights(mode):
+    """In float64 (the dequantized fallback), every quantized layer and the head's float output are wired as in the
+    float model: the logits agree to rounding."""
+    torch.manual_seed(0)
+    config = Config.from_name("micro", bias=True, intermediate_size=192)  # every width a multiple of 32
+    model = quantize_model(GPT(config), Quantization(mode, 32 if mode == "int4" else None))
+    twin = float_twin(model)
+    model = model.double()
+    prepare_model(model, torch.float64)
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        logits = model(idx)
+        torch.testing.assert_close(logits.double(), twin(idx), rtol=0, atol=1e-5)
+    assert logits.dtype == torch.float32  # the head returns float32 logits
+
+
+def test_without_bf16_instructions_the_weights_are_dequantized_with_the_same_numbers(trained, monkeypatch, capsys):
+    import quantize
+    from generation import load_inference_model
+
+    monkeypatch.setattr(quantize, "bf16_instructions", lambda: False)
+    model = load_inference_model(trained.checkpoint_dir, torch.device("cpu"), quantize="int8")
+    assert "dequantized" in capsys.readouterr().err  # said, in one line
+    twin = float_twin(model).float()
+    idx = torch.randint(0, 4096, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), twin(idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "int4"
+    run_script(documented(
+        "python scripts/quantize.py --checkpoint_dir out/demo/final --mode int4 --group_size 64 "
+        "--out_dir out/demo/int4",
+        replace={"--checkpoint_dir": trained.checkpoint_dir, "--out_dir": out}))
+    return out
+
+
+def test_a_saved_quantized_checkpoint_loads_in_another_process_to_the_same_logits(quantized_dir, tmp_path):
+    assert json.loads((quantized_dir / "quantization.json").read_text())["mode"] == "int4"
+    stored = torch.load(quantized_dir / "lit_model.pth", weights_only=True)
+    assert "lm_head.codes" in stored and "lm_head.weight" not in stored and stored["lm_head.codes"].dtype == torch.uint8
+    idx = torch.randint(0, 4096, (1, 16))
+    torch.save(idx, tmp_path / "idx.pt")
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from checkpoint import load_model; "
+              "model = load_model(sys.argv[2], dtype=torch.bfloat16); "
+              "torch.save(model(torch.load(sys.argv[3])), sys.argv[4])")
+    subprocess.run([sys.executable, "-c", script, str(ROOT), str(quantized_dir), str(tmp_path / "idx.pt"),
+                    str(tmp_path / "logits.pt")], check=True, timeout=120)
+    with torch.no_grad():
+        here = load_model(quantized_dir, dtype=torch.bfloat16)(idx)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), here)
+
+
+def test_every_inference_script_runs_quantized(trained, quantized_dir, capsys):
+    checkpoint = str(trained.checkpoint_dir)
+    run_script(documented("python generate/base.py --checkpoint_dir out/demo/final --prompt 'def ' --quantize int8",
+                          replace={"--checkpoint_dir": checkpoint}))
+    assert capsys.readouterr().out.startswith("def ")
+    run_script(["generate/chat.py", "--checkpoint_dir", checkpoint, "--chat_template", "chatml", "--prompt", "Hi",
+                "--max_new_tokens", "4", "--quantize", "int4", "--group_size", "32"])
+    run_script(documented(
+        "python generate/speculative.py --checkpoint_dir out/demo/final --draft_checkpoint_dir out/demo/int4 "
+        "--quantize int8 --max_new_tokens 16", replace={"--checkpoint_dir": checkpoint,
+                                                       "--draft_checkpoint_dir": quantized_dir, "--max_new_tokens": 6}))
+    err = capsys.readouterr().err
+    assert "int8 linear layers run" in err and "int4 linear layers run" in err
+    run_script(documented("python eval/perplexity.py --checkpoint_dir out/demo/int4 --text_files README.md",
+                          replace={"--checkpoint_dir": quantized_dir, "--text_files": ROOT / "README.md"}))
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_what_needs_float_weights_refuses_a_quantized_checkpoint_in_one_line(quantized_dir, tmp_path):
+    from inheritune.init_from import init_from
+    from scripts.convert_lit_checkpoint import convert_lit_checkpoint
+    from training import model_config
+
+    for call in (lambda: model_config(None, quantized_dir), lambda: init_from(quantized_dir, tmp_path / "small"),
+                 lambda: convert_lit_checkpoint(quantized_dir, tmp_path / "hf")):
+        with pytest.raises(UserError, match=r"is quantized \(int4\): .* needs its float weights"):
+            call()
+
+
+def test_bad_flags_are_one_line_errors(trained, tmp_path):
+    with pytest.raises(UserError, match="group size 48 is not one of"):
+        from generation import load_inference_model
+        load_inference_model(trained.checkpoint_dir, torch.device("cpu"), quantize="int4", group_size=48)
+    config = Config.from_name("micro", n_embd=96, n_head=4, n_query_groups=2)  # width 96: no group of 64 fits
+    save_model_dir(GPT(config), config, None, tmp_path / "odd")
+    with pytest.raises(UserError, match="does not divide the input widths"):
+        load_inference_model(tmp_path / "odd", torch.device("cpu"), quantize="int4", group_size=64)
+    result = subprocess.run([sys.executable, "scripts/quantize.py", "--checkpoint_dir", str(trained.checkpoint_dir),
+                             "--out_dir", str(tmp_path / "q"), "--mode", "int3"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "invalid choice: 'int3'" in result.stderr
