@@ -129,6 +129,10 @@ CASES = {
         ["--lock", "{missing}"],
         (["--paths", "no_such_file_*.py"], "--paths"),
     ),
+    "scripts/convert_gguf_checkpoint.py": (
+        ["--gguf_file", "{missing}", "--out_dir", "{tmp}/out"],
+        (["--gguf_file", "{bad}/config.json", "--out_dir", "{tmp}/out"], "{bad}/config.json"),
+    ),
     "scripts/convert_hf_checkpoint.py": (
         ["--checkpoint_dir", "{missing}"],
         (["--checkpoint_dir", "{bad}"], "{bad}/config.json"),
@@ -141,6 +145,10 @@ CASES = {
         ["--checkpoint_dir", "{missing}", "--out_dir", "{tmp}/q"],
         (["--checkpoint_dir", "{checkpoint}", "--out_dir", "{tmp}/q", "--mode", "int4", "--group_size", "48"],
          "--group_size 48"),
+    ),
+    "scripts/convert_to_gguf.py": (
+        ["--checkpoint_dir", "{missing}", "--out_file", "{tmp}/model.gguf"],
+        (["--checkpoint_dir", "{checkpoint}", "--out_file", "{tmp}/model.gguf", "--type", "q4_k"], "--type"),
     ),
     "scripts/lock_requirements.py": (
         ["--torch_find_links", "{missing}"],
