@@ -1,5 +1,6 @@
-"""What the benchmarks share: the machine and versions a report records, its common header, and the names of the
-attention kernels a profile shows. Imports no torch at load, so bench/prepare_throughput.py stays torch-free."""
+"""What the benchmarks share: the machine and versions a report records, its common header, the names of the
+attention kernels a profile shows, the copy bandwidth and decode timing. Imports no torch at load, so
+bench/prepare_throughput.py stays torch-free."""
 
 import datetime
 import importlib.metadata
@@ -7,6 +8,7 @@ import platform
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 # (a profiler event's name contains, the SDPA backend or kernel it is)
@@ -50,3 +52,41 @@ def report_header(script: str, device) -> dict:
                    else f"{cpu_model()}, {torch.get_num_threads()} torch threads"),
         "versions": versions(),
     }
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read plus written per second by a device-to-device copy of a buffer larger than the caches."""
+    import torch
+
+    from generation import synchronize
+
+    size = (1 << 30) if device.type == "cuda" else (256 << 20)
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    destination = torch.empty_like(source)
+    destination.copy_(source)  # first touch
+    times = []
+    for _ in range(5):
+        synchronize(device)
+        start = time.perf_counter()
+        destination.copy_(source)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size / min(times)
+
+
+def time_decoding(decode, prompt, device, repeats: int):
+    """Seconds of each of `repeats` runs after an untimed warm-up, and the token ids of the last run."""
+    import torch
+
+    from generation import synchronize
+
+    with torch.inference_mode():
+        decode(prompt)
+        seconds = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            ids = decode(prompt)
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    return seconds, ids.tolist()

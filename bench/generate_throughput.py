@@ -24,7 +24,6 @@ one profiled step): see README "Fast generation" for why it is the one we want.
 
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import List, Literal, Optional, Sequence
 
@@ -32,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ATTENTION_OPS, report_header  # noqa: E402
+from bench.common import ATTENTION_OPS, copy_bandwidth, report_header, time_decoding  # noqa: E402
 from checkpoint import named_config  # noqa: E402
-from generation import PRECISIONS, default_precision, generate, synchronize  # noqa: E402
+from generation import PRECISIONS, default_precision, generate  # noqa: E402
 from hf import hf_config, hf_state_dict  # noqa: E402
 from model import GPT, Config, num_parameters  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
@@ -125,22 +124,6 @@ def main(
     return report
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read plus written per second by a device-to-device copy of a buffer larger than the caches."""
-    size = (1 << 30) if device.type == "cuda" else (256 << 20)
-    source = torch.empty(size, dtype=torch.uint8, device=device)
-    destination = torch.empty_like(source)
-    destination.copy_(source)  # first touch
-    times = []
-    for _ in range(5):
-        synchronize(device)
-        start = time.perf_counter()
-        destination.copy_(source)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size / min(times)
-
-
 def decode_attention_backends(model: GPT, prompt: torch.Tensor) -> List[str]:
     """The SDPA backends one eager decode step runs (masked attention over the static cache, grouped heads)."""
     from torch.profiler import profile
@@ -181,20 +164,6 @@ def hf_decoder(model: GPT, config: Config, dtype: torch.dtype, max_new_tokens: i
                            do_sample=False, cache_implementation="static", pad_token_id=0)[0]
 
     return decode
-
-
-def time_decoding(decode, prompt: torch.Tensor, device: torch.device, repeats: int):
-    """Seconds of each of `repeats` runs after an untimed warm-up, and the token ids of the last run."""
-    with torch.inference_mode():
-        decode(prompt)
-        seconds = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            ids = decode(prompt)
-            synchronize(device)
-            seconds.append(time.perf_counter() - start)
-    return seconds, ids.tolist()
 
 
 if __name__ == "__main__":

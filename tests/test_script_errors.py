@@ -162,6 +162,10 @@ CASES = {
         "it times random weights: it reads no path",
         (["--model_name", "no_such_model"], "--model_name"),
     ),
+    "bench/quantized_decode.py": (
+        "it times random weights: it reads no path",
+        (["--model_name", "no_such_model"], "--model_name"),
+    ),
     "bench/speculative.py": (
         ["--target_dir", "{missing}", "--draft_dir", "{checkpoint}"],
         (["--target_dir", "{checkpoint}", "--draft_dir", "{checkpoint}", "--n_prompts", "0"], "--n_prompts"),

@@ -1,0 +1,141 @@
+"""Batch-1 greedy decoding with quantized weights (quantize.py) against float weights, side by side in one run on the
+same random weights: tokens/s, bytes of weights read per token, the fraction of the memory-bandwidth bound, and the
+cost of a speculative verify of k + 1 tokens relative to one decode step.
+
+On the CPU (2 cores; run it alone: a second torch process slows both several times):
+
+    python bench/quantized_decode.py --model_name AMD-Llama-135m --max_new_tokens 64 \\
+        --output out/bench/quantized_cpu_135m.json
+    python bench/quantized_decode.py --model_name tiny_LLaMA_1b --max_new_tokens 16 --repeats 2 \\
+        --output out/bench/quantized_cpu_tinyllama.json
+
+Modes: fp32 and bf16 (float weights, F.linear), int8 and int4 with groups of 32, 64 and 128 (the packed kernels with
+bf16 activations where the CPU has bf16 instructions), and int8_fp32: int8 with float32 activations (the dequantized
+fallback a CPU without bf16 instructions runs). --compile adds each mode's compiled decode step.
+"""
+
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import copy_bandwidth, report_header, time_decoding  # noqa: E402
+from checkpoint import named_config  # noqa: E402
+from generation import generate  # noqa: E402
+from model import GPT  # noqa: E402
+from quantize import Quantization, describe, prepare_model, quantize_model, weight_bytes  # noqa: E402
+from utils import UserError, cli, write_json  # noqa: E402
+
+MODES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "int8_fp32")
+
+
+def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_length: int = 16, repeats: int = 3,
+         modes: Sequence[str] = MODES, compile: bool = False, max_k: int = 8, output: Optional[Path] = None,
+         seed: int = 1337) -> dict:
+    """Time batch-1 greedy decoding of each mode on the CPU; print a table and return (and write) the figures.
+
+    Args:
+        model_name: a config of model.py
+        max_new_tokens: tokens decoded per run
+        prompt_length: tokens of the (random) prompt
+        repeats: timed runs per mode, after one untimed warm-up
+        modes: some of fp32, bf16, int8, int4_g32, int4_g64, int4_g128, int8_fp32
+        compile: also time each mode's compiled decode step
+        max_k: verify costs are measured for k + 1 tokens, k = 1..max_k
+        output: write the figures here as JSON
+        seed: seed of the weights and the prompt
+    """
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise UserError(f"--modes {list(modes)}: expected some of {list(MODES)}")
+    if min(repeats, max_new_tokens, prompt_length, max_k) < 1:
+        raise UserError("--repeats, --max_new_tokens, --prompt_length and --max_k must be at least 1")
+    config = named_config(model_name)
+    device = torch.device("cpu")
+    torch.manual_seed(seed)
+    base = GPT(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (prompt_length,))
+    bandwidth = copy_bandwidth(device)
+    report = {**report_header("bench/quantized_decode.py", device),
+              "arguments": dict(model_name=model_name, max_new_tokens=max_new_tokens, prompt_length=prompt_length,
+                                repeats=repeats, modes=list(modes), compile=compile, max_k=max_k, seed=seed),
+              "copy_bandwidth_gb_per_s": bandwidth / 1e9, "results": {}}
+    print(f"{report['device']}; torch {torch.__version__}. {model_name}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'mode':>16} {'MB/token':>9} {'tokens/s':>9} {'vs fp32':>8} {'of bound':>9}  verify k+1 = 2..{max_k + 1} "
+          f"(decode steps)")
+    max_seq_length = prompt_length + max_new_tokens + max_k + 1
+    for mode in [m for m in MODES if m in modes]:
+        try:
+            model = variant(base, mode)
+        except ValueError as error:  # a group size that does not divide a width of this shape
+            report["results"][mode] = dict(skipped=str(error))
+            print(f"{mode:>16} skipped: {error}")
+            continue
+        read = weight_bytes(model) - model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
+        for compiled in (False, True) if compile else (False,):
+            name = mode + ("_compiled" if compiled else "")
+
+            def decode(ids: torch.Tensor) -> torch.Tensor:
+                return generate(model, ids, max_new_tokens, temperature=0.0, max_seq_length=max_seq_length,
+                                compiled=compiled)
+
+            seconds, _ = time_decoding(decode, prompt, device, repeats)
+            tokens_per_s = max_new_tokens / statistics.median(seconds)
+            verify = verify_costs(model, prompt, max_k, max_seq_length)
+            fp32 = report["results"].get("fp32", {}).get("tokens_per_s")
+            report["results"][name] = dict(kernels=describe(model) if mode.startswith("int") else "F.linear",
+                                           weight_bytes_per_token=read, tokens_per_s=tokens_per_s, seconds=seconds,
+                                           fraction_of_bandwidth_bound=tokens_per_s * read / bandwidth,
+                                           verify_steps=verify)
+            print(f"{name:>16} {read / 1e6:9.1f} {tokens_per_s:9.1f} "
+                  f"{(f'{tokens_per_s / fp32:7.2f}x' if fp32 else '        ')} "
+                  f"{tokens_per_s * read / bandwidth:8.1%}  {' '.join(f'{v:.2f}' for v in verify)}")
+            if output is not None:
+                write_json(output, report)
+    if output is not None:
+        print(f"Wrote {output}")
+    return report
+
+
+def variant(base: GPT, mode: str) -> GPT:
+    """A copy of the float model in `mode`, prepared for the CPU."""
+    model = copy.deepcopy(base)
+    if mode in ("fp32", "bf16"):
+        return model.to(torch.float32 if mode == "fp32" else torch.bfloat16)
+    quantization = Quantization("int8") if mode.startswith("int8") else Quantization("int4", int(mode.split("_g")[1]))
+    quantize_model(model, quantization)
+    dtype = torch.float32 if mode == "int8_fp32" else torch.bfloat16
+    model = model.to(dtype)
+    prepare_model(model, dtype)
+    return model
+
+
+@torch.inference_mode()
+def verify_costs(model: GPT, prompt: torch.Tensor, max_k: int, max_seq_length: int, repeats: int = 5) -> list:
+    """The time of one forward of k + 1 tokens after the prompt (a speculative verify), k = 1..max_k, in one-token
+    decode steps; the best of `repeats` each."""
+    T = prompt.numel()
+    model.set_kv_cache(batch_size=1, max_seq_length=max_seq_length)
+    model(prompt[None], torch.arange(T))
+
+    def best(n: int) -> float:
+        idx, positions = prompt[None, :1].repeat(1, n), torch.arange(T, T + n)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(idx, positions)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    one = best(1)
+    return [best(k + 1) / one for k in range(1, max_k + 1)]
+
+
+if __name__ == "__main__":
+    cli(main)

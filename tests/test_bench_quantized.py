@@ -1,0 +1,40 @@
+"""bench/quantized_decode.py: the commands of its docstring run end to end on a tiny stand-in config and report every
+mode with its kernels, the bytes it reads and the verify costs."""
+
+import json
+import shlex
+
+from bench import quantized_decode
+from utils import cli
+
+# the docstring's commands in seconds: model.py's demo config (its MLP width 704 takes int4 groups of 32 and 64, not
+# 128: that mode is skipped, and says why), a few tokens
+STAND_IN = {"--model_name": "demo", "--max_new_tokens": "4", "--repeats": "1", "--prompt_length": "4"}
+
+
+def documented_commands() -> list:
+    commands = []
+    for line in quantized_decode.__doc__.replace("\\\n", "").splitlines():
+        if line.strip().startswith("python bench/quantized_decode.py "):
+            words = shlex.split(line)[2:]
+            commands.append({flag: value for flag, value in zip(words[::2], words[1::2]) if flag != "--output"})
+    return commands
+
+
+def test_documented_commands_report_every_mode(tmp_path, capsys):
+    commands = documented_commands()
+    assert [flags["--model_name"] for flags in commands] == ["AMD-Llama-135m", "tiny_LLaMA_1b"]
+    output = tmp_path / "figures.json"
+    argv = [word for pair in {**commands[0], **STAND_IN, "--max_k": "2", "--output": str(output)}.items()
+            for word in pair]
+    report = json.loads(json.dumps(cli(quantized_decode.main, argv)))
+    assert json.loads(output.read_text()) == report
+    results = report["results"]
+    assert list(results) == list(quantized_decode.MODES)
+    assert "does not divide the input widths [704]" in results.pop("int4_g128")["skipped"]
+    fp32, int8, int4 = (results[mode]["weight_bytes_per_token"] for mode in ("fp32", "int8", "int4_g64"))
+    assert int4 < int8 < fp32 / 3  # codes and scales instead of float32 weights
+    for figures in results.values():
+        assert figures["tokens_per_s"] > 0 and len(figures["verify_steps"]) == 2
+    assert "dequantized" in results["int8_fp32"]["kernels"]
+    assert "tokens/s" in capsys.readouterr().out
