@@ -404,6 +404,8 @@ def config_from_gguf(reader: gguf.GGUFReader, path: Path) -> Config:
         n_embd=n_embd, n_query_groups=required("attention.head_count_kv"), head_size=head_size,
         rope_base=int(base) if base.is_integer() else base, rope_condense_ratio=int(factor),
         intermediate_size=required("feed_forward_length"),
+        # no output tensor: llama.cpp's head is token_embd
+        tie_embeddings=all(tensor.name != GGUF_NAMES["lm_head.weight"] for tensor in reader.tensors),
         # the file holds a float32: its shortest decimal is the value it was written from (1e-05, not 9.99e-06)
         norm_eps=float(str(np.float32(required("attention.layer_norm_rms_epsilon")))),
     )
@@ -412,10 +414,10 @@ def config_from_gguf(reader: gguf.GGUFReader, path: Path) -> Config:
 
 
 def state_dict_from_gguf(reader: gguf.GGUFReader, config: Config, dtype: torch.dtype,
-                         path: Path) -> Tuple[Dict[str, torch.Tensor], bool]:
+                         path: Path) -> Dict[str, torch.Tensor]:
     """model.GPT's state dict of a llama GGUF, every tensor dequantized (gguf.quants: F32, F16, BF16, Q4_0 to Q8_0
-    and the k-quants) to `dtype`, the vocabulary rows padded with zeros to padded_vocab_size; and whether the file
-    ties its head to the embedding (no `output` tensor: the head is a copy of token_embd)."""
+    and the k-quants) to `dtype`, the vocabulary rows padded with zeros to padded_vocab_size; with
+    `config.tie_embeddings`, one tensor under both the embedding's and the head's key."""
     names = {}
     for key, name in GGUF_NAMES.items():
         names.update({name.format(i): key.format(i) for i in (range(config.n_layer) if "{}" in key else [None])})
@@ -440,24 +442,21 @@ def state_dict_from_gguf(reader: gguf.GGUFReader, config: Config, dtype: torch.d
             heads = (config.n_head, config.n_query_groups, None)[part]
             parts.setdefault(int(layer[1]), {})[part] = weight if heads is None else unpermute(weight, heads)
         else:
-            state_dict[names[tensor.name]] = weight
+            state_dict[names[tensor.name]] = weight.to(dtype)
     for i, qkv_parts in parts.items():
         if len(qkv_parts) != 3:
             missing = [QKV_NAMES[p].format(i) for p in range(3) if p not in qkv_parts]
             raise UserError(f"{path}: layer {i} lacks {missing}")
-        state_dict[QKV_KEY.format(i)] = merge_qkv(*(qkv_parts[p] for p in range(3)))
-    tied = "lm_head.weight" not in state_dict and "transformer.wte.weight" in state_dict
-    if tied:
-        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"].clone()
+        state_dict[QKV_KEY.format(i)] = merge_qkv(*(qkv_parts[p] for p in range(3))).to(dtype)
     for key in ("transformer.wte.weight", "lm_head.weight"):
-        if key in state_dict and state_dict[key].shape[0] != config.vocab_size:
-            raise UserError(f"{path}: {GGUF_NAMES[key]} has {state_dict[key].shape[0]} rows for "
-                            f"{config.vocab_size} tokens")
         if key in state_dict:
             rows = state_dict[key]
-            padding = rows.new_zeros(config.padded_vocab_size - rows.shape[0], rows.shape[1])
-            state_dict[key] = torch.cat((rows, padding))
-    return {key: tensor.to(dtype) for key, tensor in state_dict.items()}, tied
+            if rows.shape[0] != config.vocab_size:
+                raise UserError(f"{path}: {GGUF_NAMES[key]} has {rows.shape[0]} rows for {config.vocab_size} tokens")
+            state_dict[key] = torch.cat((rows, rows.new_zeros(config.padded_vocab_size - rows.shape[0], rows.shape[1])))
+    if config.tie_embeddings and "transformer.wte.weight" in state_dict:
+        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
+    return state_dict
 
 
 def gguf_version() -> str:

@@ -7,8 +7,8 @@ Every tensor type gguf-py can dequantize is read (F32, F16, BF16, Q4_0, Q4_1, Q5
 such as Q4_K_M's Q4_K and Q6_K) and converted to `--dtype`. The vocabulary rows are padded again to a multiple of 64;
 the tokenizer is rebuilt as a sentencepiece `tokenizer.model` (a `llama` vocabulary) or a `tokenizer.json` (a `gpt2`
 one) that encodes as llama.cpp does, with a tokenizer_config.json of its special tokens; the chat template is kept as
-chat_template.jinja. A file without an `output` tensor (a tied head) gets a copy of token_embd as lm_head, since
-model.py's head is its own matrix. The format is gguf_format.py's; the reverse is scripts/convert_to_gguf.py.
+chat_template.jinja. A file without an `output` tensor (a tied head) stays tied: `tie_embeddings`, one tensor for
+the embedding and the head. The format is gguf_format.py's; the reverse is scripts/convert_to_gguf.py.
 """
 
 import sys
@@ -44,7 +44,7 @@ def convert_gguf_checkpoint(gguf_file: Path, out_dir: Path,
     reader = open_gguf(gguf_file)
     vocabulary = vocabulary_from_gguf(reader, gguf_file)
     config = config_from_gguf(reader, gguf_file)
-    state_dict, tied = state_dict_from_gguf(reader, config, DTYPES[dtype], gguf_file)
+    state_dict = state_dict_from_gguf(reader, config, DTYPES[dtype], gguf_file)
     template = value(reader, "tokenizer.chat_template")
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         for name, content in tokenizer_files(vocabulary, config.block_size).items():
@@ -56,8 +56,8 @@ def convert_gguf_checkpoint(gguf_file: Path, out_dir: Path,
           f"{', '.join(types)}, {config.vocab_size} tokens ({vocabulary.model} vocabulary, "
           f"{'tokenizer.model' if vocabulary.model == 'llama' else 'tokenizer.json'}), chat template "
           f"{'kept' if template else 'none'}")
-    if tied:
-        print("The file has no output tensor (a tied head): lm_head is a copy of token_embd")
+    if config.tie_embeddings:
+        print("The file has no output tensor: the head is the token embedding (tie_embeddings, one tensor)")
     return config
 
 

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import ChatTemplate
-from checkpoint import WEIGHTS_FILE, check_state_dict, load_config, load_state_dict
+from checkpoint import WEIGHTS_FILE, check_state_dict, load_config, load_state_dict, refuse_quantized
 from gguf_format import TYPES, check_exportable, checkpoint_vocabulary, write_gguf
 from model import GPT
 from tokenizer import Tokenizer, has_tokenizer, read_tokenizer_config
@@ -41,24 +41,25 @@ def convert_to_gguf(checkpoint_dir: Path, out_file: Path, type: str = "f16") -> 
         raise UserError(f"--type {type!r}: expected one of {', '.join(TYPES)}")
     if out_file.is_dir():
         raise UserError(f"--out_file {out_file} is a directory: give a file name such as {out_file / 'model.gguf'}")
+    refuse_quantized(checkpoint_dir, "--checkpoint_dir", "the GGUF export (--type q8_0 or q4_0 quantizes)")
     config = load_config(checkpoint_dir)
     check_exportable(config, str(checkpoint_dir / "model_config.json"))
     if not has_tokenizer(checkpoint_dir):
         raise UserError(f"{checkpoint_dir} has no tokenizer.model or tokenizer.json: a GGUF file carries its tokenizer")
     state_dict = load_state_dict(checkpoint_dir / WEIGHTS_FILE)
     other = sorted({str(t.dtype) for t in state_dict.values()} - {str(d) for d in FLOAT_DTYPES})
-    if other:  # before the key check, which would only list a quantized checkpoint's codes and scales
-        raise UserError(f"{checkpoint_dir / WEIGHTS_FILE} holds {', '.join(other)} tensors (a quantized checkpoint?): "
-                        f"the GGUF export reads float weights; export the float checkpoint with --type q8_0 or q4_0")
+    if other:
+        raise UserError(f"{checkpoint_dir / WEIGHTS_FILE} holds {', '.join(other)} tensors: the GGUF export reads "
+                        f"float weights (--type q8_0 or q4_0 quantizes)")
     with torch.device("meta"):
         check_state_dict(GPT(config), state_dict, str(checkpoint_dir / WEIGHTS_FILE))
     tokenizer = Tokenizer(checkpoint_dir)
     tokenizer.check_fits(config.vocab_size, str(checkpoint_dir / "model_config.json"))
     template = ChatTemplate.from_checkpoint(checkpoint_dir)
     vocabulary = checkpoint_vocabulary(tokenizer, config.vocab_size, template.stop_ids(tokenizer) if template else [])
-    # model.py has no tied head yet: a head equal to the embedding (a tied model imported) is written once
+    # a head equal to the embedding is written once too: a tied model converted before tie_embeddings kept a copy
     head, embedding = (state_dict[key][:config.vocab_size] for key in ("lm_head.weight", "transformer.wte.weight"))
-    tie_embeddings = torch.equal(head, embedding)
+    tie_embeddings = config.tie_embeddings or torch.equal(head, embedding)
 
     with atomic_write(out_file) as tmp:
         notes = write_gguf(tmp, state_dict, config, vocabulary, template.source if template else None, type,
@@ -66,7 +67,7 @@ def convert_to_gguf(checkpoint_dir: Path, out_file: Path, type: str = "f16") -> 
     print(f"Wrote {out_file} ({out_file.stat().st_size / 1e6:.1f} MB): {type}, {len(vocabulary.tokens)} tokens "
           f"({vocabulary.model} vocabulary), chat template {template.name if template else 'none'}")
     if tie_embeddings:
-        print("lm_head equals the embedding: written once, as token_embd (a tied head, no output tensor)")
+        print("The head is the token embedding: written once, as token_embd (no output tensor)")
     for note, names in notes.items():
         print(f"{len(names)} tensors ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {note}")
     if vocabulary.model == "llama" and not read_tokenizer_config(checkpoint_dir).get("legacy", False):
