@@ -75,6 +75,8 @@ def main(
     absent = [path for path in text_files or [] if not Path(path).is_file()]
     if absent:  # before the model is loaded
         raise FileNotFoundError(f"--text_files: {absent[0]} is not a file")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"--data_dir {data_dir} is not a directory")
     fabric = Fabric(accelerator=device, devices=devices, strategy="ddp" if devices > 1 else "auto")
     fabric.launch()
     quantized = quantize is not None or quantization_of(checkpoint_dir) is not None
