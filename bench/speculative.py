@@ -39,13 +39,20 @@ for CodeLlama-7b; alpha is at least that):
 
     python bench/speculative.py --target_model_name Llama-2-7b-hf --draft_model_name AMD-Llama-135m --alpha 0.7 \
         --compile --output out/bench/speculative_cuda_7b_steps.json
+
+With quantized weights (quantize.py; on the CPU their kernels want bf16 activations): a pair trained here, or the
+shapes of a 135m draft for a 1.1B target at alpha 0.7:
+
+    python bench/speculative.py --quantize int8 --draft_quantize int4 --output out/bench/speculative_cpu_int.json
+    python bench/speculative.py --target_model_name tiny_LLaMA_1b --draft_model_name AMD-Llama-135m --alpha 0.7 \
+        --quantize int8 --draft_quantize int4 --output out/bench/speculative_cpu_quantized_steps.json
 """
 
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Literal, Optional, Sequence
+from typing import Callable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,6 +67,8 @@ from speculative import (  # noqa: E402
     SpeculativeStats, check_tokenizers_agree, fit_prompt, load_prompts, speculative_generate, verify_logits,
 )
 from model import GPT  # noqa: E402
+from quantize import (Quantization, QuantizeMode, activation_dtype, describe, prepare_model,  # noqa: E402
+                      quantize_model)
 from utils import UserError, cli, write_json  # noqa: E402
 
 
@@ -79,6 +88,9 @@ def main(
     alpha: float = 0.7,
     output: Optional[Path] = None,
     seed: int = 1234,
+    quantize: Optional[QuantizeMode] = None,
+    draft_quantize: Optional[QuantizeMode] = None,
+    group_size: int = 64,
 ) -> dict:
     """Measure alpha, acceptance, tokens per target forward and speedup for each k and temperature; print a table
     and return (and write) the figures.
@@ -99,6 +111,10 @@ def main(
         alpha: with target_model_name, the acceptance at which to predict the speedups
         output: write the figures here as JSON
         seed: random seed of the sampled runs
+        quantize: int8 or int4 weight-only quantization of the target's linear layers (quantize.py); a quantized
+            model's activations are in the dtype its kernels are fast in, whatever --precision says
+        draft_quantize: the same for the draft
+        group_size: int4's group of input channels: 32, 64 or 128
     """
     if n_prompts < 1 or max_new_tokens < 1 or step_repeats < 1 or not ks or min(ks) < 1:
         raise UserError(f"--n_prompts {n_prompts}, --max_new_tokens {max_new_tokens}, --step_repeats {step_repeats} "
@@ -107,9 +123,10 @@ def main(
     report = report_header("bench/speculative.py", device)
     if target_model_name is not None:
         return predict_from_shapes(report, target_model_name, draft_model_name, alpha, ks, step_repeats, precision,
-                                   compile, device, output)
-    target, tokenizer = load_for_generation(target_dir, device, precision)
-    draft, draft_tokenizer = load_for_generation(draft_dir, device, precision)
+                                   compile, device, output, (quantize, draft_quantize, group_size))
+    target, tokenizer = load_for_generation(target_dir, device, precision, quantize, group_size)
+    draft, draft_tokenizer = load_for_generation(draft_dir, device, precision, draft_quantize, group_size,
+                                                 flag="--draft_quantize")
     check_tokenizers_agree(tokenizer, draft_tokenizer, target_dir, draft_dir)
     block_size = min(target.config.block_size, draft.config.block_size)
     if max_new_tokens >= block_size - 1:
@@ -171,8 +188,10 @@ def main(
 
 def predict_from_shapes(report: dict, target_model_name: str, draft_model_name: Optional[str], alpha: float,
                         ks: Sequence[int], step_repeats: int, precision: Optional[str], compile: bool,
-                        device: torch.device, output: Optional[Path]) -> dict:
-    """Step times of two model.py configs on random weights and the speedups they predict at `alpha`."""
+                        device: torch.device, output: Optional[Path],
+                        quantization: Tuple[Optional[str], Optional[str], int] = (None, None, 64)) -> dict:
+    """Step times of two model.py configs on random weights and the speedups they predict at `alpha`;
+    `quantization`: (the target's mode, the draft's, int4's group size)."""
     if draft_model_name is None or not 0 <= alpha < 1:
         raise UserError(f"--target_model_name needs a --draft_model_name and an --alpha in [0, 1), got "
                         f"{draft_model_name!r} and {alpha}")
@@ -181,10 +200,14 @@ def predict_from_shapes(report: dict, target_model_name: str, draft_model_name: 
     draft_config = named_config(draft_model_name, "--draft_model_name")
     with device:
         target, draft = (GPT(config).to(dtype).eval() for config in (target_config, draft_config))
+    quantize, draft_quantize, group_size = quantization
+    target, draft = (quantized(model, mode, group_size, flag) if mode else model for model, mode, flag in
+                     ((target, quantize, "--quantize"), (draft, draft_quantize, "--draft_quantize")))
     block_size = min(target.config.block_size, draft.config.block_size, 2048)
     steps = step_times(target, draft, max(ks), block_size, step_repeats, compile)
     report.update(arguments=dict(target_model_name=target_model_name, draft_model_name=draft_model_name, alpha=alpha,
-                                 ks=list(ks), step_repeats=step_repeats, compile=compile, dtype=str(dtype)),
+                                 ks=list(ks), step_repeats=step_repeats, compile=compile, dtype=str(dtype),
+                                 quantize=quantize, draft_quantize=draft_quantize, group_size=group_size),
                   step_seconds=steps,
                   predictions=[dict(k=k, **dict(zip(("textbook", "time_based"), predicted_speedups(alpha, k, steps))))
                                for k in ks])
@@ -196,6 +219,19 @@ def predict_from_shapes(report: dict, target_model_name: str, draft_model_name: 
     if output is not None:
         write_json(output, report)
     return report
+
+
+def quantized(model: GPT, mode: str, group_size: int, flag: str) -> GPT:
+    """`model` with its linear layers quantized, its activations in the dtype the kernels are fast in."""
+    try:
+        quantize_model(model, Quantization(mode, group_size if mode == "int4" else None))
+    except ValueError as error:
+        raise UserError(f"{flag} {mode} (--group_size {group_size}): {error}") from None
+    dtype = activation_dtype(model.transformer.wte.weight.device)
+    model = model.to(dtype)
+    prepare_model(model, dtype)
+    print(describe(model))
+    return model
 
 
 def describe_steps(steps: dict, ks: Sequence[int]) -> str:

@@ -49,3 +49,13 @@ def test_speculative_bench_step_times_of_model_shapes(tmp_path):
     assert report["predictions"][0]["textbook"] == pytest.approx(textbook_k1)
     assert report["predictions"][0]["time_based"] == pytest.approx(
         1.5 * steps["target"] / (steps["draft_2"] + steps["verify"]["1"]))
+
+
+def test_speculative_bench_times_quantized_shapes(capsys):
+    """The docstring's quantized command's mode on tiny shapes: both models quantized, their kernels named."""
+    report = speculative.main(target_model_name="demo", draft_model_name="demo", alpha=0.7, ks=[1], step_repeats=1,
+                              quantize="int8", draft_quantize="int4", group_size=32)
+    assert (report["arguments"]["quantize"], report["arguments"]["draft_quantize"]) == ("int8", "int4")
+    err_and_out = capsys.readouterr()
+    assert "int8 linear layers run" in err_and_out.out and "int4 linear layers run" in err_and_out.out
+    assert report["step_seconds"]["verify"]["1"] > 0
