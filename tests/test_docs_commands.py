@@ -178,6 +178,11 @@ def test_inheritune_commands(slim_star, trained, tmp_path):
         add={**ON_THE_CPU, "--train_data_dir": slim_star, "--val_data_dir": slim_star,
              "--tokenizer_dir": trained.checkpoint_dir, "--max_steps": 2}))
     assert Config.from_file(tmp_path / "trained-2" / "final") == small.config
+    gguf = tmp_path / "inherit-2.gguf"  # an inherited model exports for llama.cpp as it is
+    run_script(documented(
+        "python scripts/convert_to_gguf.py --checkpoint_dir out/tinyllama_1b/final --out_file out/tinyllama_1b.gguf "
+        "--type q4_0", replace={"--checkpoint_dir": inherited, "--out_file": gguf}))
+    assert gguf.read_bytes()[:4] == b"GGUF"
 
     grow = tmp_path / "grow"
     run_script(documented(
@@ -237,6 +242,11 @@ def test_finetuning_commands_and_chat_with_the_result(recipe, sft_data, trained,
         "python generate/chat.py --checkpoint_dir out/sft_demo/final --prompt 'What does json.dumps do?'",
         replace={"--checkpoint_dir": out / "final"}))
     assert capsys.readouterr().out.strip()  # an answer, streamed
+    gguf = tmp_path / "chat.gguf"  # what finetuning writes (LoRA: merged) exports for llama.cpp as it is
+    run_script(documented(
+        "python scripts/convert_to_gguf.py --checkpoint_dir out/sft_demo/final --out_file out/sft_demo-q8_0.gguf "
+        "--type q8_0", replace={"--checkpoint_dir": out / "final", "--out_file": gguf}))
+    assert gguf.read_bytes()[:4] == b"GGUF"
 
 
 def test_chat_command_with_a_system_prompt_reads_turns_from_stdin(trained, tmp_path, capsys):
