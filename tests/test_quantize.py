@@ -167,3 +167,16 @@ def test_bad_flags_are_one_line_errors(trained, tmp_path):
                              "--out_dir", str(tmp_path / "q"), "--mode", "int3"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "invalid choice: 'int3'" in result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels: needs a GPU")
+@pytest.mark.parametrize("mode, group_size, kernel", [("int8", None, "cuda_int8_dequantize"),
+                                                      ("int4", 64, "cuda_int4pack")])
+def test_cuda_kernels_compute_the_dequantized_matmul(mode, group_size, kernel):
+    layer = linear(bias=True)
+    module = QuantizedLinear.from_linear(layer, mode, group_size).cuda()
+    assert module.prepare(torch.bfloat16) == kernel
+    x = torch.randn(5, 256, device="cuda").bfloat16()
+    expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double().cuda()
+    got = module(x).double()
+    assert ((got - expected).abs() <= 2 ** -7 * expected.abs() + 1e-2).all()
