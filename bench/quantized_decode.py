@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import copy_bandwidth, report_header, time_decoding  # noqa: E402
 from checkpoint import named_config  # noqa: E402
-from generation import generate  # noqa: E402
+from generation import generate, synchronize  # noqa: E402
 from model import GPT  # noqa: E402
 from quantize import Quantization, describe, prepare_model, quantize_model, weight_bytes  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
@@ -37,8 +37,8 @@ MODES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "int8_fp32
 
 def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_length: int = 16, repeats: int = 3,
          modes: Sequence[str] = MODES, compile: bool = False, max_k: int = 8, output: Optional[Path] = None,
-         seed: int = 1337) -> dict:
-    """Time batch-1 greedy decoding of each mode on the CPU; print a table and return (and write) the figures.
+         seed: int = 1337, device: Literal["auto", "cpu", "cuda"] = "auto") -> dict:
+    """Time batch-1 greedy decoding of each mode; print a table and return (and write) the figures.
 
     Args:
         model_name: a config of model.py
@@ -50,6 +50,7 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
         max_k: verify costs are measured for k + 1 tokens, k = 1..max_k
         output: write the figures here as JSON
         seed: seed of the weights and the prompt
+        device: auto (CUDA if there is one), cpu or cuda
     """
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
@@ -57,10 +58,13 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
     if min(repeats, max_new_tokens, prompt_length, max_k) < 1:
         raise UserError("--repeats, --max_new_tokens, --prompt_length and --max_k must be at least 1")
     config = named_config(model_name)
-    device = torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA device; use --device cpu")
+    device = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     torch.manual_seed(seed)
-    base = GPT(config).eval()
-    prompt = torch.randint(0, config.vocab_size, (prompt_length,))
+    with device:
+        base = GPT(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (prompt_length,), device=device)
     bandwidth = copy_bandwidth(device)
     report = {**report_header("bench/quantized_decode.py", device),
               "arguments": dict(model_name=model_name, max_new_tokens=max_new_tokens, prompt_length=prompt_length,
@@ -104,7 +108,7 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
 
 
 def variant(base: GPT, mode: str) -> GPT:
-    """A copy of the float model in `mode`, prepared for the CPU."""
+    """A copy of the float model in `mode`, prepared for its device (bf16 activations for the quantized kernels)."""
     model = copy.deepcopy(base)
     if mode in ("fp32", "bf16"):
         return model.to(torch.float32 if mode == "fp32" else torch.bfloat16)
@@ -121,15 +125,18 @@ def verify_costs(model: GPT, prompt: torch.Tensor, max_k: int, max_seq_length: i
     """The time of one forward of k + 1 tokens after the prompt (a speculative verify), k = 1..max_k, in one-token
     decode steps; the best of `repeats` each."""
     T = prompt.numel()
+    device = prompt.device
     model.set_kv_cache(batch_size=1, max_seq_length=max_seq_length)
-    model(prompt[None], torch.arange(T))
+    model(prompt[None], torch.arange(T, device=device))
 
     def best(n: int) -> float:
-        idx, positions = prompt[None, :1].repeat(1, n), torch.arange(T, T + n)
+        idx, positions = prompt[None, :1].repeat(1, n), torch.arange(T, T + n, device=device)
         times = []
         for _ in range(repeats):
+            synchronize(device)
             start = time.perf_counter()
             model(idx, positions)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         return min(times)
 

