@@ -5,16 +5,16 @@ what it measured).
     python bench/gpu_suite.py --output out/bench/gpu_suite.json
     python bench/gpu_suite.py --dry_run --output out/bench/gpu_suite_dry.json   # the CPU rehearsal a test runs
 
-Steps: (1) environment: GPU, memory, CUDA, torch, the optional packages present, the SDPA backends enabled;
-(2) smoke of every CUDA path on a tiny model: a bf16-mixed training step against fp32, eager vs compiled (CUDA
-graphs) greedy decode, flash-attn vs SDPA where flash-attn is installed, a speculative round, int8 and int4 decode,
-an FSDP step over NCCL where two GPUs are present; (3) training throughput and MFU of TinyLlama-1.1B (micro-batch 8 x
-2048) and AMD-Llama-135m (micro-batch 16), bf16-mixed, eager and compiled (bench/train_throughput.py); (4) batch-1
-decode of both shapes, eager and compiled, beside the bandwidth bound (bench/generate_throughput.py), and bf16 vs
-int8 vs int4-g64 of the Llama-2-7B shape (bench/quantized_decode.py); (5) evaluation throughput where lm-eval is
-installed (bench/eval_throughput.py) and the speculative step times of a 7B-shaped target with a 135m-shaped draft
-(bench/speculative.py). A step a missing package needs is skipped with the reason. Distillation and serving: add
-their step to STEPS when they land.
+Steps: (1) environment: GPU, memory, CUDA, torch, the optional packages present, the SDPA backends enabled; (2)
+smoke of every CUDA path on a tiny model: a bf16-mixed training step against fp32, eager vs compiled (CUDA graphs)
+greedy decode, flash-attn vs SDPA where flash-attn is installed, a speculative round, int8 and int4 decode, an FSDP
+step over two processes (NCCL where two GPUs are present; gloo in the dry run); (3) training throughput and MFU of
+TinyLlama-1.1B (micro-batch 8 x 2048) and AMD-Llama-135m (micro-batch 16), bf16-mixed, eager and compiled
+(bench/train_throughput.py); (4) batch-1 decode of both shapes, eager and compiled, beside the bandwidth bound
+(bench/generate_throughput.py), and bf16 vs int8 vs int4-g64 of the Llama-2-7B shape (bench/quantized_decode.py);
+(5) evaluation throughput where lm-eval is installed (bench/eval_throughput.py) and the speculative step times of a
+7B-shaped target with a 135m-shaped draft (bench/speculative.py). A step a missing package needs is skipped with the
+reason. Distillation and serving: add their step to STEPS when they land.
 
 Reading it against the goals (bench/RESULTS.md's "GPU (pending)"): train tokens/s >= 88k for TinyLlama-1.1B (60%
 MFU) and >= 580k for AMD-Llama-135m on an H100-class GPU; decode >= 1,000 tokens/s (1.1B) and >= 3,000 (135m); int4
@@ -218,10 +218,43 @@ def smoke(dry_run: bool) -> dict:
             tokens = generate(quantized, prompt, 16, temperature=0.0, max_seq_length=32)
             kernels = sorted({layer.kernel for layer in quantized.modules() if isinstance(layer, QuantizedLinear)})
             results[f"{mode}_decode"] = dict(new_tokens=len(tokens) - len(prompt), kernels=kernels)
-    # the lent machine has one GPU; FSDP's collectives are tested on CPUs with gloo (tests/test_pretrain.py)
-    results["fsdp_nccl"] = dict(skipped=f"{torch.cuda.device_count()} GPU(s): the NCCL step needs two and is not "
-                                        f"written yet")
+    if dry_run or torch.cuda.device_count() >= 2:  # on the CPU: the same two processes over gloo
+        results["fsdp_two_processes"] = fsdp_step("cpu" if dry_run else "cuda")
+    else:
+        results["fsdp_two_processes"] = dict(skipped=f"{torch.cuda.device_count()} GPU: NCCL needs two")
     return results
+
+
+def fsdp_step(accelerator: str) -> dict:
+    """pretrain/tinyllama.py's FSDP over two processes (NCCL on GPUs, gloo on the CPU), bf16-mixed on GPUs, for two
+    steps of the micro model on random shards; the final loss must be finite."""
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    from shard_format import PackedDatasetBuilder, write_manifest
+
+    with tempfile.TemporaryDirectory() as directory:
+        data, out = Path(directory) / "data", Path(directory) / "out"
+        for prefix in ("train_a", "validation_a"):
+            builder = PackedDatasetBuilder(data, prefix, chunk_size=17 * 16, vocab_size=256)
+            builder.add_array(np.random.default_rng(0).integers(0, 256, 17 * 16, dtype=np.uint16))
+            builder.finish()
+        write_manifest(data)
+        command = [sys.executable, "pretrain/tinyllama.py", "--model_name", "micro", "--train_data_dir", str(data),
+                   "--val_data_dir", str(data), "--train_data_mix", "train_a", "--tokenizer_dir", "none",
+                   "--out_dir", str(out), "--accelerator", accelerator, "--devices", "2", "--strategy", "fsdp",
+                   "--precision", "32-true" if accelerator == "cpu" else "bf16-mixed", "--seq_len", "16",
+                   "--global_batch_size", "4", "--micro_batch_size", "2", "--max_steps", "2", "--eval_iters", "1",
+                   "--log_interval", "1"]
+        finished = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                                  timeout=120)
+        if finished.returncode:
+            raise RuntimeError(f"FSDP over two processes failed: {finished.stderr[-2000:]}")
+        losses = [float(line.split("loss ")[1].split(",")[0]) for line in finished.stdout.splitlines()
+                  if line.startswith("step ") and "loss " in line and "/" in line]
+        return dict(losses=losses, ok=len(losses) == 2 and all(np.isfinite(losses)))
 
 
 def bench_call(module: str, **arguments) -> dict:

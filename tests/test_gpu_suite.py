@@ -22,6 +22,7 @@ def test_the_dry_run_runs_every_step_and_writes_each_result(tmp_path, capsys):
     smoke = steps["smoke"]
     assert smoke["bf16_mixed_step"]["ok"] and smoke["speculative_round"]["same_tokens"]
     assert smoke["int8_decode"]["new_tokens"] == smoke["int4_decode"]["new_tokens"] == 16
+    assert smoke["fsdp_two_processes"]["ok"]  # over gloo
     assert all(steps["environment"]["carry"].values())  # every carried wheel pinned at its version in the lock
     assert steps["decode"]["micro"]["results"]["eager"]["tokens_per_s"] > 0
     assert "step" in capsys.readouterr().out  # the summary table
