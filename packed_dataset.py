@@ -26,7 +26,8 @@ worker's position, and a loaded state only tells the workers where the rank's st
 
 Completeness. training_batches and validation_batches read only shards that a manifest of their directory lists with
 their size (see `shard_format.py`): an interrupted preparer run writes none, so its partial shards are refused with
-the command to rerun. The manifests' vocabulary size and max token id are checked against the model's vocab_size by
+the command to rerun. A run prepared on several nodes counts only with the manifest of every node
+(`check_node_sets`). The manifests' vocabulary size and max token id are checked against the model's vocab_size by
 `PackedBatches.check_vocabulary`, before the first step.
 
 CombinedDataset draws the source of each block at random with the given weights (TinyLlama: SlimPajama 0.693584,
@@ -371,20 +372,48 @@ def covering_manifests(data_dir: Path, files: Sequence[str], manifests: List[dic
         path, why = missing
         raise UserError(f"{path} {why}: the preparer run that wrote it did not finish (interrupted or killed) "
                         f"or the file changed since. "
-                        f"Remove that run's shards and rerun it ({rerun_command(path)}); for shards made elsewhere "
-                        f"(lit-gpt's, TinyLlama's), run {WRITE_MANIFEST_COMMAND} {data_dir}")
+                        f"Continue that run ({rerun_command(path)}), or remove its shards and run it again; for shards "
+                        f"made elsewhere (lit-gpt's, TinyLlama's), run {WRITE_MANIFEST_COMMAND} {data_dir}")
     names = {Path(f).name for f in files}
-    return [m for m in manifests if names & m["files"].keys()]
+    covering = [m for m in manifests if names & m["files"].keys()]
+    check_node_sets(data_dir, covering, manifests)
+    return covering
+
+
+def check_node_sets(data_dir: Path, covering: List[dict], manifests: List[dict]) -> None:
+    """A preparer run on N nodes wrote one manifest per node (shard_format.write_manifest): refuse a run of which
+    `covering` holds some and data_dir's `manifests` not all (a node that never finished, named), or that is mixed
+    with a run on another number of nodes or of other input files."""
+    for run in sorted({m["run"] for m in covering if m.get("run")}):
+        nodes = [m for m in manifests if m.get("run") == run]
+        counts = sorted({m.get("num_nodes", 1) for m in nodes})
+        if len(counts) > 1:
+            raise UserError(f"{data_dir} holds manifests of {run} from runs on {' and '.join(map(str, counts))} "
+                            f"nodes ({', '.join(Path(m['path']).name for m in nodes)}): their shards would be read "
+                            f"twice; remove one run's shards and manifests")
+        num_nodes = counts[0]
+        missing = sorted(set(range(num_nodes)) - {m.get("node_rank", 0) for m in nodes})
+        if missing:
+            ranks = ", ".join(map(str, missing))
+            raise UserError(f"{data_dir}: {run} was prepared on {num_nodes} nodes, but node {ranks} wrote no manifest "
+                            f"(manifest_{run}_node{missing[0]}.json): its preparation did not finish. Rerun it there "
+                            f"with --num_nodes {num_nodes} --node_rank {missing[0]} --resume")
+        if len({m.get("inputs_sha256") for m in nodes}) > 1:
+            raise UserError(f"{data_dir}: the {num_nodes} nodes that prepared {run} were given different input files "
+                            f"(their manifests' inputs_sha256 differ), so their shares may overlap or miss files: "
+                            f"prepare it again with the same --source_path contents on every node")
 
 
 def rerun_command(path: Path) -> str:
-    """The preparer command that writes shards named as `path` ({split}_{name}_{process}_{counter}.bin)."""
-    match = re.fullmatch(r"(train|validation)_(.+)_\d+_\d{10}\.bin", path.name)
+    """The preparer command that writes shards named as `path` ({split}_{name}_{process}_{counter}.bin, or
+    {split}_{name}_node{R}_{process}_{counter}.bin), continuing the interrupted run."""
+    match = re.fullmatch(r"(train|validation)_(.+?)(?:_node(\d+))?_\d+_\d{10}\.bin", path.name)
     if match is None:
         return "the preparer command that wrote it"
-    split, name = match.groups()
+    split, name, node = match.groups()
+    flags = f"{'' if node is None else f' --node_rank {node}'} --resume"
     if name in ("slimpajama", "starcoder"):
-        return f"python prepare_data/prepare_{name}.py --split {split} --destination_path {path.parent} ..."
+        return f"python prepare_data/prepare_{name}.py --split {split} --destination_path {path.parent}{flags} ..."
     if name in ("code", "prose") and path.parent.name == split:
         return f"python prepare_data/prepare_demo.py --destination_path {path.parent.parent}"
-    return f"python prepare_data/prepare_text.py --name {name} --destination_path {path.parent} ..."
+    return f"python prepare_data/prepare_text.py --name {name} --destination_path {path.parent}{flags} ..."

@@ -16,7 +16,11 @@ Fixed on purpose, compared with the original:
 Manifests. A complete set of shards is one whose directory holds a manifest listing it (`manifest*.json`: each file's
 name, size in bytes and token count, the max token id, the tokenizer's vocabulary size and SHA-256 when known).
 Each preparer run writes `manifest_{run}.json` last, so an interrupted run leaves shards that no manifest covers;
+on several nodes each node writes its own (`manifest_{run}_node{R}.json`, recording num_nodes and node_rank).
 `prepare_data/write_manifest.py` writes `manifest.json` for shards made elsewhere, after scanning them.
+
+Resuming. `PackedDatasetBuilder.sync` makes the tokens added so far durable (the open chunk's in a hidden
+`.{prefix}_{counter}.open` file) and returns the position; `PackedDatasetBuilder.resume` continues from it.
 """
 
 import hashlib
@@ -112,6 +116,40 @@ class PackedDatasetBuilder:
         self.max_token_id = -1  # of every id added; -1 before any
         self._buffer = np.empty(chunk_size, dtype=self.dtype)
         self._filled = 0
+        self._synced = 0  # tokens of the open chunk already in its `.open` file (see sync)
+
+    @classmethod
+    def resume(cls, outdir: Union[str, Path], prefix: str, chunk_size: int, vocab_size: int,
+               dtype: Optional[np.dtype], shards: int, open_tokens: int, max_token_id: int) -> "PackedDatasetBuilder":
+        """The builder of an interrupted run, continued from a position that `sync` returned: after `shards` complete
+        files and the first `open_tokens` tokens of the next chunk. What was written after that position (later
+        files, the rest of the open chunk, temporaries) is removed; the open chunk's tokens are read back from its
+        file if it was completed, else from its `.open` file."""
+        builder = cls(outdir, prefix, chunk_size, vocab_size, dtype)
+        builder.filenames = [str(builder._path(counter)) for counter in range(shards)]
+        missing = [name for name in builder.filenames if not os.path.isfile(name)]
+        if missing:
+            raise UserError(f"{missing[0]}, written before the interruption, is missing: the run cannot be continued; "
+                            f"remove its shards and start again without --resume")
+        if open_tokens:
+            complete = builder._path(shards)
+            source, offset = (complete, HDR_SIZE) if complete.is_file() else (builder._open_path(shards), 0)
+            tokens = np.fromfile(source, dtype=builder.dtype, count=open_tokens, offset=offset) \
+                if source.is_file() else np.empty(0, builder.dtype)
+            if len(tokens) < open_tokens:
+                raise UserError(f"{source} holds {len(tokens)} of the {open_tokens} tokens recorded before the "
+                                f"interruption: the run cannot be continued; remove its shards and start again "
+                                f"without --resume")
+            builder._buffer[:open_tokens] = tokens
+            builder._filled = open_tokens
+        for stale in builder.outdir.glob(f"{prefix}_[0-9]*.bin"):
+            if int(stale.stem.rsplit("_", 1)[1]) >= shards:
+                stale.unlink()
+        for stale in [*builder.outdir.glob(f".{prefix}_[0-9]*.open"), *builder.outdir.glob(f".{prefix}_*.tmp")]:
+            stale.unlink()
+        builder.n_tokens = shards * chunk_size + open_tokens
+        builder.max_token_id = max_token_id
+        return builder
 
     def add_array(self, arr: np.ndarray) -> None:
         """Append token ids; every chunk that fills up is written as a file at once."""
@@ -136,19 +174,38 @@ class PackedDatasetBuilder:
                 self._write_chunk()
         self.n_tokens += arr.size
 
+    def sync(self) -> Tuple[int, int]:
+        """Make every token added so far durable, and return the position to continue from after a crash:
+        (complete files, tokens of the open chunk). The open chunk's new tokens are appended to its hidden `.open`
+        file and fsynced; that file goes once the chunk is written as a shard."""
+        if self._filled > self._synced:
+            with open(self._open_path(len(self.filenames)), "ab") as f:
+                f.write(self._buffer[self._synced:self._filled].tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            self._synced = self._filled
+        return len(self.filenames), self._filled
+
     def finish(self) -> list:
         """Write the last, partial chunk with its real token count as chunk size (never padded); return all files."""
         if self._filled:
             self._write_chunk()
         return list(self.filenames)
 
+    def _path(self, counter: int) -> Path:
+        return self.outdir / f"{self.prefix}_{counter:010d}.bin"
+
+    def _open_path(self, counter: int) -> Path:
+        return self.outdir / f".{self.prefix}_{counter:010d}.open"
+
     def _write_chunk(self) -> None:
-        path = self.outdir / f"{self.prefix}_{len(self.filenames):010d}.bin"
-        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        counter = len(self.filenames)
+        with atomic_write(self._path(counter)) as tmp, open(tmp, "wb") as f:
             f.write(_HEADER.pack(HDR_MAGIC, HDR_VERSION, self._code, self._filled))
             f.write(self._buffer[:self._filled])
-        self.filenames.append(str(path))
-        self._filled = 0
+        self._open_path(counter).unlink(missing_ok=True)  # the shard holds its tokens now
+        self.filenames.append(str(self._path(counter)))
+        self._filled = self._synced = 0
 
 
 def manifest_name(run: str) -> str:
@@ -175,10 +232,13 @@ def file_sha256(path: Union[str, Path]) -> str:
 
 def write_manifest(directory: Union[str, Path], shards: Optional[Sequence[Union[str, Path]]] = None, *,
                    name: str = SCANNED_MANIFEST, max_token_id: Optional[int] = None, vocab_size: Optional[int] = None,
-                   tokenizer_sha256: Optional[str] = None) -> Path:
+                   tokenizer_sha256: Optional[str] = None, run: Optional[str] = None, num_nodes: int = 1,
+                   node_rank: int = 0, inputs_sha256: Optional[str] = None) -> Path:
     """Write `directory/name`, the manifest that lets training read `shards` (files of `directory`; default: every
     *.bin in it). With max_token_id None (shards made elsewhere) every file is scanned for it; else only the headers
-    are checked. Atomic: the manifest is complete or absent. Returns its path."""
+    are checked. A preparer run names itself (`run`, e.g. train_slimpajama) and, run on several nodes, which node
+    wrote these shards and a digest of every node's inputs: training requires the manifests of every node of a run
+    (packed_dataset.check_node_sets). Atomic: the manifest is complete or absent. Returns its path."""
     directory = Path(directory)
     paths = sorted(directory.glob("*.bin")) if shards is None else sorted(map(Path, shards))
     if not paths:
@@ -196,6 +256,8 @@ def write_manifest(directory: Union[str, Path], shards: Optional[Sequence[Union[
     manifest = dict(format=f"LITPKDS v{HDR_VERSION}", vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha256,
                     max_token_id=max(max_ids) if max_token_id is None else max_token_id,
                     tokens=sum(entry["tokens"] for entry in files.values()), files=files)
+    if run is not None:
+        manifest.update(run=run, num_nodes=num_nodes, node_rank=node_rank, inputs_sha256=inputs_sha256)
     write_json(directory / name, manifest)
     return directory / name
 

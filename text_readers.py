@@ -1,7 +1,9 @@
-"""Reading documents for data preparation: finding the input files, the readers of JSON (lines or an array, plain or
-zstd-compressed), whole text files and parquet files, with every bad line or file counted and listed in a `Report`
-instead of ending the run; the deterministic train/validation split of documents and the document sample a tokenizer
-is trained on; and the Python standard library's files, the real text every machine has (the demo corpora).
+"""Reading documents for data preparation: finding the input files and each machine's share of them (`node_files`:
+balanced by size, the same on every node that lists the same files, so the nodes need not talk to each other), the
+readers of JSON (lines or an array, plain or zstd-compressed), whole text files and parquet files, with every bad line
+or file counted and listed in a `Report` instead of ending the run; the deterministic train/validation split of
+documents and the document sample a tokenizer is trained on; and the Python standard library's files, the real text
+every machine has (the demo corpora).
 
 A reader is a `read_documents(path, report)` generator that yields `(line, text)` for each document of one input file
 (line: the line or row number, for messages). shard_packing.py packs what it yields. Imports no torch.
@@ -9,6 +11,7 @@ A reader is a `read_documents(path, report)` generator that yields `(line, text)
 
 import glob
 import hashlib
+import heapq
 import io
 import json
 import os
@@ -56,6 +59,7 @@ class Report:
     problems: List[str] = field(default_factory=list)  # "file:line: reason", every unreadable file, the first skips
     input_files: int = 0
     input_bytes: int = 0
+    resumed_files: int = 0  # of input_files, those an interrupted run had finished (see shard_packing's --resume)
     shards: List[str] = field(default_factory=list)
     max_token_id: int = -1  # of every token written
     seconds: float = 0.0  # wall time of the run
@@ -80,7 +84,8 @@ class Report:
     def merge(self, other: "Report") -> None:
         for name in ("documents", "tokens", "excluded"):
             getattr(self, name).update(getattr(other, name))
-        for name in ("characters", "empty_documents", "skipped", "unreadable_files", "input_files", "input_bytes"):
+        for name in ("characters", "empty_documents", "skipped", "unreadable_files", "input_files", "input_bytes",
+                     "resumed_files"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.cpu_seconds += other.cpu_seconds
         self.problems += other.problems
@@ -91,6 +96,16 @@ class Report:
     def to_json(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "strict"}
         return {name: dict(value) if isinstance(value, Counter) else value for name, value in values.items()}
+
+    @classmethod
+    def from_json(cls, values: dict, strict: bool = False) -> "Report":
+        """The report of `to_json` (or of a summary file, whose other keys are ignored)."""
+        report = cls(strict=strict)
+        for f in fields(cls):
+            if f.name in values and f.name != "strict":
+                value = values[f.name]
+                setattr(report, f.name, Counter(value) if isinstance(value, dict) else value)
+        return report
 
 
 def is_glob(source: Union[str, Path]) -> bool:
@@ -135,6 +150,59 @@ def find_inputs(source: Union[str, Path], suffixes: Sequence[str]) -> Tuple[List
     if not known:
         raise FileNotFoundError(f"No {' or '.join(suffixes)} files in {str(source)!r} ({unknown} other files)")
     return known, unknown
+
+
+# litdata's names for --num_nodes and --node_rank, so that its launch scripts carry over
+NODE_VARIABLES = ("DATA_OPTIMIZER_NUM_NODES", "DATA_OPTIMIZER_NODE_RANK")
+
+
+def resolve_nodes(num_nodes: Optional[int], node_rank: Optional[int]) -> Tuple[int, int]:
+    """--num_nodes and --node_rank, else litdata's environment variables (so its launch scripts carry over), else one
+    node; checked, naming where each came from."""
+    values = []
+    for flag, value, variable, default in (("--num_nodes", num_nodes, NODE_VARIABLES[0], 1),
+                                           ("--node_rank", node_rank, NODE_VARIABLES[1], 0)):
+        source = flag
+        if value is None and os.environ.get(variable, "").strip():
+            source = f"{flag} (from {variable})"
+            try:
+                value = int(os.environ[variable])
+            except ValueError:
+                raise UserError(f"{source} must be an integer, got {os.environ[variable]!r}") from None
+        values.append((source, default if value is None else value))
+    (nodes_source, nodes), (rank_source, rank) = values
+    if nodes < 1:
+        raise UserError(f"{nodes_source} must be at least 1, got {nodes}")
+    if not 0 <= rank < nodes:
+        raise UserError(f"{rank_source} must be in [0, {nodes - 1}] for {nodes} nodes, got {rank}")
+    return nodes, rank
+
+
+def node_files(files: List[Path], num_nodes: int, node_rank: int) -> List[Path]:
+    """Node `node_rank`'s share of `files`, in their order: the files, largest first (ties by path), each go to the
+    node with the fewest bytes so far (ties: the lowest rank), so the shares differ by at most one file's size and
+    every node computes the same split from the same files."""
+    if num_nodes == 1:
+        return list(files)
+    totals = [(0, rank) for rank in range(num_nodes)]  # a heap of (bytes so far, node)
+    mine = set()
+    for size, path in sorted(((path.stat().st_size, path) for path in files), key=lambda item: (-item[0], item[1])):
+        total, node = heapq.heappop(totals)
+        heapq.heappush(totals, (total + size, node))
+        if node == node_rank:
+            mine.add(path)
+    if not mine:
+        raise UserError(f"--num_nodes {num_nodes}: {len(files)} input files leave node {node_rank} none; use at most "
+                        f"{len(files)} nodes")
+    return [path for path in files if path in mine]
+
+
+def inputs_sha256(files: List[Path]) -> str:
+    """Of the input files' names (relative to their common directory, which may be mounted elsewhere on another
+    node) and sizes: the nodes of one run must agree on it, or their shares overlap or leave files out."""
+    root = os.path.commonpath([str(path.parent) for path in files])
+    listing = "".join(f"{os.path.relpath(path, root)}\t{path.stat().st_size}\n" for path in files)
+    return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class ZstdReader(io.RawIOBase):

@@ -175,7 +175,7 @@ def prepare_demo(
             split_subdirs=True,
             chunk_size=chunk_size,
         )
-        for stale in job.shards_on_disk():  # from a build that was interrupted
+        for stale in job.shards_on_disk(temporaries=True):  # from a build that was interrupted
             stale.unlink()
         reports[name] = prepare(job, files, num_processes, quiet=quiet).to_json()
     write_json(marker, {"settings": settings, **reports})

@@ -50,6 +50,9 @@ def main(
     eos: bool = True,
     dtype: Optional[TokenDtype] = None,
     quiet: bool = False,
+    num_nodes: Optional[int] = None,
+    node_rank: Optional[int] = None,
+    resume: bool = False,
 ) -> Report:
     """Tokenize one split of StarCoder into shards {split}_starcoder_{process}_*.bin in destination_path.
 
@@ -66,12 +69,17 @@ def main(
         eos: EOS after each document
         dtype: token dtype of the shards; none: uint16 when the vocabulary fits, else int32
         quiet: no progress bar and no summary (the summary file is written all the same)
+        num_nodes: machines that share the input files (node_rank packs its share); none: DATA_OPTIMIZER_NUM_NODES or 1
+        node_rank: this machine's share, 0 to num_nodes - 1; none: DATA_OPTIMIZER_NODE_RANK or 0
+        resume: continue this node's interrupted run in destination_path (else start it), and keep its progress if
+            this run fails too
     """
     files = select_files(Path(source_path), split, languages)
     return prepare_files(
         files, partial(read_parquet_documents, languages=tuple(languages)), name="starcoder", split=split,
         tokenizer_path=tokenizer_path, destination_path=destination_path, chunk_size=chunk_size,
         num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype, quiet=quiet,
+        num_nodes=num_nodes, node_rank=node_rank, resume=resume,
     )
 
 

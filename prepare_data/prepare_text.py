@@ -36,6 +36,9 @@ def main(
     eos: bool = True,
     dtype: Optional[TokenDtype] = None,
     quiet: bool = False,
+    num_nodes: Optional[int] = None,
+    node_rank: Optional[int] = None,
+    resume: bool = False,
 ) -> Report:
     """Tokenize your own corpus into train and validation shards {split}_{name}_{process}_*.bin in destination_path.
 
@@ -54,6 +57,10 @@ def main(
         eos: EOS after each document
         dtype: token dtype of the shards; none: uint16 when the vocabulary fits, else int32
         quiet: no progress bar and no summary (the summary file is written all the same)
+        num_nodes: machines that share the input files (node_rank packs its share); none: DATA_OPTIMIZER_NUM_NODES or 1
+        node_rank: this machine's share, 0 to num_nodes - 1; none: DATA_OPTIMIZER_NODE_RANK or 0
+        resume: continue this node's interrupted run in destination_path (else start it), and keep its progress if
+            this run fails too
     """
     if not 0 <= validation_fraction <= 1:
         raise UserError(f"--validation_fraction must be in [0, 1], got {validation_fraction}")
@@ -64,6 +71,7 @@ def main(
         files, partial(read_text_documents, text_key=text_key), name=name, split=None,
         tokenizer_path=tokenizer_path, destination_path=destination_path, chunk_size=chunk_size,
         num_processes=num_processes, strict=strict, bos=bos, eos=eos, dtype=dtype, quiet=quiet,
+        num_nodes=num_nodes, node_rank=node_rank, resume=resume,
         validation_fraction=validation_fraction, unknown_files=unknown_files,
     )
 

@@ -45,10 +45,10 @@ def test_shards_that_no_manifest_covers_are_refused(tmp_path):
     stray.finish()  # as a preparer process whose run was killed before its manifest
     unlisted = tmp_path / "train_text_1_0000000000.bin"
     message = (f"{unlisted} is listed in no manifest (manifest*.json) of {tmp_path}: the preparer run that wrote it "
-               f"did not finish (interrupted or killed) or the file changed since. Remove that run's shards and rerun "
-               f"it (python prepare_data/prepare_text.py --name text --destination_path {tmp_path} ...); for shards "
-               f"made elsewhere (lit-gpt's, TinyLlama's), run python prepare_data/write_manifest.py --directory "
-               f"{tmp_path}")
+               f"did not finish (interrupted or killed) or the file changed since. Continue that run (python "
+               f"prepare_data/prepare_text.py --name text --destination_path {tmp_path} --resume ...), or remove its "
+               f"shards and run it again; for shards made elsewhere (lit-gpt's, TinyLlama's), run python "
+               f"prepare_data/write_manifest.py --directory {tmp_path}")
     with pytest.raises(ValueError, match=re.escape(message)):
         batches(tmp_path)
     unlisted.unlink()
