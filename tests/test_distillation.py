@@ -1,0 +1,57 @@
+"""distillation.py's loss against a hand-computed reference: forward, reverse and symmetric KL at temperatures, masked
+positions left out, a teacher with a larger vocabulary read on the student's ids, and kd_alpha 1 = the data loss."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distillation import IGNORE_INDEX, distillation_loss_sum, kd_divergence_sum
+
+
+def softmax(values, temperature):
+    exps = [math.exp(v / temperature) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def reference_divergence(student, teacher, targets, temperature, divergence):
+    """Plain Python over every unmasked position: the divergence between softmax(teacher / T) over the student's ids
+    and softmax(student / T)."""
+    total = 0.0
+    for row in range(len(targets)):
+        for position, target in enumerate(targets[row]):
+            if target == IGNORE_INDEX:
+                continue
+            q = softmax(student[row][position], temperature)
+            p = softmax(teacher[row][position][: len(q)], temperature)
+            forward = sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+            reverse = sum(qi * (math.log(qi) - math.log(pi)) for pi, qi in zip(p, q))
+            total += {"forward": forward, "reverse": reverse, "symmetric": (forward + reverse) / 2}[divergence]
+    return total
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "symmetric"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_the_divergence_equals_a_hand_computed_one_over_the_target_positions(divergence, temperature):
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4, 6, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(2, 4, 8, generator=generator, dtype=torch.float64)  # 2 ids more than the student
+    targets = torch.tensor([[1, IGNORE_INDEX, 3, 5], [IGNORE_INDEX, IGNORE_INDEX, 0, 2]])
+    got = kd_divergence_sum(student, teacher, targets, temperature, divergence).item()
+    expected = reference_divergence(student.tolist(), teacher.tolist(), targets.tolist(), temperature, divergence)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_loss_mixes_the_data_loss_and_t_squared_times_the_divergence():
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(2, 3, 5, generator=generator), torch.randn(2, 3, 5, generator=generator)
+    targets = torch.tensor([[1, 2, IGNORE_INDEX], [0, 4, 3]])
+    ce = F.cross_entropy(student.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    kd = kd_divergence_sum(student, teacher, targets, 2.0, "forward")
+    got = distillation_loss_sum(student, teacher, targets, kd_alpha=0.25, temperature=2.0, divergence="forward")
+    assert got.item() == pytest.approx((0.25 * ce + 0.75 * 4 * kd).item(), rel=1e-6)
+    data_only = distillation_loss_sum(student, teacher * float("nan"), targets, 1.0, 2.0, "forward")
+    assert torch.equal(data_only, ce)  # kd_alpha 1: exactly the data loss, the teacher unread
+    same = kd_divergence_sum(student, student.clone(), targets, 1.0, "symmetric")
+    assert same.item() == pytest.approx(0.0, abs=1e-6)  # a student equal to its teacher diverges by nothing
