@@ -649,7 +649,8 @@ def test_every_corpus_preparer_has_the_same_common_flags_and_quiet_prints_nothin
 
     from prepare_data import prepare_slimpajama, prepare_starcoder, prepare_text
 
-    common = ("chunk_size", "num_processes", "strict", "bos", "eos", "dtype", "quiet")
+    common = ("chunk_size", "num_processes", "strict", "bos", "eos", "dtype", "quiet", "num_nodes", "node_rank",
+              "resume")
     signatures = [inspect.signature(module.main).parameters for module in
                   (prepare_text, prepare_slimpajama, prepare_starcoder)]
     for name in common:
