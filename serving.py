@@ -144,7 +144,7 @@ class Engine:
 
     max_batch_size: the KV cache's rows, the most requests decoded at once (1: requests run one after another).
     max_seq_length: the cache length, the longest prompt plus answer; default the model's block size.
-    max_queue: the most requests waiting for a row; one more raises QueueFull.
+    max_queue: the most requests waiting for a row once every row is taken; one more raises QueueFull.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch_size: int = 8,
@@ -178,8 +178,9 @@ class Engine:
                                f"{self.max_seq_length - len(prompt_ids)} tokens", "max_tokens")
         request = Request(prompt_ids, params, self.tokenizer, listener)
         with self.lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already: try again later")
+            if len(self.waiting) >= self.max_queue + self.max_batch_size - len(self.active):
+                raise QueueFull(f"{len(self.active)} requests are running and {len(self.waiting)} waiting already: "
+                                f"try again later")
             self.waiting.append(request)
             self.lock.notify()
         return request

@@ -111,7 +111,7 @@ def test_a_seeded_request_samples_the_same_text_alone_and_batched(loaded):
 
 def test_cancel_frees_the_row_and_refusals_name_the_problem(loaded):
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_batch_size=1, max_queue=1)
+    engine = Engine(model, tokenizer, max_batch_size=1, max_queue=0)
     engine.start()
     try:
         first = engine.submit(tokenizer.encode("The", bos=True), SamplingParams(max_tokens=200, temperature=0))

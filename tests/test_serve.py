@@ -1,0 +1,149 @@
+"""generate/serve.py: the official `openai` client against a real server on 127.0.0.1 (uvicorn in a thread, a free
+port), serving the demo shape with random weights in float64 (its greedy text varies from token to token; the
+session's trained checkpoint soon repeats one) with that checkpoint's tokenizer and zephyr's template; greedy answers
+are compared with generate/chat.py's `Chat` and generation.generate on a copy of the model; the error cases run
+in-process through FastAPI's TestClient."""
+
+import copy
+import io
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+
+from chat_template import BUILTIN_TEMPLATES, ChatTemplate
+from checkpoint import load_model
+from generate.chat import Chat
+from generate.serve import MAX_BODY_BYTES, build_app
+from generation import generate
+from model import GPT
+from serving import Engine, SamplingParams
+from tokenizer import Tokenizer
+
+NAME = "tiny-chat"
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    """A server on a free port of 127.0.0.1; yields (its base url, its engine, the chat template)."""
+    checkpoint_dir = tmp_path_factory.mktemp("serve") / NAME
+    shutil.copytree(trained.checkpoint_dir, checkpoint_dir)
+    template = ChatTemplate(BUILTIN_TEMPLATES["zephyr"])
+    template.save(checkpoint_dir)
+    torch.manual_seed(0)
+    model = GPT(load_model(checkpoint_dir).config).double()
+    engine = Engine(model, Tokenizer(checkpoint_dir), max_batch_size=4)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, template, NAME), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", engine, template
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_greedy_answer_equals_generate_chat_py_and_its_stream(served, client):
+    _, engine, template = served
+    messages = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "What does len do?"}]
+    chat = Chat(copy.deepcopy(engine.model), engine.tokenizer, template, "You are brief.",
+                dict(max_new_tokens=24, temperature=0, top_k=None, top_p=1.0))
+    expected = chat.answer("What does len do?", io.StringIO())
+
+    answer = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0)
+    assert answer.choices[0].message.content == expected and answer.choices[0].message.role == "assistant"
+    usage = answer.usage
+    prompt_tokens = len(template.encode(engine.tokenizer, messages))
+    assert usage.prompt_tokens == prompt_tokens and usage.total_tokens == prompt_tokens + usage.completion_tokens
+    assert answer.choices[0].finish_reason == ("length" if usage.completion_tokens == 24 else "stop")
+
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-2].choices[0].finish_reason == answer.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == usage
+
+
+def test_completions_and_models(served, client):
+    _, engine, _ = served
+    tokenizer = engine.tokenizer
+    ids = tokenizer.encode("import os", bos=True)
+    out = generate(copy.deepcopy(engine.model), torch.tensor(ids), 12, temperature=0,
+                   stop_ids=[tokenizer.eos_id])[len(ids):].tolist()
+    expected = tokenizer.decode([i for i in out if i != tokenizer.eos_id])
+    completion = client.completions.create(model=NAME, prompt="import os", max_tokens=12, temperature=0)
+    assert completion.choices[0].text == expected and completion.usage.prompt_tokens == len(ids)
+    streamed = client.completions.create(model=NAME, prompt="import os", max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    assert [m.id for m in client.models.list()] == [NAME]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
+    url, engine, _ = served
+    slow = engine.model.transformer.ln_f.register_forward_hook(lambda *_: time.sleep(0.02))  # 200 tokens: >= 4 s
+    try:
+        body = {"model": NAME, "prompt": "def main():", "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.Client(base_url=url, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ") and engine.num_active() == 1
+            t0 = time.monotonic()
+            while engine.num_active() and time.monotonic() - t0 < 10:
+                time.sleep(0.02)
+            assert engine.num_active() == 0 and time.monotonic() - t0 < 2  # cancelled, not run to its end
+    finally:
+        slow.remove()
+    assert httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}).status_code == 200
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_bad_requests_get_their_status_and_openai_error_objects(served):
+    _, engine, template = served
+    # not started (no lifespan): requests stay queued, so a full queue is deterministic
+    idle = Engine(engine.model, engine.tokenizer, max_batch_size=1, max_queue=0)
+    http = TestClient(build_app(idle, template, NAME, api_key="secret"))
+    auth = {"Authorization": "Bearer secret"}
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert error_of(http.post("/v1/chat/completions", json=chat), 401)["code"] == "invalid_api_key"
+    assert error_of(http.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    assert http.get("/health").json()["status"] == "ok"
+    assert error_of(http.post("/v1/chat/completions", json={**chat, "model": "gpt-4"}, headers=auth),
+                    404)["code"] == "model_not_found"
+    bad = [({"n": 2}, "n"), ({"tools": [{"type": "function"}]}, "tools"),
+           ({"response_format": {"type": "json_object"}}, "response_format"), ({"temperature": "hot"}, "temperature"),
+           ({"max_tokens": 1000}, "max_tokens"),
+           ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+           ({"messages": [{"role": "user", "content": "x " * 300}]}, "messages"), ({"stop": [""]}, "stop")]
+    for change, param in bad:
+        assert error_of(http.post("/v1/chat/completions", json={**chat, **change}, headers=auth), 400)["param"] == param
+    ignored = {"frequency_penalty": 0.5, "presence_penalty": 0.1, "user": "me", "logit_bias": {}, "logprobs": False}
+    error_of(http.post("/v1/completions", content=b"{not json", headers=auth), 400)
+    error_of(http.post("/v1/completions", content=b" " * (MAX_BODY_BYTES + 1), headers=auth), 413)
+    idle.submit([1, 2], SamplingParams(max_tokens=1))  # takes the only place
+    error_of(http.post("/v1/chat/completions", json={**chat, **ignored}, headers=auth), 429)
+    error_of(http.get("/v1/nothing", headers=auth), 404)
