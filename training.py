@@ -31,6 +31,7 @@ import resource
 import time
 import typing
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, Literal, Optional, Protocol, Tuple
 
@@ -42,7 +43,7 @@ from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 
 from checkpoint import load_checkpoint, load_config, named_config, refuse_quantized, save_model_dir
-from model import GPT, Config, num_parameters
+from model import GPT, Block, Config, num_parameters
 from training_state import (
     SaveFinal, checkpoint_path, last_checkpoint_hint, load_training_state, save_checkpoint, save_final_weights,
 )
@@ -53,6 +54,7 @@ IGNORE_INDEX = -100  # targets that carry no loss (padding, prompts), as F.cross
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 Schedule = Literal["cosine", "linear", "constant"]
 Strategy = Literal["fsdp", "ddp"]
+FsdpSharding = Literal["full", "hybrid", "grad_op"]
 Precision = Literal["bf16-mixed", "bf16-true", "32-true"]
 Accelerator = Literal["auto", "cpu", "cuda"]
 
@@ -99,22 +101,35 @@ class TrainingSettings:
     tokenizer_dir: Optional[Path]  # copied next to the final weights
 
 
+@dataclass(frozen=True)
+class MemoryOptions:
+    """What trades computation or communication for memory (docs/pretraining.md says how much each saves)."""
+
+    activation_checkpointing: bool = False  # each Block's activations recomputed in the backward, not kept
+    fsdp_cpu_offload: bool = False  # FSDP2 keeps the parameters, gradients and optimizer state in CPU memory
+    # full: parameters gathered for each Block's forward and backward and resharded between (ZeRO-3); grad_op: kept
+    # gathered from the forward to the backward (ZeRO-2); hybrid: full within a node, replicated across nodes
+    fsdp_sharding: FsdpSharding = "full"
+
+
 # ---- setting up --------------------------------------------------------------------------------------------------
 
 
 def launch_fabric(devices: str, num_nodes: int, accelerator: str, strategy: str, precision: str, out_dir: Path,
-                  wandb_project: Optional[str]) -> Fabric:
-    """Fabric with FSDP2 (every Block sharded) or DDP over devices x num_nodes processes, and the loggers; starts the
-    other local processes (unless torchrun or SLURM did), each of which runs the calling script."""
+                  wandb_project: Optional[str], memory: MemoryOptions = MemoryOptions()) -> Fabric:
+    """Fabric with FSDP2 (every Block sharded, as `memory` says) or DDP over devices x num_nodes processes, and the
+    loggers; starts the other local processes (unless torchrun or SLURM did), each of which runs the calling script.
+    A single process uses neither, unless it offloads to the CPU (FSDP2 over one process)."""
     if accelerator in ("auto", "cuda") and torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     n_local = resolve_devices(devices, accelerator)
     world_size = n_local * num_nodes
-    if world_size == 1:
+    if world_size == 1 and not memory.fsdp_cpu_offload:
         fabric_strategy = "auto"
     elif strategy == "fsdp":
         fabric_strategy = ModelParallelStrategy(
-            parallelize_fn=shard_blocks, data_parallel_size=world_size, tensor_parallel_size=1
+            parallelize_fn=partial(shard_blocks, memory=memory, num_nodes=num_nodes), data_parallel_size=world_size,
+            tensor_parallel_size=1,
         )
     else:
         fabric_strategy = DDPStrategy()
@@ -138,15 +153,24 @@ def resolve_devices(devices: str, accelerator: str) -> int:
     return torch.cuda.device_count() if use_cuda else 1
 
 
-def shard_blocks(model: GPT, device_mesh) -> GPT:
-    """FSDP2: every Block is one all-gather unit, the root (embedding, final norm, head) another. bf16-mixed stays
-    Fabric's autocast over fp32 parameters, as with DDP: the same numerics whatever the strategy."""
-    from torch.distributed.fsdp import fully_shard
+def shard_blocks(model: GPT, device_mesh, memory: MemoryOptions = MemoryOptions(), num_nodes: int = 1) -> GPT:
+    """FSDP2: every Block is one all-gather unit, the root (embedding, final norm, head) another, sharded over every
+    process (over each node's with hybrid sharding, whose 2-D mesh replicates across the nodes), with the offload
+    and resharding of `memory`. bf16-mixed stays Fabric's autocast over fp32 parameters, as with DDP: the same
+    numerics whatever the strategy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = device_mesh["data_parallel"]
+    if memory.fsdp_sharding == "hybrid":
+        mesh = init_device_mesh(mesh.device_type, (num_nodes, mesh.size() // num_nodes),
+                                mesh_dim_names=("replicate", "shard"))
+    # pinned host memory speeds the copies to an accelerator; pinning needs one, so a CPU mesh pins nothing
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if memory.fsdp_cpu_offload else OffloadPolicy()
+    settings = dict(mesh=mesh, reshard_after_forward=memory.fsdp_sharding != "grad_op", offload_policy=offload)
     for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, **settings)
+    fully_shard(model, **settings)
     return model
 
 
@@ -168,11 +192,28 @@ def model_config(model_name: Optional[str], initial_checkpoint_dir: Optional[Pat
     return config
 
 
+def interpolate_positions(config: Config, ratio: int) -> Config:
+    """`config` with linear RoPE position interpolation by `ratio` (Chen et al. 2023; TinyLlama's code_tiny_LLaMA_1b
+    divides positions by 4): position p takes the angles p / ratio, so `ratio` x the trained context maps onto the
+    angles the weights were trained with. block_size grows in proportion (from the config's own ratio, so a config
+    already at `ratio` is returned as it is); named as the named config it then equals (tiny_LLaMA_1b at 4 is
+    code_tiny_LLaMA_1b), else by its name and ratio."""
+    if ratio < 1:
+        raise UserError(f"--rope_condense_ratio must be at least 1, got {ratio}")
+    if ratio == config.rope_condense_ratio:
+        return config
+    extended = replace(config, block_size=config.block_size * ratio // config.rope_condense_ratio,
+                       rope_condense_ratio=ratio)
+    named = [name for name in Config.names() if Config.from_name(name) == replace(extended, name=name)]
+    return replace(extended, name=named[0] if named else f"{config.name}-rope{ratio}")
+
+
 def build_model(fabric: Fabric, config: Config, seed: int, initial_checkpoint_dir: Optional[Path],
-                compile: bool, adapt: Optional[Callable[[GPT], None]] = None) -> nn.Module:
+                compile: bool, adapt: Optional[Callable[[GPT], None]] = None,
+                activation_checkpointing: bool = False) -> nn.Module:
     """GPT(config) with model.py's init from `seed` (the same on every rank, whatever the strategy), or the weights
-    of `initial_checkpoint_dir`; then changed by `adapt` if given (e.g. lora.add_lora, under the same seed), compiled
-    if asked, and set up (sharded, wrapped) by Fabric."""
+    of `initial_checkpoint_dir`; then changed by `adapt` if given (e.g. lora.add_lora, under the same seed), its
+    Blocks checkpointed if asked (checkpoint_blocks), compiled if asked, and set up (sharded, wrapped) by Fabric."""
     fabric.seed_everything(seed)
     # built whole on the device by every rank, then sharded (ModelParallelStrategy does not place it itself)
     with fabric.init_module(empty_init=False), torch.device(fabric.device):
@@ -181,9 +222,21 @@ def build_model(fabric: Fabric, config: Config, seed: int, initial_checkpoint_di
         load_checkpoint(model, Path(initial_checkpoint_dir) / "lit_model.pth")
     if adapt is not None:
         adapt(model)
+    if activation_checkpointing:
+        checkpoint_blocks(model)
     if compile:
         model = torch.compile(model)
     return fabric.setup(model)
+
+
+def checkpoint_blocks(model: GPT) -> None:
+    """Activation checkpointing per Block, with the wrapper torch's FSDP provides (torch.utils.checkpoint,
+    non-reentrant): the forward keeps each Block's input only, and the backward recomputes the Block's activations
+    from it, one Block at a time. The same gradients (tested in float64) for about a third more computation; the
+    wrapper's state-dict hooks keep the checkpoint keys unchanged."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, Block))
 
 
 def build_optimizer(fabric: Fabric, model: nn.Module, learning_rate: float, weight_decay: float,
@@ -191,7 +244,7 @@ def build_optimizer(fabric: Fabric, model: nn.Module, learning_rate: float, weig
     check_optimizer_settings(weight_decay, betas, eps)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, weight_decay, decay_all_params), lr=learning_rate, betas=betas, eps=eps,
-        fused=fabric.device.type == "cuda",
+        fused=next(model.parameters()).device.type == "cuda",  # not with FSDP's CPU offload: the step runs there
     )
     return fabric.setup_optimizers(optimizer)
 
@@ -223,13 +276,22 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, w
 
 
 def preflight(settings: TrainingSettings, accelerator: str, strategy: str, precision: str, devices: str,
-              num_nodes: int, weight_decay: float, betas: Tuple[float, float], eps: float) -> None:
+              num_nodes: int, weight_decay: float, betas: Tuple[float, float], eps: float,
+              memory: MemoryOptions = MemoryOptions()) -> None:
     """Every check of a recipe's flags that needs no process, run by each recipe before it launches them, so that a
     bad flag fails at once with one line rather than in every process after the start-up."""
     for name, value, kind in (("accelerator", accelerator, Accelerator), ("strategy", strategy, Strategy),
-                              ("precision", precision, Precision), ("lr_schedule", settings.lr_schedule, Schedule)):
+                              ("precision", precision, Precision), ("lr_schedule", settings.lr_schedule, Schedule),
+                              ("fsdp_sharding", memory.fsdp_sharding, FsdpSharding)):
         if value not in typing.get_args(kind):  # the CLI checks its choices itself; calls from Python do not
             raise UserError(f"--{name} {value!r}: expected one of {', '.join(typing.get_args(kind))}")
+    fsdp_only = ["--fsdp_cpu_offload"] * memory.fsdp_cpu_offload + [f"--fsdp_sharding {memory.fsdp_sharding}"] * (
+        memory.fsdp_sharding != "full")
+    if fsdp_only and strategy != "fsdp":
+        raise UserError(f"{fsdp_only[0]} needs --strategy fsdp, got --strategy {strategy}")
+    if memory.fsdp_sharding == "hybrid" and num_nodes < 2:
+        raise UserError(f"--fsdp_sharding hybrid shards within a node and replicates across nodes: it needs "
+                        f"--num_nodes of at least 2, got {num_nodes} (on one node, use full)")
     check_settings(settings)
     check_optimizer_settings(weight_decay, betas, eps)
     if num_nodes < 1:
@@ -499,7 +561,8 @@ def clip_gradients(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Opti
     """Clip the gradients to a total norm of `max_norm`, leaving inf and NaN for step_checks to find. Returns the
     norm before clipping, a plain tensor on the device (not read: no host sync)."""
     grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
-    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
+    return grad_norm.to(fabric.device)  # computed on the CPU where FSDP offloads the gradients there
 
 
 def step_checks(fabric: Fabric, step_loss: torch.Tensor, grad_norm: torch.Tensor, scale: torch.Tensor,

@@ -253,8 +253,10 @@ def frozen_parameter_names(model: nn.Module) -> set:
 
 
 def unprefixed(name: str) -> str:
-    """A state-dict name without torch.compile's `_orig_mod.`, which some of torch's state-dict functions drop."""
-    return name.replace("_orig_mod.", "")
+    """A state-dict name without torch.compile's `_orig_mod.` and activation checkpointing's
+    `_checkpoint_wrapped_module.` (training.checkpoint_blocks), which state dicts and torch's state-dict functions
+    drop."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 def saved_model_state(module: nn.Module) -> dict:

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from packed_dataset import parse_data_mix, training_batches, validation_batches
 from tokenizer import Tokenizer, has_tokenizer
 from training import (
-    Accelerator, Precision, Schedule, Strategy, TrainingSettings, build_model, build_optimizer, fit, launch_fabric,
-    model_config, preflight,
+    Accelerator, FsdpSharding, MemoryOptions, Precision, Schedule, Strategy, TrainingSettings, build_model,
+    build_optimizer, fit, interpolate_positions, launch_fabric, model_config, preflight,
 )
 from training_state import find_resume_checkpoint
 from utils import UserError, cli
@@ -44,6 +44,10 @@ def setup(
     strategy: Strategy = "fsdp",
     precision: Precision = "bf16-mixed",
     compile: bool = False,
+    activation_checkpointing: bool = False,
+    fsdp_cpu_offload: bool = False,
+    fsdp_sharding: FsdpSharding = "full",
+    rope_condense_ratio: Optional[int] = None,
     resume: Optional[str] = None,
     seed: int = 3407,
     seq_len: Optional[int] = None,
@@ -95,6 +99,13 @@ def setup(
         strategy: fsdp (FSDP2, every Block sharded) or ddp; a single process uses neither
         precision: bf16-mixed, bf16-true or 32-true
         compile: wrap the model in torch.compile
+        activation_checkpointing: recompute each Block's activations in the backward instead of keeping them
+        fsdp_cpu_offload: keep the parameters, gradients and optimizer state in CPU memory (FSDP2, also on one
+            device), with the optimizer step on the CPU
+        fsdp_sharding: full (ZeRO-3), grad_op (parameters kept gathered from forward to backward, ZeRO-2) or hybrid
+            (full within a node, replicated across nodes)
+        rope_condense_ratio: linear RoPE position interpolation: positions divided by this ratio and block_size
+            multiplied by it, to train beyond the model's context (4: 2048 -> 8192); none: the config's own
         resume: auto (the highest out_dir/step-N that loads, if any) or a checkpoint path
         seed: seed of the initial weights and the data order
         seq_len: tokens per sequence; none: the model's block_size
@@ -128,12 +139,19 @@ def setup(
         grad_clip=grad_clip, log_interval=log_interval, eval_interval=eval_interval, eval_iters=eval_iters,
         save_interval=save_interval, tokenizer_dir=tokenizer_dir,
     )
+    memory = MemoryOptions(activation_checkpointing, fsdp_cpu_offload, fsdp_sharding)
     # everything that can be checked is checked before processes are launched
-    preflight(settings, accelerator, strategy, precision, devices, num_nodes, weight_decay, (beta1, beta2), eps)
+    preflight(settings, accelerator, strategy, precision, devices, num_nodes, weight_decay, (beta1, beta2), eps,
+              memory)
     parse_data_mix(train_data_mix)
+    if rope_condense_ratio is not None and rope_condense_ratio < 1:
+        raise UserError(f"--rope_condense_ratio must be at least 1, got {rope_condense_ratio}")
 
-    fabric = launch_fabric(devices, num_nodes, accelerator, strategy, precision, settings.out_dir, wandb_project)
+    fabric = launch_fabric(devices, num_nodes, accelerator, strategy, precision, settings.out_dir, wandb_project,
+                           memory)
     config = model_config(model_name or (None if initial_checkpoint_dir else DEFAULT_MODEL), initial_checkpoint_dir)
+    if rope_condense_ratio is not None:
+        config = interpolate_positions(config, rope_condense_ratio)
     seq_len = seq_len or config.block_size
     if seq_len > config.block_size:
         raise UserError(f"--seq_len {seq_len} exceeds the block_size {config.block_size} of {config.name!r}")
@@ -155,7 +173,8 @@ def setup(
         if batches is not None:
             batches.check_vocabulary(config.vocab_size, f"the model {config.name!r}")
     resume_path = find_resume_checkpoint(fabric, resume, settings.out_dir)
-    model = build_model(fabric, config, seed, initial_checkpoint_dir if resume_path is None else None, compile)
+    model = build_model(fabric, config, seed, initial_checkpoint_dir if resume_path is None else None, compile,
+                        activation_checkpointing=activation_checkpointing)
     optimizer = build_optimizer(fabric, model, learning_rate, weight_decay, (beta1, beta2), eps, decay_all_params)
     return fit(fabric, model, optimizer, config, train_data, val_data, settings, hparams, resume_path)
 

@@ -484,3 +484,77 @@ def test_help_shows_the_demo_and_the_demo_has_its_own(capsys):
     assert "--global_batch_size" in helps["pretrain/tinyllama.py"]
     demo_flags = set(re.findall(r"--\w+", helps["pretrain/demo.py"].split("options:")[1]))
     assert demo_flags == {"--help", "--data_dir", "--out_dir", "--max_steps", "--eval_interval", "--eval_iters"}
+
+
+# ---- fitting smaller GPUs and longer sequences ----------------------------------------------------------------
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """For FSDP2 over one process in this process: Fabric's rendezvous on a free local port, and afterwards the
+    process group it leaves is destroyed and the variables it set are restored."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    saved = dict(os.environ)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_checkpointing_and_cpu_offload_train_as_plain_training_and_resume_exactly(tmp_path, one_process_group):
+    """The documented command with stand-ins, on one CPU process: FSDP2 over one process (as on one GPU), each Block
+    checkpointed and the state offloaded. Its losses and gradient norms equal a plain run's; a run resumed from its
+    step-2 checkpoint equals it bit for bit; the offload policy is applied without pinning (a CPU has no pinned
+    memory), and grad_op and hybrid (a 2-D mesh) sharding are applied as asked."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from training import MemoryOptions, checkpoint_blocks, shard_blocks
+
+    data = tmp_path / "data"
+    for number, prefix in enumerate(("train_slimpajama", "train_starcoder", "validation")):
+        write_shards(data, prefix, n_blocks=16, seed=number)
+    stand_in = {"--model_name": "micro", "--train_data_dir": data, "--val_data_dir": data, "--tokenizer_dir":
+                word_level_tokenizer(tmp_path / "tokenizer", 256), "--accelerator": "cpu", "--devices": 1,
+                "--precision": "32-true", "--global_batch_size": 8, "--micro_batch_size": 2, "--max_steps": 4,
+                "--save_interval": 2, "--eval_interval": 4, "--eval_iters": 2, "--seq_len": SEQ_LEN}
+    run_in_process(documented("python pretrain/tinyllama.py --activation_checkpointing --fsdp_cpu_offload",
+                              add={**stand_in, "--out_dir": tmp_path / "saving"}))
+    args = {flag[2:]: value for flag, value in stand_in.items()}
+    setup(**args, out_dir=tmp_path / "plain")
+    saving, plain = metrics(tmp_path / "saving"), metrics(tmp_path / "plain")
+    for step, name in ((4, "loss"), (4, "grad_norm"), (0, "val_loss"), (4, "val_loss")):  # (logged at the end)
+        assert saving[step][name] == pytest.approx(plain[step][name], rel=1e-6)
+    assert (tmp_path / "saving" / "step-00000002" / ".metadata").is_file()  # sharded: FSDP2 did run
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "saving" / "step-00000002", resumed / "step-00000002")
+    setup(**args, out_dir=resumed, activation_checkpointing=True, fsdp_cpu_offload=True, resume="auto")
+    assert {name: metrics(resumed)[4][name] for name in ("grad_norm", "val_loss")} == {
+        name: saving[4][name] for name in ("grad_norm", "val_loss")}
+    weights, reference = final_weights(resumed), final_weights(tmp_path / "saving")
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
+
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    for memory in (MemoryOptions(True, True, "grad_op"), MemoryOptions(fsdp_sharding="hybrid")):
+        model = GPT(Config.from_name("micro"))
+        if memory.activation_checkpointing:
+            checkpoint_blocks(model)
+        group = shard_blocks(model, mesh, memory)._get_fsdp_state()._fsdp_param_group  # FSDP2's own record
+        block_group = model.transformer.h[0]._get_fsdp_state()._fsdp_param_group
+        for applied in (group, block_group):
+            assert (applied.offload_policy == CPUOffloadPolicy(pin_memory=False)) == memory.fsdp_cpu_offload
+            assert (applied.post_forward_mesh_info is None) == (memory.fsdp_sharding == "grad_op")  # not resharded
+            assert applied.mesh_info.mesh.mesh_dim_names == (("replicate", "shard") if memory.fsdp_sharding ==
+                                                             "hybrid" else ("data_parallel",))
+

@@ -2,6 +2,7 @@
 independence of how sequences fall into micro-batches, token counts with padding; and its pieces against closed
 forms: the schedules, the global batch, the weight-decay groups, FLOPs per token and peak FLOP/s."""
 
+import copy
 import csv
 import math
 from dataclasses import replace
@@ -15,9 +16,9 @@ from checkpoint import load_model, load_state_dict
 from model import GPT, Config, num_parameters
 from packed_dataset import PackedBatches, PackedDataset
 from shard_format import PackedDatasetBuilder
-from training import (IGNORE_INDEX, TrainingSettings, build_model, build_optimizer, fit, get_lr,
-                      gradient_accumulation_steps, launch_fabric, parameter_groups, peak_flops,
-                      training_flops_per_token)
+from training import (IGNORE_INDEX, TrainingSettings, build_model, build_optimizer, checkpoint_blocks, fit, get_lr,
+                      gradient_accumulation_steps, interpolate_positions, launch_fabric, loss_sum, parameter_groups,
+                      peak_flops, training_flops_per_token)
 
 PAD_ID = 0
 SETTINGS = TrainingSettings(
@@ -249,3 +250,38 @@ def test_peak_flops_known_gpus_in_bf16_only():
     assert peak_flops("NVIDIA A100-SXM4-80GB", "32-true") is None
     assert peak_flops("Tesla T4", "bf16-mixed") is None
     assert peak_flops(None, "bf16-mixed") is None
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients_and_keys():
+    """float64, where a recomputed Block gives the same bits: every gradient of the checkpointed model equals the
+    plain one's; each Block's attention runs twice (the recomputation in the backward, which stops once it has what
+    the backward needs); the state dict's keys are the plain ones, so checkpoints go from one to the other."""
+    torch.manual_seed(0)
+    config = Config.from_name("micro")
+    plain = GPT(config).double()
+    checkpointed = copy.deepcopy(plain)
+    checkpoint_blocks(checkpointed)
+    calls = {name: [] for name in ("plain", "checkpointed")}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        for module in model.modules():
+            if type(module).__name__ == "CausalSelfAttention":
+                module.register_forward_hook(lambda *args, name=name: calls[name].append(1))
+    idx = torch.randint(0, config.vocab_size, (2, 48))
+    targets = torch.randint(0, config.vocab_size, (2, 48))
+    for model in (plain, checkpointed):
+        loss_sum(model(idx), targets).backward()
+    assert len(calls["plain"]) == config.n_layer and len(calls["checkpointed"]) == 2 * config.n_layer
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    gradients = {name.replace("_checkpoint_wrapped_module.", ""): param.grad
+                 for name, param in checkpointed.named_parameters()}
+    for name, param in plain.named_parameters():
+        assert torch.equal(param.grad, gradients[name]), name
+
+
+def test_position_interpolation_scales_the_context_and_finds_the_named_config():
+    code = interpolate_positions(Config.from_name("tiny_LLaMA_1b"), 4)
+    assert code == Config.from_name("code_tiny_LLaMA_1b")  # TinyLlama's own 8k config, by name too
+    assert interpolate_positions(code, 4) is code
+    micro = interpolate_positions(Config.from_name("micro"), 2)
+    assert (micro.name, micro.block_size, micro.rope_condense_ratio) == ("micro-rope2", 128, 2)
+    assert interpolate_positions(micro, 4).block_size == 256

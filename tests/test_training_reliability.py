@@ -82,6 +82,20 @@ def test_absurd_hyperparameters_are_refused_up_front_naming_the_flag(tmp_path, d
     assert not out.exists()  # refused before the processes are launched
 
 
+@pytest.mark.parametrize("flags, message", [
+    (dict(strategy="ddp", fsdp_cpu_offload=True), "--fsdp_cpu_offload needs --strategy fsdp, got --strategy ddp"),
+    (dict(strategy="ddp", fsdp_sharding="grad_op"), "--fsdp_sharding grad_op needs --strategy fsdp"),
+    (dict(fsdp_sharding="hybrid"), "--fsdp_sharding hybrid shards within a node and replicates across nodes: it "
+                                   "needs --num_nodes of at least 2, got 1"),
+    (dict(fsdp_sharding="zero3"), "--fsdp_sharding 'zero3': expected one of full, hybrid, grad_op"),
+    (dict(rope_condense_ratio=0), "--rope_condense_ratio must be at least 1, got 0"),
+])
+def test_memory_and_context_options_that_cannot_apply_are_refused_up_front(tmp_path, data_dir, flags, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        short_run(tmp_path / "out", data_dir, **flags)
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_finite_weights_are_never_saved(tmp_path, data_dir):
     """AdamW with eps 0 (past the up-front check) divides 0 by 0 for the embedding rows of tokens the step did not
     see: the loss and the gradient stay finite, the weights do not. The checkpoint must not be written."""
