@@ -23,7 +23,7 @@ def test_the_dry_run_runs_every_step_and_writes_each_result(tmp_path, capsys):
     assert smoke["bf16_mixed_step"]["ok"] and smoke["speculative_round"]["same_tokens"]
     assert smoke["int8_decode"]["new_tokens"] == smoke["int4_decode"]["new_tokens"] == 16
     assert smoke["fsdp_two_processes"]["ok"]  # over gloo
-    assert all(steps["environment"]["carry"].values())  # every carried wheel pinned at its version in the lock
+    assert steps["environment"]["carry"] == gpu_suite.CARRY  # the test environment installs the lock
     assert steps["decode"]["micro"]["results"]["eager"]["tokens_per_s"] > 0
     assert "step" in capsys.readouterr().out  # the summary table
 
@@ -38,11 +38,19 @@ def test_a_slow_a_failing_and_a_skipped_step_are_reported_and_the_suite_goes_on(
     def without_package(dry_run):
         gpu_suite.needs("no_such_package_here")
 
-    monkeypatch.setattr(gpu_suite, "STEPS", [("slow", slow, 0.2), ("failing", failing, 5),
-                                             ("skipped", without_package, 5), ("environment", gpu_suite.environment, 30)])
+    steps = [("slow", slow, 0.2), ("failing", failing, 5), ("skipped", without_package, 5),
+             ("environment", gpu_suite.environment, 30)]
+    monkeypatch.setattr(gpu_suite, "STEPS", steps)
     steps = gpu_suite.main(output=tmp_path / "suite.json", dry_run=True)["steps"]
     assert steps["slow"]["status"] == "timeout" and steps["slow"]["seconds"] < 2
     assert steps["failing"]["status"] == "failed" and "illegal memory access" in steps["failing"]["reason"]
     assert steps["skipped"] == dict(status="skipped", reason="no_such_package_here is not installed",
                                     seconds=steps["skipped"]["seconds"])
     assert steps["environment"]["status"] == "ok"
+
+
+def test_the_carry_list_is_the_runtime_locks_versions():
+    from scripts.lock_requirements import locked_versions, normalize
+
+    locked = locked_versions((gpu_suite.ROOT / "requirements.txt").read_text())
+    assert {name: locked[normalize(name)] for name in gpu_suite.CARRY} == gpu_suite.CARRY
