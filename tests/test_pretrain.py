@@ -360,6 +360,36 @@ def test_fsdp_checkpoint_is_sharded_and_resumes_exactly(distributed_runs, tmp_pa
         train_here(tmp_path / "one", data_dir, **DISTRIBUTED, resume=distributed_runs["ddp"] / "step-00000002")
 
 
+def test_hybrid_sharding_over_two_nodes_of_two_processes_matches_one(distributed_runs, tmp_path, data_dir):
+    """--fsdp_sharding hybrid: 2 nodes (2 launches on this machine, Fabric's NODE_RANK) x 2 processes, a 2-D mesh
+    that shards within each node and replicates across the two: the same losses and weights as one process."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = run_args(tmp_path / "hybrid", data_dir, **DISTRIBUTED, devices=2, num_nodes=2, strategy="fsdp",
+                    fsdp_sharding="hybrid")
+    nodes = [subprocess.Popen(command_line("pretrain/tinyllama.py", args), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank)})
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:  # a hung peer: its launcher's children too
+                os.killpg(node.pid, signal.SIGKILL)
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    assert len(list((tmp_path / "hybrid" / "step-00000002").glob("*.distcp"))) == 4  # one shard file per rank
+    single, hybrid = metrics(distributed_runs["single"]), metrics(tmp_path / "hybrid")
+    for step, name in [(step, "loss") for step in (1, 2, 3, 4)] + [(0, "val_loss"), (4, "val_loss")]:
+        assert hybrid[step][name] == pytest.approx(single[step][name], abs=1e-5)
+    weights, reference = final_weights(tmp_path / "hybrid"), final_weights(distributed_runs["single"])
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_precisions_train_close_to_fp32_and_fsdp_matches_one_process(tmp_path, data_dir):
     args = dict(train_data_mix="train_a", max_steps=2, val_data_dir=None, save_interval=2)
     train_here(tmp_path / "fp32", data_dir, **args)
