@@ -588,3 +588,58 @@ def test_checkpointing_and_cpu_offload_train_as_plain_training_and_resume_exactl
             assert applied.mesh_info.mesh.mesh_dim_names == (("replicate", "shard") if memory.fsdp_sharding ==
                                                              "hybrid" else ("data_parallel",))
 
+
+def test_tinyllama_code_recipe_continues_a_checkpoint_with_tinyllamas_values(tmp_path):
+    from pretrain.tinyllama_code import RECIPE
+
+    config = replace(Config.from_name("micro"), name="micro-start")
+    save_model_dir(GPT(config), config, word_level_tokenizer(tmp_path / "tokenizer", 256), tmp_path / "initial")
+    write_shards(tmp_path / "data", "train_starcoder", n_blocks=16, seed=6)
+    out = tmp_path / "out"
+    run_in_process(documented("python pretrain/tinyllama_code.py", add={
+        "--initial_checkpoint_dir": tmp_path / "initial", "--train_data_dir": tmp_path / "data", "--out_dir": out,
+        "--accelerator": "cpu", "--devices": 1, "--precision": "32-true", "--global_batch_size": 8,
+        "--micro_batch_size": 2, "--max_steps": 2, "--seq_len": SEQ_LEN}))
+    hparams = json.loads((out / "hyperparameters.json").read_text())
+    tinyllama = dict(learning_rate=2e-4, min_lr=2e-5, warmup_steps=0, save_interval=2000, weight_decay=0.1, beta1=0.9,
+                     beta2=0.95, grad_clip=1.0, train_data_mix="train_starcoder")  # its tinyllama_code.py
+    assert {name: hparams[name] for name in tinyllama} == tinyllama
+    assert (RECIPE["global_batch_size"], RECIPE["max_steps"], RECIPE["seq_len"]) == (360, 10_000, 2048)
+    assert all(360 % (RECIPE["micro_batch_size"] * devices) == 0 for devices in (1, 2, 3, 4, 6, 8))
+    assert metrics(out)[2]["learning_rate"] == pytest.approx(2e-5 + 0.5 * (2e-4 - 2e-5))  # cosine, no warmup
+    assert Config.from_file(out / "final") == config
+
+
+def test_8k_recipe_trains_beyond_the_context_at_the_condensed_angles(tmp_path):
+    """The documented 8k commands on stand-ins: the StarCoder preparer with its --chunk_size, then the recipe from a
+    64-token model, which trains at 4 x 64 = 256 tokens with the positions divided by 4, against angles by hand."""
+    from prepare_data.train_tokenizer import train_tokenizer
+    from test_prepare_data import sentences, write_parquet
+
+    assert 2097408 == 256 * (8192 + 1)  # the documented chunk size: 256 whole blocks of 8,193 tokens a shard
+    train_tokenizer(sentences(500, seed=0), tmp_path / "tokenizer", vocab_size=320)
+    write_parquet(tmp_path / "starcoderdata" / "python" / "train-0.parquet", {"content": sentences(80, seed=1)})
+    run_in_process(documented(
+        "python prepare_data/prepare_starcoder.py --source_path data/starcoderdata --split train --chunk_size 2097408 "
+        "--tokenizer_path checkpoints/TinyLlama-1.1B --destination_path data/starcoder_8k",
+        replace={"--source_path": tmp_path / "starcoderdata", "--tokenizer_path": tmp_path / "tokenizer",
+                 "--destination_path": tmp_path / "starcoder_8k"}))
+    config = replace(Config.from_name("micro"), vocab_size=320, padded_vocab_size=None, name="micro-320")
+    save_model_dir(GPT(config), config, tmp_path / "tokenizer", tmp_path / "initial")
+    out = tmp_path / "out"
+    run_in_process(documented("python pretrain/tinyllama_code_8k.py", add={
+        "--initial_checkpoint_dir": tmp_path / "initial", "--train_data_dir": tmp_path / "starcoder_8k",
+        "--out_dir": out, "--accelerator": "cpu", "--devices": 1, "--precision": "32-true",
+        "--global_batch_size": 2, "--micro_batch_size": 1, "--max_steps": 2, "--seq_len": 4 * 64}))
+    final = Config.from_file(out / "final")
+    assert (final.name, final.block_size, final.rope_condense_ratio) == ("micro-320-rope4", 256, 4)
+    assert metrics(out)[2]["tokens"] == 2 * 2 * 256 and all(math.isfinite(loss) for loss in losses(out).values())
+    head_size = config.n_embd // config.n_head
+    frequencies = 1.0 / 10000 ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.outer(torch.arange(256, dtype=torch.float64) / 4, frequencies).repeat(1, 2)
+    model = GPT(final)
+    # float32 angles of up to 64 radians: a few 1e-6 off the float64 ones
+    torch.testing.assert_close(model.cos.double(), angles.cos(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.sin.double(), angles.sin(), rtol=0, atol=1e-5)
+    original = GPT(config)  # position 4k of the extended model at the original's angles of position k
+    assert torch.equal(model.cos[::4], original.cos) and torch.equal(model.sin[::4], original.sin)

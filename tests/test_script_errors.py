@@ -29,6 +29,14 @@ CASES = {
         ["--tokenizer_dir", "{missing}", "--out_dir", "{tmp}/out", *CPU],
         (["--warmup_steps", "-1", *CPU], "--warmup_steps"),
     ),
+    "pretrain/tinyllama_code.py": (
+        ["--initial_checkpoint_dir", "{missing}", "--out_dir", "{tmp}/out", *CPU],
+        (["--fsdp_sharding", "hybrid", *CPU], "--fsdp_sharding hybrid"),
+    ),
+    "pretrain/tinyllama_code_8k.py": (
+        ["--initial_checkpoint_dir", "{missing}", "--out_dir", "{tmp}/out", *CPU],
+        (["--rope_condense_ratio", "0", *CPU], "--rope_condense_ratio"),
+    ),
     "pretrain/demo.py": (
         "its data_dir is built where it is missing; it reads no other path",
         (["--max_steps", "0", "--data_dir", "{missing}"], "--max_steps"),
