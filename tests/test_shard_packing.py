@@ -15,14 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 
 import shard_packing
 from packed_dataset import training_batches, validation_batches
 from prepare_data import prepare_text
 from shard_packing import Job, node_files, prepare, resolve_nodes
 from tests.documented import documented
-from prepare_data.train_tokenizer import train_tokenizer
+import test_prepare_data
 from test_prepare_data import read_prefix, record, sentences, split_documents, write_zst
 from text_readers import read_text_documents
 from utils import UserError
@@ -31,16 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {key: value for key, value in os.environ.items() if not key.startswith("DATA_OPTIMIZER_")}
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(sentences(2000, seed=0), directory, vocab_size=320)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def sp(tokenizer_dir):
-    return spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+tokenizer_dir, sp = test_prepare_data.tokenizer_dir, test_prepare_data.sp  # its fixtures: a 320-piece tokenizer
 
 
 @pytest.fixture(scope="module")
