@@ -3,10 +3,10 @@
     python generate/serve.py --checkpoint_dir checkpoints/TinyLlama-1.1B-Chat-v1.0
 
 Serves `POST /v1/chat/completions` (messages in the checkpoint's chat template), `POST /v1/completions`,
-`GET /v1/models` and `GET /health` on 127.0.0.1:8000 unless told otherwise; every client of the OpenAI API works with
-it. Up to --max_batch_size requests are decoded together, and up to --max_queue more wait for a free row (one more
-gets 429). FastAPI and uvicorn: request handling and server-sent events on asyncio, with the model in one engine
-thread that the handlers talk to through queues.
+`GET /v1/models`, `GET /health` and a chat page at `GET /` (generate/serve.html) on 127.0.0.1:8000 unless told
+otherwise; every client of the OpenAI API works with it. Up to --max_batch_size requests are decoded together, and up
+to --max_queue more wait for a free row (one more gets 429). FastAPI and uvicorn: request handling and server-sent
+events on asyncio, with the model in one engine thread that the handlers talk to through queues.
 """
 
 import asyncio
@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Dict, List, Literal, Optional, Tuple
 import torch
 import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,6 +31,7 @@ from quantize import QuantizeMode
 from serving import Engine, Event, Finished, QueueFull, RequestError, SamplingParams
 from utils import UserError, cli
 
+PAGE = Path(__file__).resolve().with_name("serve.html")  # the chat page at /
 MAX_BODY_BYTES = 1 << 20  # a request body beyond 1 MiB gets 413: far more than any prompt the context can hold
 # fields clients routinely send that change nothing here (we compute no logprobs and apply no penalties)
 IGNORED = {"frequency_penalty", "presence_penalty", "user", "logit_bias", "logprobs", "top_logprobs", "metadata",
@@ -126,6 +127,10 @@ def build_app(engine: Engine, template: Optional[ChatTemplate], model_name: str,
                                                               f"Bearer {api_key}"):
             raise ApiError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
+
+    @app.get("/")
+    async def page():  # no key needed for the page itself: it asks for one and sends it with each request
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():

@@ -8,8 +8,11 @@ import copy
 import io
 import shutil
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
+from typing import Optional
 
 import httpx
 import openai
@@ -147,3 +150,94 @@ def test_bad_requests_get_their_status_and_openai_error_objects(served):
     idle.submit([1, 2], SamplingParams(max_tokens=1))  # takes the only place
     error_of(http.post("/v1/chat/completions", json={**chat, **ignored}, headers=auth), 429)
     error_of(http.get("/v1/nothing", headers=auth), 404)
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# without the background-networking flags Chromium floods a closed network with refused connections
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver key of an element reference
+
+
+class WebDriver:
+    """The few W3C WebDriver commands the page's test needs, sent to Debian's chromedriver over HTTP (so nothing
+    is downloaded and no driver manager runs)."""
+
+    def __init__(self, url: str, user_data_dir: Path) -> None:
+        self.http = httpx.Client(base_url=url, timeout=60)
+        options = {"binary": str(CHROMIUM), "args": CHROMIUM_ARGS + [f"--user-data-dir={user_data_dir}"]}
+        self.session = self.command("POST", "/session", {"capabilities": {"alwaysMatch": {
+            "browserName": "chrome", "goog:chromeOptions": options}}})["sessionId"]
+
+    def command(self, method: str, path: str, body: Optional[dict] = None):
+        response = self.http.request(method, path, json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["value"]
+
+    def __call__(self, method: str, path: str, body: Optional[dict] = None):
+        return self.command(method, f"/session/{self.session}{path}", body)
+
+    def element(self, css: str) -> str:
+        return self("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
+
+    def type(self, css: str, text: str) -> None:
+        element = self.element(css)
+        self("POST", f"/element/{element}/clear", {})
+        self("POST", f"/element/{element}/value", {"text": text})
+
+    def script(self, source: str):
+        return self("POST", "/execute/sync", {"script": source, "args": []})
+
+    def close(self) -> None:
+        self("DELETE", "")
+        self.http.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Chromium is not installed: apt-get install chromium chromium-driver (.ci/run does)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    driver = subprocess.Popen([str(CHROMEDRIVER), f"--port={port}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/status", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "chromedriver did not start"
+                time.sleep(0.05)
+        session = WebDriver(f"http://127.0.0.1:{port}", tmp_path / "chromium-profile")
+        yield session
+        session.close()
+    finally:
+        driver.terminate()
+        driver.wait(timeout=30)
+
+
+def test_the_chat_page_streams_the_apis_answer_in_a_real_browser(served, client, browser):
+    url = served[0]
+    browser("POST", "/url", {"url": url + "/"})
+    wait_for(lambda: browser.script("return document.getElementById('model').textContent") == NAME)
+    browser.type("#temperature", "0")
+    browser.type("#max_tokens", "20")
+    browser.type("#message", "Tell me about lists.")
+    browser("POST", f"/element/{browser.element('#send')}/click", {})
+    wait_for(lambda: browser.script("return document.getElementById('status').textContent") == "done")
+    shown = browser.script("return document.querySelector('.assistant:last-child').textContent")
+    messages = [{"role": "user", "content": "Tell me about lists."}]
+    expected = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20,
+                                              temperature=0).choices[0].message.content
+    assert expected and shown == expected
+    assert browser.script("return document.getElementById('speed').textContent").endswith(" tokens/s")
+
+
+def wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
