@@ -6,6 +6,8 @@ in-process through FastAPI's TestClient."""
 
 import copy
 import io
+import json
+import re
 import shutil
 import socket
 import subprocess
@@ -28,6 +30,7 @@ from generate.serve import MAX_BODY_BYTES, build_app
 from generation import generate
 from model import GPT
 from serving import Engine, SamplingParams
+from tests.documented import ROOT, documented, run_script
 from tokenizer import Tokenizer
 
 NAME = "tiny-chat"
@@ -241,3 +244,40 @@ def wait_for(condition, timeout: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_the_documented_command_serves_until_stopped(trained, tmp_path, monkeypatch):
+    """docs/serving.md's command through the script's command line; uvicorn.run is replaced by a server on a free
+    port that the test stops, and the request body the page shows is sent to it, whole and streamed."""
+    checkpoint_dir = tmp_path / "final"
+    shutil.copytree(trained.checkpoint_dir, checkpoint_dir)
+    ChatTemplate(BUILTIN_TEMPLATES["zephyr"]).save(checkpoint_dir)
+    servers = []
+
+    def run(app, host, port, **settings):
+        assert (host, port) == ("127.0.0.1", 8000)  # the documented defaults
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        servers.append(uvicorn.Server(uvicorn.Config(app, host=host, port=free, log_level="warning")))
+        servers[0].run()
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    argv = documented("python generate/serve.py --checkpoint_dir out/sft_demo/final",
+                      replace={"--checkpoint_dir": checkpoint_dir})
+    thread = threading.Thread(target=run_script, args=(argv,), daemon=True)
+    thread.start()
+    wait_for(lambda: servers and servers[0].started, timeout=60)
+    url = f"http://127.0.0.1:{servers[0].config.port}"
+    try:
+        (body,) = re.findall(r"```json\n(.*?)```", (ROOT / "docs/serving.md").read_text(), re.S)
+        chat = json.loads(body)  # the request body the page shows
+        answer = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).json()
+        assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] <= 64
+        streamed = httpx.post(url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=60).text
+        assert streamed.startswith("data: ") and streamed.endswith("data: [DONE]\n\n")
+        assert "<html" in httpx.get(url + "/").text
+    finally:
+        servers[0].should_exit = True
+        thread.join(timeout=30)
+    assert not thread.is_alive()
