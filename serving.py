@@ -145,6 +145,7 @@ class Engine:
     max_batch_size: the KV cache's rows, the most requests decoded at once (1: requests run one after another).
     max_seq_length: the cache length, the longest prompt plus answer; default the model's block size.
     max_queue: the most requests waiting for a row once every row is taken; one more raises QueueFull.
+    The engine owns the model's KV cache: nothing else may run the model (nor another engine) while it serves.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch_size: int = 8,

@@ -131,7 +131,7 @@ def error_of(response, status: int) -> dict:
 def test_bad_requests_get_their_status_and_openai_error_objects(served):
     _, engine, template = served
     # not started (no lifespan): requests stay queued, so a full queue is deterministic
-    idle = Engine(engine.model, engine.tokenizer, max_batch_size=1, max_queue=0)
+    idle = Engine(copy.deepcopy(engine.model), engine.tokenizer, max_batch_size=1, max_queue=0)  # its own cache
     http = TestClient(build_app(idle, template, NAME, api_key="secret"))
     auth = {"Authorization": "Bearer secret"}
     chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -281,3 +281,48 @@ def test_the_documented_command_serves_until_stopped(trained, tmp_path, monkeypa
         servers[0].should_exit = True
         thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_sixteen_concurrent_streaming_clients_lose_nothing_and_memory_stays_flat(served):
+    """A bounded load test: 3 rounds of 16 concurrent streamed chats (4 rows, so most wait in the queue); every
+    response is complete and well-formed, each seeded answer is the same in every round (float64: whatever ran
+    beside it), and resident memory after the last round is within 10% of the first's."""
+    url, engine, _ = served
+
+    def client_request(i: int, results: dict) -> None:
+        body = {"model": NAME, "messages": [{"role": "user", "content": f"Question {i}?"}], "max_tokens": 12,
+                "temperature": 0.8, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.Client(base_url=url, timeout=60) as http:
+            results[i] = http.post("/v1/chat/completions", json=body).text
+
+    def answers() -> dict:
+        results: dict = {}
+        threads = [threading.Thread(target=client_request, args=(i, results)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(results) == list(range(16))
+        contents = {}
+        for i, text in results.items():
+            events = text.split("\n\n")
+            assert events[-2:] == ["data: [DONE]", ""]
+            chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+            assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+            assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length"), chunks[-1]
+            assert chunks[-1]["choices"] == [] and 1 <= chunks[-1]["usage"]["completion_tokens"] <= 12
+            contents[i] = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+        return contents
+
+    first = answers()
+    rss = [resident_bytes()]
+    for _ in range(2):
+        assert answers() == first
+        rss.append(resident_bytes())
+    assert engine.num_active() == 0 and engine.num_waiting() == 0
+    assert rss[-1] <= 1.1 * rss[0], rss
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
