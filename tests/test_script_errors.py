@@ -70,6 +70,10 @@ CASES = {
         (["--checkpoint_dir", "{checkpoint}", "--draft_checkpoint_dir", "{checkpoint}", "--speculative_k", "0"],
          "--speculative_k"),
     ),
+    "generate/serve.py": (
+        ["--checkpoint_dir", "{missing}"],
+        (["--checkpoint_dir", "{checkpoint}", "--max_batch_size", "0"], "--max_batch_size"),
+    ),
     "eval/lm_eval_harness.py": (
         ["--checkpoint_dir", "{missing}", "--tasks", "arc_easy"],
         (["--checkpoint_dir", "{checkpoint}", "--tasks", "arc_easy", "--batch_size", "0"], "--batch_size"),
