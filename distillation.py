@@ -15,6 +15,7 @@ Teacher and student share a tokenizer. A teacher whose vocabulary extends the st
 against CodeLlama's 32016) is read on the student's ids only: its distribution renormalised over them.
 """
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -50,3 +51,26 @@ def distillation_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Te
         return ce
     kd = kd_divergence_sum(student_logits, teacher_logits, targets, temperature, divergence)
     return kd_alpha * ce + (1 - kd_alpha) * temperature ** 2 * kd
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A frozen teacher and how its distribution enters the loss (see the module docstring)."""
+
+    model: torch.nn.Module
+    kd_alpha: float
+    temperature: float
+    divergence: Divergence
+
+    def loss_sum(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+        return distillation_loss_sum(student_logits, teacher_logits, targets, self.kd_alpha, self.temperature,
+                                     self.divergence)
+
+
+def check_kd_settings(kd_alpha: float, temperature: float) -> None:
+    """ValueError naming the flag: kd_alpha in [0, 1], a positive temperature."""
+    if not 0 <= kd_alpha <= 1:
+        raise ValueError(f"--kd_alpha must be in [0, 1] (the data loss's weight), got {kd_alpha}")
+    if not temperature > 0:
+        raise ValueError(f"--kd_temperature must be positive, got {temperature}")

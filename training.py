@@ -43,6 +43,7 @@ from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 
 from checkpoint import load_checkpoint, load_config, named_config, refuse_quantized, save_model_dir
+from distillation import Teacher
 from model import GPT, Block, Config, num_parameters
 from training_state import (
     SaveFinal, checkpoint_path, last_checkpoint_hint, load_training_state, save_checkpoint, save_final_weights,
@@ -383,11 +384,14 @@ class Run:
 
 def fit(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, config: Config,
         train_data: BatchSource, val_data: Optional[BatchSource], settings: TrainingSettings, hparams: dict,
-        resume_path: Optional[Path] = None, save_final: Optional[SaveFinal] = None) -> int:
+        resume_path: Optional[Path] = None, save_final: Optional[SaveFinal] = None,
+        teacher: Optional[Teacher] = None) -> int:
     """Train to the end of the run (or `max_time`), then write the final weights to out_dir/final when the run is
     complete: by `save_final(full state dict, out_dir/final)` on rank 0 if given (e.g. LoRA's merged weights), else
     checkpoint.save_model_dir (lit_model.pth, model_config.json and the tokenizer of `settings.tokenizer_dir`).
-    `hparams` are written to out_dir/hyperparameters.json and into every checkpoint. Returns the step reached."""
+    `hparams` are written to out_dir/hyperparameters.json and into every checkpoint. Returns the step reached.
+    With a `teacher` (distillation.py), the training loss mixes the data loss with the divergence from its
+    distribution; validation stays the data loss."""
     check_settings(settings)
     out_dir = Path(settings.out_dir)
     accumulation = gradient_accumulation_steps(settings.global_batch_size, settings.micro_batch_size,
@@ -412,7 +416,7 @@ def fit(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, conf
     elif fabric.global_rank == 0:
         write_json(out_dir / "hyperparameters.json", hparams)
     try:
-        train(fabric, settings, run, state, train_data, val_data, hparams, config)
+        train(fabric, settings, run, state, train_data, val_data, hparams, config, teacher)
     finally:
         for logger in fabric.loggers:
             logger.finalize("success")
@@ -429,7 +433,7 @@ def fit(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, conf
 
 
 def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, train_data: BatchSource,
-          val_data: Optional[BatchSource], hparams: dict, config: Config) -> None:
+          val_data: Optional[BatchSource], hparams: dict, config: Config, teacher: Optional[Teacher] = None) -> None:
     model, optimizer = state["model"], state["optimizer"]
     out_dir = Path(settings.out_dir)
     val_losses = {}
@@ -454,7 +458,7 @@ def train(fabric: Fabric, settings: TrainingSettings, run: Run, state: dict, tra
         counts = fabric.all_reduce(token_counts(micro_batches, train_data.pad_id, fabric.device), reduce_op="sum")
         # each rank's gradients are averaged over the ranks: x world_size makes them sum(losses) / all targets
         scale = fabric.world_size / counts[1].clamp(min=1)
-        step_loss = accumulate_gradients(fabric, model, micro_batches, scale)
+        step_loss = accumulate_gradients(fabric, model, micro_batches, scale, teacher)
         grad_norm = clip_gradients(fabric, model, optimizer, settings.grad_clip)
         out_of_time = settings.max_time is not None and time.perf_counter() - start > settings.max_time
         # the one host sync per step: every rank learns whether any rank's loss is bad or any rank is out of time
@@ -521,15 +525,22 @@ def token_counts(micro_batches: list, pad_id: Optional[int], device: torch.devic
     return torch.tensor([inputs, targets], dtype=torch.int64).to(device, non_blocking=True)
 
 
-def accumulate_gradients(fabric: Fabric, model: nn.Module, micro_batches: list, scale: torch.Tensor) -> torch.Tensor:
+def accumulate_gradients(fabric: Fabric, model: nn.Module, micro_batches: list, scale: torch.Tensor,
+                         teacher: Optional[Teacher] = None) -> torch.Tensor:
     """Forward, and backward of the loss x `scale`, of each micro-batch of a step, syncing the gradients between
-    ranks on the last only. Returns this rank's loss summed over the step's target tokens: float64 on the device,
-    not read (no host sync)."""
+    ranks on the last only; with a teacher, its logits of the same micro-batch (no gradients) enter the loss.
+    Returns this rank's loss summed over the step's target tokens: float64 on the device, not read (no host sync)."""
     step_loss = torch.zeros((), dtype=torch.float64, device=fabric.device)
     for micro_step, micro_batch in enumerate(micro_batches):
         targets = to_device(micro_batch[1], fabric.device)
         with fabric.no_backward_sync(model, enabled=micro_step < len(micro_batches) - 1):
-            loss = loss_sum(forward(model, micro_batch, fabric.device), targets)
+            logits = forward(model, micro_batch, fabric.device)
+            if teacher is None:
+                loss = loss_sum(logits, targets)
+            else:
+                with torch.no_grad():
+                    teacher_logits = forward(teacher.model, micro_batch, fabric.device)
+                loss = teacher.loss_sum(logits, teacher_logits, targets)
             fabric.backward(loss * scale)
         step_loss += loss.detach()
     return step_loss

@@ -2,12 +2,14 @@
 positions left out, a teacher with a larger vocabulary read on the student's ids, and kd_alpha 1 = the data loss."""
 
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from distillation import IGNORE_INDEX, distillation_loss_sum, kd_divergence_sum
+from test_pretrain import data_dir  # noqa: F401 (a fixture)
 
 
 def softmax(values, temperature):
@@ -55,3 +57,53 @@ def test_the_loss_mixes_the_data_loss_and_t_squared_times_the_divergence():
     assert torch.equal(data_only, ce)  # kd_alpha 1: exactly the data loss, the teacher unread
     same = kd_divergence_sum(student, student.clone(), targets, 1.0, "symmetric")
     assert same.item() == pytest.approx(0.0, abs=1e-6)  # a student equal to its teacher diverges by nothing
+
+
+def micro_teacher(directory, vocab_size: int = 256):
+    from checkpoint import save_model_dir
+    from model import GPT, Config
+
+    config = Config.from_name("micro", vocab_size=vocab_size)
+    torch.manual_seed(11)
+    save_model_dir(GPT(config), config, None, directory)
+    return directory
+
+
+def test_kd_alpha_one_trains_exactly_as_without_a_teacher_and_the_teacher_is_untouched(tmp_path, data_dir):
+    from test_pretrain import final_weights, train_here
+
+    teacher = micro_teacher(tmp_path / "teacher")
+    before = torch.load(teacher / "lit_model.pth", weights_only=True)
+    train_here(tmp_path / "plain", data_dir, max_steps=3)
+    train_here(tmp_path / "alpha1", data_dir, max_steps=3, teacher_checkpoint_dir=teacher, kd_alpha=1.0)
+    plain, alpha1 = final_weights(tmp_path / "plain"), final_weights(tmp_path / "alpha1")
+    assert all(torch.equal(plain[name], alpha1[name]) for name in plain)
+    train_here(tmp_path / "kd", data_dir, max_steps=3, teacher_checkpoint_dir=teacher, kd_alpha=0.5)
+    distilled = final_weights(tmp_path / "kd")
+    assert not all(torch.equal(plain[name], distilled[name]) for name in plain)  # the teacher changed the training
+    after = torch.load(teacher / "lit_model.pth", weights_only=True)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_a_resumed_distillation_equals_an_uninterrupted_one(tmp_path, data_dir):
+    from test_pretrain import final_weights, train_here
+
+    teacher = micro_teacher(tmp_path / "teacher")
+    settings = dict(teacher_checkpoint_dir=teacher, kd_alpha=0.3, kd_temperature=2.0, kd_divergence="symmetric")
+    train_here(tmp_path / "straight", data_dir, max_steps=6, **settings)  # a checkpoint every 3 steps
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "step-00000003", tmp_path / "resumed" / "step-00000003")
+    train_here(tmp_path / "resumed", data_dir, max_steps=6, resume="auto", **settings)
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_a_teacher_that_does_not_know_the_students_tokens_is_refused(tmp_path, data_dir):
+    from test_pretrain import train_here
+    from utils import UserError
+
+    teacher = micro_teacher(tmp_path / "teacher", vocab_size=128)
+    with pytest.raises(UserError, match="128 tokens, fewer than the student's 256"):
+        train_here(tmp_path / "out", data_dir, max_steps=1, teacher_checkpoint_dir=teacher)
+    with pytest.raises(UserError, match="--kd_alpha must be in"):
+        train_here(tmp_path / "out", data_dir, max_steps=1, teacher_checkpoint_dir=teacher, kd_alpha=1.5)
