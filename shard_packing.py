@@ -13,8 +13,8 @@ kept instead, and the run continues where it stopped: every process records its 
 file (at most every RECORD_SECONDS) in a journal, `.journal_{run}_{process}.json`: how many of its files are done,
 each split's complete shards, how many tokens of the open chunk belong to those files (the builder has made them
 durable, see PackedDatasetBuilder.sync) and its counts so far. A resumed process truncates its shards to that point
-and goes on with the next file, so a kill loses at most the files being read and the shards are byte-identical to an
-uninterrupted run's.
+and goes on with the next file, so a kill loses the files being read (and those finished since the last record), and
+the shards are byte-identical to an uninterrupted run's.
 
 Imports no torch (nor anything that does), so each packing process starts in a fraction of a second.
 """
