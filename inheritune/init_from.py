@@ -26,8 +26,8 @@ Variants:
   `--modules none --no-copy_embeddings --no-copy_final_norm --no-copy_head`. `--modules none` alone still copies
   wte, ln_f and lm_head.
 - The official code's runs: its GPT-2 runs (behind the paper's tables) copied the blocks and the tied wte/lm_head
-  (one tensor with tie_embeddings, two where they are untied) but not ln_f: `--no-copy_final_norm`. Its 1.5B lit-gpt run (OpenLLaMA-3B,
-  26 -> 13 blocks) also left wte random: `--no-copy_embeddings --no-copy_final_norm`.
+  (one tensor with tie_embeddings, two where they are untied) but not ln_f: `--no-copy_final_norm`. Its 1.5B lit-gpt
+  run (OpenLLaMA-3B, 26 -> 13 blocks) also left wte random: `--no-copy_embeddings --no-copy_final_norm`.
 
 The reference's weights are memory-mapped and only the inherited tensors are read; the reference model is not built.
 """

@@ -42,8 +42,8 @@ def reproduced(tmp_path_factory):
 def test_every_experiment_is_trained_measured_and_tabulated(reproduced):
     out, _, results = reproduced
     experiments = results["experiments"]
-    assert list(experiments) == ["reference", "inheritune", "random T", "random 2T", "lazy-layer control", "attn", "mlp",
-                                 "attn_mlp"]
+    assert list(experiments) == ["reference", "inheritune", "random T", "random 2T", "lazy-layer control", "attn",
+                                 "mlp", "attn_mlp"]
     assert experiments["reference"]["layers"] == 4 and experiments["inheritune"]["layers"] == 2
     assert experiments["random 2T"]["steps"] == 2 * experiments["random T"]["steps"] == 8
     assert all(np.isfinite(run["validation_loss"]) for run in experiments.values())
