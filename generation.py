@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import load_model, quantization_of
 from model import GPT
-from quantize import Quantization, activation_dtype, describe, prepare_model, quantize_model
+from quantize import Quantization, activation_dtype, describe, quantize_for_inference
 from tokenizer import Tokenizer
 from utils import UserError
 
@@ -227,11 +227,9 @@ def load_inference_model(checkpoint_dir: Path, device: torch.device, precision: 
         tied_head = ("lm_head",) if model.config.tie_embeddings else ()  # stays the embedding
         quantization = Quantization(quantize, group_size if quantize == "int4" else None, excluded=tied_head)
         try:
-            quantize_model(model, quantization)
+            model = quantize_for_inference(model, quantization, PRECISIONS[precision], device)
         except ValueError as error:
             raise UserError(f"{flag} {quantize} (--group_size {group_size}): {error}") from None
-        model = model.to(device=device, dtype=PRECISIONS[precision])
-        prepare_model(model, PRECISIONS[precision])
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({precision} on {device})", file=sys.stderr)
     if quantized:
         print(describe(model), file=sys.stderr)

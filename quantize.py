@@ -195,6 +195,16 @@ def quantize_model(model: GPT, quantization: Quantization) -> GPT:
     return model
 
 
+def quantize_for_inference(model: GPT, quantization: Quantization, dtype: torch.dtype,
+                           device: Optional[torch.device] = None) -> GPT:
+    """A float `model` quantized (in place), moved to `device` with its float parts in `dtype` (the activations'),
+    and packed for its kernels there."""
+    quantize_model(model, quantization)
+    model = model.to(device=device, dtype=dtype)
+    prepare_model(model, dtype)
+    return model
+
+
 def bf16_instructions() -> bool:
     """Whether this CPU has bf16 dot-product instructions (Linux's cpuinfo flags), where the packed kernels are fast."""
     try:

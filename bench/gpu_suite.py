@@ -168,7 +168,7 @@ def smoke(dry_run: bool) -> dict:
     """Every CUDA path once, on tiny models (the CPU in a dry run, where compiling is left out: minutes on 2 cores)."""
     from generation import generate
     from model import GPT, Config
-    from quantize import QuantizedLinear, Quantization, prepare_model, quantize_model
+    from quantize import QuantizedLinear, Quantization, quantize_for_inference
     from speculative import speculative_generate
 
     device = torch.device("cpu" if dry_run else "cuda")
@@ -217,9 +217,8 @@ def smoke(dry_run: bool) -> dict:
         else:
             results["flash_attn_vs_sdpa"] = dict(skipped="flash_attn is not installed" if not dry_run else "CPU")
         for mode, group_size in (("int8", None), ("int4", 64)):
-            quantized = quantize_model(copy.deepcopy(model).cpu().float(), Quantization(mode, group_size))
-            quantized = quantized.to(device, torch.bfloat16)
-            prepare_model(quantized, torch.bfloat16)
+            quantized = quantize_for_inference(copy.deepcopy(model).cpu().float(), Quantization(mode, group_size),
+                                               torch.bfloat16, device)
             tokens = generate(quantized, prompt, 16, temperature=0.0, max_seq_length=32)
             kernels = sorted({layer.kernel for layer in quantized.modules() if isinstance(layer, QuantizedLinear)})
             results[f"{mode}_decode"] = dict(new_tokens=len(tokens) - len(prompt), kernels=kernels)

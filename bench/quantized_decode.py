@@ -29,7 +29,7 @@ from bench.common import copy_bandwidth, report_header, time_decoding  # noqa: E
 from checkpoint import named_config  # noqa: E402
 from generation import generate, synchronize  # noqa: E402
 from model import GPT  # noqa: E402
-from quantize import Quantization, describe, prepare_model, quantize_model, weight_bytes  # noqa: E402
+from quantize import Quantization, describe, quantize_for_inference, weight_bytes  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
 
 MODES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "int8_fp32")
@@ -113,11 +113,7 @@ def variant(base: GPT, mode: str) -> GPT:
     if mode in ("fp32", "bf16"):
         return model.to(torch.float32 if mode == "fp32" else torch.bfloat16)
     quantization = Quantization("int8") if mode.startswith("int8") else Quantization("int4", int(mode.split("_g")[1]))
-    quantize_model(model, quantization)
-    dtype = torch.float32 if mode == "int8_fp32" else torch.bfloat16
-    model = model.to(dtype)
-    prepare_model(model, dtype)
-    return model
+    return quantize_for_inference(model, quantization, torch.float32 if mode == "int8_fp32" else torch.bfloat16)
 
 
 @torch.inference_mode()

@@ -67,8 +67,8 @@ from speculative import (  # noqa: E402
     SpeculativeStats, check_tokenizers_agree, fit_prompt, load_prompts, speculative_generate, verify_logits,
 )
 from model import GPT  # noqa: E402
-from quantize import (Quantization, QuantizeMode, activation_dtype, describe, prepare_model,  # noqa: E402
-                      quantize_model)
+from quantize import (Quantization, QuantizeMode, activation_dtype, describe,  # noqa: E402
+                      quantize_for_inference)
 from utils import UserError, cli, write_json  # noqa: E402
 
 
@@ -224,12 +224,10 @@ def predict_from_shapes(report: dict, target_model_name: str, draft_model_name: 
 def quantized(model: GPT, mode: str, group_size: int, flag: str) -> GPT:
     """`model` with its linear layers quantized, its activations in the dtype the kernels are fast in."""
     try:
-        quantize_model(model, Quantization(mode, group_size if mode == "int4" else None))
+        model = quantize_for_inference(model, Quantization(mode, group_size if mode == "int4" else None),
+                                       activation_dtype(model.transformer.wte.weight.device))
     except ValueError as error:
         raise UserError(f"{flag} {mode} (--group_size {group_size}): {error}") from None
-    dtype = activation_dtype(model.transformer.wte.weight.device)
-    model = model.to(dtype)
-    prepare_model(model, dtype)
     print(describe(model))
     return model
 
