@@ -8,6 +8,7 @@ their next-token predictions (top-1) agree. generate/base.py, chat.py, speculati
 like any other; training, LoRA, Inheritune's init_from and the exports refuse it (they need float weights).
 """
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def main(checkpoint_dir: Path, out_dir: Path, mode: QuantizeMode = "int8", group
     tied_head = ("lm_head",) if reference.config.tie_embeddings else ()
     quantization = Quantization(mode, group_size if mode == "int4" else None, tuple(dict.fromkeys([*exclude,
                                                                                                     *tied_head])))
-    quantized = load_model(checkpoint_dir, dtype=torch.float32)
+    quantized = copy.deepcopy(reference)  # the reference stays float for the quality gates
     try:
         quantize_model(quantized, quantization)
     except ValueError as error:
