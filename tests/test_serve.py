@@ -26,9 +26,9 @@ from fastapi.testclient import TestClient
 from chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from checkpoint import load_model
 from generate.chat import Chat
-from generate.serve import MAX_BODY_BYTES, build_app
 from generation import generate
 from model import GPT
+from openai_api import MAX_BODY_BYTES, build_app
 from serving import Engine, SamplingParams
 from tests.documented import ROOT, documented, run_script
 from tokenizer import Tokenizer
