@@ -58,20 +58,35 @@ def copy_bandwidth(device) -> float:
     """Bytes read plus written per second by a device-to-device copy of a buffer larger than the caches."""
     import torch
 
-    from generation import synchronize
-
     size = (1 << 30) if device.type == "cuda" else (256 << 20)
     source = torch.empty(size, dtype=torch.uint8, device=device)
     destination = torch.empty_like(source)
-    destination.copy_(source)  # first touch
+    return 2 * size / best_seconds(lambda: destination.copy_(source), device)
+
+
+def read_bandwidth(device) -> float:
+    """Bytes read per second by a reduction over a buffer larger than the caches: the rate a decode step's reading of
+    its weights can reach at most."""
+    import torch
+
+    size = (1 << 30) if device.type == "cuda" else (256 << 20)
+    source = torch.ones(size // 4, dtype=torch.float32, device=device)
+    return size / best_seconds(source.sum, device)
+
+
+def best_seconds(operation, device, repeats: int = 5) -> float:
+    """The shortest of `repeats` timed calls of `operation`, after an untimed first one (first touch)."""
+    from generation import synchronize
+
+    operation()
     times = []
-    for _ in range(5):
+    for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        destination.copy_(source)
+        operation()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return 2 * size / min(times)
+    return min(times)
 
 
 def time_decoding(decode, prompt, device, repeats: int):

@@ -1,6 +1,7 @@
 """Batch-1 greedy decoding with quantized weights (quantize.py) against float weights, side by side in one run on the
-same random weights: tokens/s, bytes of weights read per token, the fraction of the memory-bandwidth bound, and the
-cost of a speculative verify of k + 1 tokens relative to one decode step.
+same random weights: tokens/s, bytes of weights read per token, the fraction of the memory-bandwidth bound (the rate
+a reduction reads memory at, measured in the same run: a decode step streams its weights once), and the cost of a
+speculative verify of k + 1 tokens relative to one decode step.
 
 On the CPU (2 cores; run it alone: a second torch process slows both several times):
 
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import copy_bandwidth, report_header, time_decoding  # noqa: E402
+from bench.common import copy_bandwidth, read_bandwidth, report_header, time_decoding  # noqa: E402
 from checkpoint import named_config  # noqa: E402
 from generation import generate, synchronize  # noqa: E402
 from model import GPT  # noqa: E402
@@ -65,12 +66,13 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
     with device:
         base = GPT(config).eval()
     prompt = torch.randint(0, config.vocab_size, (prompt_length,), device=device)
-    bandwidth = copy_bandwidth(device)
+    bandwidth, copy = read_bandwidth(device), copy_bandwidth(device)
     report = {**report_header("bench/quantized_decode.py", device),
               "arguments": dict(model_name=model_name, max_new_tokens=max_new_tokens, prompt_length=prompt_length,
                                 repeats=repeats, modes=list(modes), compile=compile, max_k=max_k, seed=seed),
-              "copy_bandwidth_gb_per_s": bandwidth / 1e9, "results": {}}
-    print(f"{report['device']}; torch {torch.__version__}. {model_name}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+              "read_bandwidth_gb_per_s": bandwidth / 1e9, "copy_bandwidth_gb_per_s": copy / 1e9, "results": {}}
+    print(f"{report['device']}; torch {torch.__version__}. {model_name}, read bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"(a copy: {copy / 1e9:.1f} GB/s read plus written)")
     print(f"{'mode':>16} {'MB/token':>9} {'tokens/s':>9} {'vs fp32':>8} {'of bound':>9}  verify k+1 = 2..{max_k + 1} "
           f"(decode steps)")
     max_seq_length = prompt_length + max_new_tokens + max_k + 1

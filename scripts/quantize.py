@@ -51,6 +51,7 @@ def main(checkpoint_dir: Path, out_dir: Path, mode: QuantizeMode = "int8", group
         raise FileNotFoundError(f"--text_files: {absent[0]} is not a file")
     refuse_quantized(checkpoint_dir, "--checkpoint_dir", "quantizing")
     reference = load_model(checkpoint_dir, dtype=torch.float32)
+    tokens = held_out_tokens(Tokenizer(checkpoint_dir), text_files, max_tokens)  # too little text: refused, no output
     tied_head = ("lm_head",) if reference.config.tie_embeddings else ()
     quantization = Quantization(mode, group_size if mode == "int4" else None, tuple(dict.fromkeys([*exclude,
                                                                                                     *tied_head])))
@@ -71,7 +72,6 @@ def main(checkpoint_dir: Path, out_dir: Path, mode: QuantizeMode = "int8", group
 
     prepare_model(quantized, activation_dtype(torch.device("cpu")))
     print(describe(quantized))
-    tokens = held_out_tokens(Tokenizer(checkpoint_dir), text_files, max_tokens)
     gates = quality_gates(reference, quantized, tokens)
     print(f"Held-out text ({len(tokens):,} tokens of {', '.join(map(str, text_files))}): perplexity "
           f"{gates['reference_perplexity']:.4f} -> {gates['perplexity']:.4f} ({gates['perplexity_change']:+.2%}), "

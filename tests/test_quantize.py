@@ -167,6 +167,11 @@ def test_bad_flags_are_one_line_errors(trained, tmp_path):
                              "--out_dir", str(tmp_path / "q"), "--mode", "int3"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "invalid choice: 'int3'" in result.stderr
+    from scripts.quantize import main as quantize_checkpoint
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="make fewer than 2 tokens"):
+        quantize_checkpoint(trained.checkpoint_dir, tmp_path / "q", text_files=[tmp_path / "empty.txt"])
+    assert not (tmp_path / "q").exists()  # refused before anything was written
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels: needs a GPU")
