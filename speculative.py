@@ -32,14 +32,8 @@ from generation import (
     sample_probs, synchronize,
 )
 from model import GPT
-from tokenizer import Tokenizer
+from tokenizer import TOKENIZER_PROBE, Tokenizer
 from utils import UserError
-
-# Text on which the draft's tokenizer must agree with the target's: code and prose, digits, spaces, non-ASCII
-TOKENIZER_PROBE = (
-    "def quick_sort(array):\n    if len(array) <= 1:\n        return array  # 0.5 * 1e-3\n"
-    "The quick brown fox jumps over the lazy dog. Ünïcödé, 東京, emoji \U0001F600 and\ttabs.\n"
-)
 
 
 @dataclass

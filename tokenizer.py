@@ -14,6 +14,13 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from utils import UserError, read_json
 
+# Text on which two tokenizers that claim to be the same must agree (a speculative draft and its target, a distilled
+# student and its teacher): code and prose, digits, spaces, non-ASCII
+TOKENIZER_PROBE = (
+    "def quick_sort(array):\n    if len(array) <= 1:\n        return array  # 0.5 * 1e-3\n"
+    "The quick brown fox jumps over the lazy dog. Ünïcödé, 東京, emoji \U0001F600 and\ttabs.\n"
+)
+
 # What a checkpoint directory holds of its tokenizer and chat format: copied next to the weights by pretraining,
 # finetuning and conversion
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import TEMPLATE_FILE, ChatTemplate
 from checkpoint import save_model_dir
+from distillation import Divergence, Teacher, check_teacher_flags, load_teacher
 from hf import generation_config
 from lora import ADAPTERS_FILE, CONFIG_FILE, LoRAConfig, add_lora, lora_state_dict, merge_lora
 from model import Config
@@ -97,6 +98,10 @@ def setup(
     eval_iters: int = RECIPE["eval_iters"],
     save_interval: int = 500,
     wandb_project: Optional[str] = None,
+    teacher_checkpoint_dir: Optional[Path] = None,
+    kd_alpha: float = 0.5,
+    kd_temperature: float = 1.0,
+    kd_divergence: Divergence = "forward",
 ) -> int:
     """Finetune a checkpoint on prepared SFT data (full finetuning, or LoRA with --lora_r). Returns the step reached.
 
@@ -144,6 +149,11 @@ def setup(
         eval_iters: validation micro-batches per process
         save_interval: steps between checkpoints
         wandb_project: also log to this Weights & Biases project (pip install wandb)
+        teacher_checkpoint_dir: distil from this frozen model (distillation.py) on the same target positions (the
+            assistant turns): its tokenizer must be the checkpoint's, its vocabulary the same or an extension of it
+        kd_alpha: with a teacher, the data loss's weight; the divergence from the teacher gets 1 - kd_alpha
+        kd_temperature: the temperature of both distributions in the divergence (scaled by its square)
+        kd_divergence: forward (KL(teacher || student)), reverse (KL(student || teacher)) or symmetric (their mean)
     """
     initial_checkpoint_dir, data_dir = Path(initial_checkpoint_dir), Path(data_dir)
     hparams = {name: str(value) if isinstance(value, Path) else value for name, value in locals().items()}
@@ -156,6 +166,7 @@ def setup(
     )
     # everything that can be checked is checked before processes are launched, the flags first
     preflight(settings, accelerator, strategy, precision, devices, num_nodes, weight_decay, (beta1, beta2), eps)
+    check_teacher_flags(teacher_checkpoint_dir, kd_alpha, kd_temperature)
     lora = None if lora_r is None else LoRAConfig(lora_r, lora_alpha, lora_dropout, tuple(lora_targets))
     metadata = read_metadata(data_dir)
     hparams["chat_template"] = metadata["chat_template"]  # in every checkpoint, as in out_dir/final
@@ -181,9 +192,13 @@ def setup(
     model = build_model(fabric, config, seed, initial_checkpoint_dir, compile,
                         None if lora is None else partial(add_lora, config=lora))
     optimizer = build_optimizer(fabric, model, learning_rate, weight_decay, (beta1, beta2), eps, False)
+    teacher = None if teacher_checkpoint_dir is None else Teacher(
+        load_teacher(fabric, Path(teacher_checkpoint_dir), config, config.block_size, initial_checkpoint_dir),
+        kd_alpha, kd_temperature, kd_divergence, config.vocab_size)
     save_final = partial(save_finetuned, config=config, tokenizer_dir=initial_checkpoint_dir,
                          chat_template=metadata["chat_template"], lora=lora)
-    return fit(fabric, model, optimizer, config, train_data, val_data, settings, hparams, resume_path, save_final)
+    return fit(fabric, model, optimizer, config, train_data, val_data, settings, hparams, resume_path, save_final,
+               teacher)
 
 
 def check_data(metadata: dict, data_dir: Path, checkpoint_dir: Path, config: Config, template_override: bool) -> None:

@@ -16,14 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpoint import load_model, refuse_quantized
-from distillation import Divergence, Teacher, check_kd_settings
+from distillation import Divergence, Teacher, check_teacher_flags, load_teacher
 from packed_dataset import parse_data_mix, training_batches, validation_batches
-from speculative import TOKENIZER_PROBE
 from tokenizer import Tokenizer, has_tokenizer
 from training import (
     Accelerator, FsdpSharding, MemoryOptions, Precision, Schedule, Strategy, TrainingSettings, build_model,
@@ -158,13 +154,7 @@ def setup(
     preflight(settings, accelerator, strategy, precision, devices, num_nodes, weight_decay, (beta1, beta2), eps,
               memory)
     parse_data_mix(train_data_mix)
-    if teacher_checkpoint_dir is not None:
-        try:
-            check_kd_settings(kd_alpha, kd_temperature)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        if not Path(teacher_checkpoint_dir).is_dir():
-            raise FileNotFoundError(f"--teacher_checkpoint_dir {teacher_checkpoint_dir} does not exist")
+    check_teacher_flags(teacher_checkpoint_dir, kd_alpha, kd_temperature)
     if rope_condense_ratio is not None and rope_condense_ratio < 1:
         raise UserError(f"--rope_condense_ratio must be at least 1, got {rope_condense_ratio}")
 
@@ -198,27 +188,10 @@ def setup(
                         activation_checkpointing=activation_checkpointing)
     optimizer = build_optimizer(fabric, model, learning_rate, weight_decay, (beta1, beta2), eps, decay_all_params)
     teacher = None if teacher_checkpoint_dir is None else Teacher(
-        load_teacher(fabric, Path(teacher_checkpoint_dir), config, tokenizer_dir, precision), kd_alpha,
-        kd_temperature, kd_divergence)
+        load_teacher(fabric, Path(teacher_checkpoint_dir), config, seq_len, tokenizer_dir), kd_alpha, kd_temperature,
+        kd_divergence, config.vocab_size)
     return fit(fabric, model, optimizer, config, train_data, val_data, settings, hparams, resume_path,
                teacher=teacher)
-
-
-def load_teacher(fabric, teacher_dir: Path, config, tokenizer_dir: Optional[Path], precision: str):
-    """The teacher, frozen, on this process's device in the training precision's dtype (replicated on every
-    process, not sharded); its vocabulary must cover the student's and its tokenizer be the student's."""
-    refuse_quantized(teacher_dir, "--teacher_checkpoint_dir", "distillation")
-    teacher = load_model(teacher_dir, device=fabric.device,
-                         dtype=torch.float32 if precision == "32-true" else torch.bfloat16).requires_grad_(False)
-    if teacher.config.vocab_size < config.vocab_size:
-        raise UserError(f"--teacher_checkpoint_dir {teacher_dir} has {teacher.config.vocab_size} tokens, fewer than "
-                        f"the student's {config.vocab_size}: a teacher must know every token of the student")
-    if tokenizer_dir is not None and has_tokenizer(teacher_dir):
-        ours, theirs = Tokenizer(tokenizer_dir), Tokenizer(teacher_dir)
-        if ours.encode(TOKENIZER_PROBE) != theirs.encode(TOKENIZER_PROBE) or ours.eos_id != theirs.eos_id:
-            raise UserError(f"--teacher_checkpoint_dir {teacher_dir}'s tokenizer is not the student's "
-                            f"({tokenizer_dir}): they encode a probe text differently; distillation compares ids")
-    return teacher
 
 
 def check_tokenizer(tokenizer_dir: Path, vocab_size: int, initial_checkpoint_dir: Optional[Path],

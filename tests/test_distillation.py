@@ -107,3 +107,66 @@ def test_a_teacher_that_does_not_know_the_students_tokens_is_refused(tmp_path, d
         train_here(tmp_path / "out", data_dir, max_steps=1, teacher_checkpoint_dir=teacher)
     with pytest.raises(UserError, match="--kd_alpha must be in"):
         train_here(tmp_path / "out", data_dir, max_steps=1, teacher_checkpoint_dir=teacher, kd_alpha=1.5)
+
+
+# ---- finetune/sft.py with a teacher: the shared tiny trained checkpoint (4,096 ids) teaches a 250-id student ------
+
+
+@pytest.fixture(scope="module")
+def sft_setting(tmp_path_factory):
+    """test_sft.py's student (random, 250 ids, no tokenizer) and SFT data: 16 training examples of 2-7 prompt tokens
+    (no targets) and 2-11 response tokens (targets)."""
+    from checkpoint import save_model_dir
+    from model import GPT
+    from test_sft import CONFIG, write_data
+
+    root = tmp_path_factory.mktemp("sft_kd")
+    torch.manual_seed(0)
+    save_model_dir(GPT(CONFIG), CONFIG, None, root / "student")
+    return root / "student", write_data(root / "data")
+
+
+def sft_args(out_dir, student, data, **overrides):
+    from test_sft import run_args
+
+    return run_args(out_dir, student, data, **overrides)
+
+
+def test_sft_with_a_teacher_at_kd_alpha_one_trains_exactly_as_without(tmp_path, sft_setting, trained):
+    from finetune.sft import setup
+    from test_pretrain import final_weights
+
+    setup(**sft_args(tmp_path / "plain", *sft_setting, max_steps=2))
+    setup(**sft_args(tmp_path / "alpha1", *sft_setting, max_steps=2, teacher_checkpoint_dir=trained.checkpoint_dir,
+                     kd_alpha=1.0))
+    plain, alpha1 = final_weights(tmp_path / "plain"), final_weights(tmp_path / "alpha1")
+    assert all(torch.equal(plain[name], alpha1[name]) for name in plain)
+
+
+def test_the_sft_kd_term_is_taken_on_the_assistant_tokens_only(tmp_path, sft_setting, trained):
+    """kd_alpha 0 and one step over all 16 examples: the logged loss (of the initial weights) is T^2 x the forward
+    KL summed over the response positions of each example run alone (no padding, no neighbours), in float64 over the
+    student's 250 ids, divided by their count."""
+    from checkpoint import load_model
+    from finetune.sft import setup
+    from sft_data import SFTSplit
+    from test_sft import metrics
+
+    student_dir, data = sft_setting
+    temperature = 2.0
+    setup(**sft_args(tmp_path / "kd", student_dir, data, max_steps=1, global_batch_size=16, micro_batch_size=4,
+                     teacher_checkpoint_dir=trained.checkpoint_dir, kd_alpha=0.0, kd_temperature=temperature))
+    student, teacher = load_model(student_dir).double(), load_model(trained.checkpoint_dir).double()
+    vocab = student.config.vocab_size
+    total, count = 0.0, 0
+    split = SFTSplit(data, "train")
+    with torch.no_grad():
+        for index in range(len(split)):
+            ids, mask = (torch.as_tensor(part) for part in split[index])
+            targets = mask[1:].bool()  # the positions that predict a response token
+            q = F.softmax(student(ids[None, :-1])[0, targets, :vocab] / temperature, dim=-1)
+            p = F.softmax(teacher(ids[None, :-1])[0, targets, :vocab] / temperature, dim=-1)
+            total += (p * (p.log() - q.log())).sum().item()
+            count += int(targets.sum())
+    assert count < sum(len(split[index][0]) - 1 for index in range(len(split)))  # prompts are left out
+    assert metrics(tmp_path / "kd")[1]["loss"] == pytest.approx(temperature ** 2 * total / count, rel=1e-5)

@@ -182,6 +182,10 @@ CASES = {
         "it times random weights: it reads no path",
         (["--model_name", "no_such_model"], "--model_name"),
     ),
+    "bench/serving.py": (
+        ["--tokenizer_dir", "{missing}"],
+        (["--tokenizer_dir", "{checkpoint}", "--clients", "0"], "--clients"),
+    ),
     "bench/speculative.py": (
         ["--target_dir", "{missing}", "--draft_dir", "{checkpoint}"],
         (["--target_dir", "{checkpoint}", "--draft_dir", "{checkpoint}", "--n_prompts", "0"], "--n_prompts"),
@@ -275,6 +279,19 @@ def test_a_name_that_is_no_config_and_files_that_do_not_parse_are_one_line(scrip
                                                                              monkeypatch, capsys):
     shutil.copytree(paths["checkpoint"], tmp_path / "template")
     (tmp_path / "template" / "tokenizer_config.json").write_text('{"chat_template": ')
+    monkeypatch.chdir(tmp_path)
+    line = run_in_process(script, filled(flags, paths), monkeypatch, capsys)
+    assert named.format(**paths) in line
+
+
+@pytest.mark.parametrize("script, flags, named", [
+    ("pretrain/tinyllama.py", ["--teacher_checkpoint_dir", "{checkpoint}", "--kd_alpha", "1.5", *CPU], "--kd_alpha"),
+    ("finetune/sft.py", ["--teacher_checkpoint_dir", "{checkpoint}", "--kd_temperature", "0", "--data_dir",
+                         "{missing}", *CPU], "--kd_temperature"),
+    ("finetune/sft.py", ["--teacher_checkpoint_dir", "{missing}", "--data_dir", "{missing}", *CPU],
+     "--teacher_checkpoint_dir {missing}"),
+])
+def test_bad_distillation_flags_are_one_line(script, flags, named, paths, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     line = run_in_process(script, filled(flags, paths), monkeypatch, capsys)
     assert named.format(**paths) in line
