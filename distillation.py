@@ -96,9 +96,13 @@ def check_teacher_flags(teacher_checkpoint_dir: Optional[Path], kd_alpha: float,
 def load_teacher(fabric, teacher_dir: Path, config: Config, seq_len: int,
                  tokenizer_dir: Optional[Path]) -> torch.nn.Module:
     """The teacher of a student of `config` trained on sequences of `seq_len`, frozen (no gradients, eval mode) in
-    the training precision's dtype on this process's device (replicated on every process, not sharded).
-    Refused: a quantized teacher, one whose vocabulary does not cover the student's, one that takes shorter
-    sequences, one whose tokenizer is not the student's (`tokenizer_dir`'s)."""
+    the training precision's dtype on this process's device. Under FSDP (Fabric's ModelParallelStrategy) Fabric sets
+    it up as the student, through the same parallelize function: every Block sharded over the processes and gathered
+    for its forward only, so a large teacher fits beside the student. Under DDP it is whole on every process (DDP
+    wraps only a module with something to train). Refused: a quantized teacher, one whose vocabulary does not cover
+    the student's, one that takes shorter sequences, one whose tokenizer is not the student's (`tokenizer_dir`'s)."""
+    from lightning_fabric.strategies import ModelParallelStrategy
+
     refuse_quantized(teacher_dir, "--teacher_checkpoint_dir", "distillation")
     precision = fabric.strategy.precision.precision
     teacher = load_model(teacher_dir, device=fabric.device,
@@ -114,4 +118,10 @@ def load_teacher(fabric, teacher_dir: Path, config: Config, seq_len: int,
         if ours.encode(TOKENIZER_PROBE) != theirs.encode(TOKENIZER_PROBE) or ours.eos_id != theirs.eos_id:
             raise UserError(f"--teacher_checkpoint_dir {teacher_dir}'s tokenizer is not the student's "
                             f"({tokenizer_dir}): they encode a probe text differently; distillation compares ids")
+    total = sum(param.numel() for param in teacher.parameters())
+    if isinstance(fabric.strategy, ModelParallelStrategy):
+        teacher = fabric.setup_module(teacher)
+    # a sharded parameter is a DTensor: this process holds its local shard
+    local = sum(getattr(param, "to_local", lambda: param)().numel() for param in teacher.parameters())
+    fabric.print(f"Teacher {teacher_dir}: {total:,} parameters, {local:,} of them on each process, {precision}")
     return teacher.eval()

@@ -538,7 +538,7 @@ def accumulate_gradients(fabric: Fabric, model: nn.Module, micro_batches: list, 
             if teacher is None:
                 loss = loss_sum(logits, targets)
             else:
-                with torch.no_grad():
+                with torch.no_grad(), fabric.autocast():  # bf16-mixed: autocast as the student's forward
                     teacher_logits = forward(teacher.model, micro_batch, fabric.device)
                 loss = teacher.loss_sum(logits, teacher_logits, targets)
             fabric.backward(loss * scale)

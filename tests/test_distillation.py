@@ -2,6 +2,7 @@
 positions left out, a teacher with a larger vocabulary read on the student's ids, and kd_alpha 1 = the data loss."""
 
 import math
+import re
 import shutil
 
 import pytest
@@ -107,6 +108,30 @@ def test_a_teacher_that_does_not_know_the_students_tokens_is_refused(tmp_path, d
         train_here(tmp_path / "out", data_dir, max_steps=1, teacher_checkpoint_dir=teacher)
     with pytest.raises(UserError, match="--kd_alpha must be in"):
         train_here(tmp_path / "out", data_dir, max_steps=1, teacher_checkpoint_dir=teacher, kd_alpha=1.5)
+
+
+def test_a_distillation_under_fsdp_shards_the_teacher_and_equals_one_process(tmp_path, data_dir):
+    """2 FSDP processes on gloo: the teacher's Blocks are sharded as the student's (each process holds about half of
+    its parameters), the losses and final weights are one process's, and the teacher's file is untouched."""
+    from test_pretrain import DISTRIBUTED, final_weights, losses, run_args, run_script, train_here
+
+    teacher = micro_teacher(tmp_path / "teacher")
+    before = torch.load(teacher / "lit_model.pth", weights_only=True)
+    settings = dict(DISTRIBUTED, teacher_checkpoint_dir=teacher, kd_alpha=0.3, kd_temperature=2.0, val_data_dir=None,
+                    max_steps=3)
+    train_here(tmp_path / "one", data_dir, **settings)
+    output = run_script("pretrain/tinyllama.py", run_args(tmp_path / "fsdp", data_dir, devices=2, strategy="fsdp",
+                                                          **settings))
+    total, local = (int(number.replace(",", "")) for number in re.search(
+        r"Teacher .*: ([\d,]+) parameters, ([\d,]+) of them on each process", output).groups())
+    assert local < total * 0.6
+    one, fsdp = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == [1, 2, 3] and all(fsdp[step] == pytest.approx(one[step], abs=1e-5) for step in one)
+    weights, reference = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "one")
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-5)
+    after = torch.load(teacher / "lit_model.pth", weights_only=True)
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 # ---- finetune/sft.py with a teacher: the shared tiny trained checkpoint (4,096 ids) teaches a 250-id student ------
