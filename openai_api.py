@@ -7,12 +7,16 @@ generate/serve.py, and of bench/serving.py and the tests, which run it in-proces
 """
 
 import asyncio
+import contextlib
 import json
 import secrets
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple
 
+import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -51,6 +55,7 @@ def build_app(engine: Engine, template: Optional[ChatTemplate], model_name: str,
         engine.stop()
 
     app = FastAPI(title="small-llama serve", lifespan=lifespan)
+    app.state.engine = engine  # for Server, which cancels its requests on Ctrl-C / SIGTERM
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
@@ -284,3 +289,42 @@ async def stream(request, events: "asyncio.Queue[Event]", head: Dict[str, Any], 
         yield "data: [DONE]\n\n"
     finally:
         request.cancel()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server for an app of `build_app`. On Ctrl-C or SIGTERM it cancels the engine's requests at once (each
+    stream ends with finish_reason "cancelled" and [DONE]) instead of letting them run until the graceful-shutdown
+    timeout cuts them, and `run` then returns instead of re-raising the signal (uvicorn's own handler does, which ends
+    the process with -15 or a KeyboardInterrupt traceback): generate/serve.py exits with status 0."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop without waiting for open connections
+        self.should_exit = True
+        self.config.app.state.engine.cancel_all()
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Serve `app` (of `build_app`) on host:port until Ctrl-C or SIGTERM."""
+    Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5, log_level="warning")).run()
+
+
+@contextlib.contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1", start_timeout: float = 60) -> Iterator[str]:
+    """Serve `app` (of `build_app`) in a daemon thread on a free port of `host` (127.0.0.1: this machine only); yields
+    the base URL, and stops the server on exit as a signal would. For benches, tests and the docs' screenshot, which
+    run the server beside its clients in one process."""
+    server = Server(uvicorn.Config(app, host=host, port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host} within {start_timeout} s")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.handle_exit(signal.SIGTERM, None)
+        thread.join(timeout=30)

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import ChatTemplate, resolve_chat_template
 from generation import load_for_generation
-from openai_api import build_app
+from openai_api import build_app, serve
 from quantize import QuantizeMode
 from serving import Engine
 from utils import UserError, cli
@@ -70,8 +69,8 @@ def main(
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
     app = build_app(engine, template, model_name or checkpoint_dir.name, api_key)
     print(f"Serving {checkpoint_dir} as {model_name or checkpoint_dir.name!r} on http://{host}:{port}", file=sys.stderr)
-    # on Ctrl-C / SIGTERM, streams still open after 5 s are cut; the engine then cancels what is left
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5, log_level="warning")
+    serve(app, host, port)  # until Ctrl-C or SIGTERM, which cancel the requests running and waiting
+    print("Stopped", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,28 +7,32 @@ in-process through FastAPI's TestClient."""
 import copy
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import socket
+import struct
 import subprocess
+import sys
 import threading
 import time
-from pathlib import Path
-from typing import Optional
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 
+import headless_chromium
+import openai_api
 from chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from checkpoint import load_model
 from generate.chat import Chat
-from generation import generate
+from generation import generate, load_for_generation
+from headless_chromium import wait_for
 from model import GPT
-from openai_api import MAX_BODY_BYTES, build_app
+from openai_api import MAX_BODY_BYTES, background_server, build_app
 from serving import Engine, SamplingParams
 from tests.documented import ROOT, documented, run_script
 from tokenizer import Tokenizer
@@ -46,20 +50,8 @@ def served(trained, tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(load_model(checkpoint_dir).config).double()
     engine = Engine(model, Tokenizer(checkpoint_dir), max_batch_size=4)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, template, NAME), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    yield f"http://127.0.0.1:{port}", engine, template
-    server.should_exit = True
-    thread.join(timeout=30)
+    with background_server(build_app(engine, template, NAME)) as url:
+        yield url, engine, template
 
 
 @pytest.fixture(scope="module")
@@ -155,81 +147,22 @@ def test_bad_requests_get_their_status_and_openai_error_objects(served):
     error_of(http.get("/v1/nothing", headers=auth), 404)
 
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-# without the background-networking flags Chromium floods a closed network with refused connections
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver key of an element reference
-
-
-class WebDriver:
-    """The few W3C WebDriver commands the page's test needs, sent to Debian's chromedriver over HTTP (so nothing
-    is downloaded and no driver manager runs)."""
-
-    def __init__(self, url: str, user_data_dir: Path) -> None:
-        self.http = httpx.Client(base_url=url, timeout=60)
-        options = {"binary": str(CHROMIUM), "args": CHROMIUM_ARGS + [f"--user-data-dir={user_data_dir}"]}
-        self.session = self.command("POST", "/session", {"capabilities": {"alwaysMatch": {
-            "browserName": "chrome", "goog:chromeOptions": options}}})["sessionId"]
-
-    def command(self, method: str, path: str, body: Optional[dict] = None):
-        response = self.http.request(method, path, json=body)
-        assert response.status_code == 200, response.text
-        return response.json()["value"]
-
-    def __call__(self, method: str, path: str, body: Optional[dict] = None):
-        return self.command(method, f"/session/{self.session}{path}", body)
-
-    def element(self, css: str) -> str:
-        return self("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
-
-    def type(self, css: str, text: str) -> None:
-        element = self.element(css)
-        self("POST", f"/element/{element}/clear", {})
-        self("POST", f"/element/{element}/value", {"text": text})
-
-    def script(self, source: str):
-        return self("POST", "/execute/sync", {"script": source, "args": []})
-
-    def close(self) -> None:
-        self("DELETE", "")
-        self.http.close()
-
-
 @pytest.fixture
 def browser(tmp_path):
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    if not headless_chromium.installed():
         pytest.skip("Chromium is not installed: apt-get install chromium chromium-driver (.ci/run does)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    driver = subprocess.Popen([str(CHROMEDRIVER), f"--port={port}"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/status", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "chromedriver did not start"
-                time.sleep(0.05)
-        session = WebDriver(f"http://127.0.0.1:{port}", tmp_path / "chromium-profile")
+    with headless_chromium.chromium(tmp_path / "chromium-profile") as session:
         yield session
-        session.close()
-    finally:
-        driver.terminate()
-        driver.wait(timeout=30)
 
 
 def test_the_chat_page_streams_the_apis_answer_in_a_real_browser(served, client, browser):
     url = served[0]
-    browser("POST", "/url", {"url": url + "/"})
+    browser.open(url + "/")
     wait_for(lambda: browser.script("return document.getElementById('model').textContent") == NAME)
     browser.type("#temperature", "0")
     browser.type("#max_tokens", "20")
     browser.type("#message", "Tell me about lists.")
-    browser("POST", f"/element/{browser.element('#send')}/click", {})
+    browser.click("#send")
     wait_for(lambda: browser.script("return document.getElementById('status').textContent") == "done")
     shown = browser.script("return document.querySelector('.assistant:last-child').textContent")
     messages = [{"role": "user", "content": "Tell me about lists."}]
@@ -239,48 +172,152 @@ def test_the_chat_page_streams_the_apis_answer_in_a_real_browser(served, client,
     assert browser.script("return document.getElementById('speed').textContent").endswith(" tokens/s")
 
 
-def wait_for(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+def test_the_docs_screenshot_script_shows_the_greedy_answer_of_generate_chat_py(trained, tmp_path, capsys):
+    """docs/serving.md's screenshot command on the session's checkpoint (with zephyr's template): the page's answer,
+    which the script prints, is generate/chat.py's greedy answer on the same model, and the PNG is the window."""
+    if not headless_chromium.installed():
+        pytest.skip("Chromium is not installed: apt-get install chromium chromium-driver (.ci/run does)")
+    checkpoint_dir = tmp_path / "final"
+    shutil.copytree(trained.checkpoint_dir, checkpoint_dir)
+    template = ChatTemplate(BUILTIN_TEMPLATES["zephyr"])
+    template.save(checkpoint_dir)
+    output = tmp_path / "serve.png"
+    run_script(documented("python docs/serve_screenshot.py --checkpoint_dir out/sft_demo/final --output docs/serve.png",
+                          replace={"--checkpoint_dir": checkpoint_dir, "--output": output},
+                          add={"--max_new_tokens": "12"}))
+    shown = capsys.readouterr().out.removesuffix("\n")
+    model, tokenizer = load_for_generation(checkpoint_dir, torch.device("cpu"))
+    chat = Chat(model, tokenizer, template, None, dict(max_new_tokens=12, temperature=0, top_k=None, top_p=1.0))
+    assert shown == chat.answer("How do I read a file line by line?", io.StringIO())
+    png = output.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and struct.unpack(">II", png[16:24]) == (900, 560)
 
 
 def test_the_documented_command_serves_until_stopped(trained, tmp_path, monkeypatch):
-    """docs/serving.md's command through the script's command line; uvicorn.run is replaced by a server on a free
+    """docs/serving.md's command through the script's command line; openai_api.serve is replaced by a server on a free
     port that the test stops, and the request body the page shows is sent to it, whole and streamed."""
     checkpoint_dir = tmp_path / "final"
     shutil.copytree(trained.checkpoint_dir, checkpoint_dir)
     ChatTemplate(BUILTIN_TEMPLATES["zephyr"]).save(checkpoint_dir)
-    servers = []
+    urls, stop = [], threading.Event()
 
-    def run(app, host, port, **settings):
+    def serve(app, host, port):
         assert (host, port) == ("127.0.0.1", 8000)  # the documented defaults
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            free = probe.getsockname()[1]
-        servers.append(uvicorn.Server(uvicorn.Config(app, host=host, port=free, log_level="warning")))
-        servers[0].run()
+        with background_server(app) as url:
+            urls.append(url)
+            stop.wait()
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(openai_api, "serve", serve)
     argv = documented("python generate/serve.py --checkpoint_dir out/sft_demo/final",
                       replace={"--checkpoint_dir": checkpoint_dir})
     thread = threading.Thread(target=run_script, args=(argv,), daemon=True)
     thread.start()
-    wait_for(lambda: servers and servers[0].started, timeout=60)
-    url = f"http://127.0.0.1:{servers[0].config.port}"
+    wait_for(lambda: urls, timeout=60)
     try:
         (body,) = re.findall(r"```json\n(.*?)```", (ROOT / "docs/serving.md").read_text(), re.S)
         chat = json.loads(body)  # the request body the page shows
-        answer = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).json()
+        answer = httpx.post(urls[0] + "/v1/chat/completions", json=chat, timeout=60).json()
         assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] <= 64
-        streamed = httpx.post(url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=60).text
+        streamed = httpx.post(urls[0] + "/v1/chat/completions", json={**chat, "stream": True}, timeout=60).text
         assert streamed.startswith("data: ") and streamed.endswith("data: [DONE]\n\n")
-        assert "<html" in httpx.get(url + "/").text
+        assert "<html" in httpx.get(urls[0] + "/").text
     finally:
-        servers[0].should_exit = True
+        stop.set()
         thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_sigterm_cancels_the_running_and_waiting_requests_and_the_server_exits_0(trained):
+    """generate/serve.py as a process (one row): a streamed request that would generate until the context is full and
+    one waiting behind it; SIGTERM after the first token ends both streams at once, with finish_reason "cancelled"
+    and [DONE], and the process exits 0 well before the 5 s the server gives open streams."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(ROOT / "generate/serve.py"), "--checkpoint_dir",
+                               str(trained.checkpoint_dir), "--port", str(port), "--max_batch_size", "1"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: server.poll() is None and reachable(url + "/health"), timeout=60)
+        body = {"model": trained.checkpoint_dir.name, "prompt": "def main():", "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        first_token, events = threading.Event(), {}
+
+        def stream(name: str) -> None:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+                events[name] = []
+                for line in response.iter_lines():
+                    if line:
+                        events[name].append(line)
+                        first_token.set()
+
+        clients = [threading.Thread(target=stream, args=(name,)) for name in ("running", "waiting")]
+        for client in clients:
+            client.start()
+            time.sleep(0.2)  # the first takes the only row
+        assert first_token.wait(timeout=30)
+        server.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert server.wait(timeout=30) == 0, server.stderr.read()
+        assert time.monotonic() - signalled < 4
+        for client in clients:
+            client.join(timeout=5)
+            assert not client.is_alive()
+        for name in ("running", "waiting"):
+            assert events[name][-1] == "data: [DONE]"
+            chunks = [json.loads(line.removeprefix("data: ")) for line in events[name][:-1]]
+            assert chunks[-2]["choices"][0]["finish_reason"] == "cancelled"
+            generated = chunks[-1]["usage"]["completion_tokens"]
+            assert generated < 100 and (generated > 0) == (name == "running")  # the context holds ~250
+        assert "Stopped" in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_ctrl_c_cancels_the_stream_and_serve_returns_without_a_keyboard_interrupt(served):
+    """Ctrl-C (SIGINT to this process) while openai_api.serve runs in the main thread, as generate/serve.py runs it:
+    the stream, which would run until the context is full, ends at once with finish_reason "cancelled", and serve
+    returns (uvicorn's own handler re-raises the signal once stopped: a KeyboardInterrupt here). In-process, where
+    SIGTERM's test needs a process: the same handler, without a second start-up."""
+    _, engine, template = served
+    app = build_app(Engine(copy.deepcopy(engine.model), engine.tokenizer, max_batch_size=1), template, NAME)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url, lines = f"http://127.0.0.1:{port}", []
+
+    def client() -> None:
+        wait_for(lambda: reachable(url + "/health"))
+        body = {"model": NAME, "prompt": "def main():", "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+            for line in filter(None, response.iter_lines()):
+                lines.append(line)
+                if len(lines) == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    watchdog = threading.Timer(30, os.kill, (os.getpid(), signal.SIGINT))  # a second Ctrl-C forces the exit
+    watchdog.start()
+    try:
+        openai_api.serve(app, "127.0.0.1", port)
+    finally:
+        watchdog.cancel()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "cancelled" and chunks[-1]["usage"]["completion_tokens"] < 100
+
+
+def reachable(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_sixteen_concurrent_streaming_clients_lose_nothing_and_memory_stays_flat(served):
