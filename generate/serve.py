@@ -32,6 +32,7 @@ def main(
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch_size: int = 8,
+    max_seq_length: Optional[int] = None,
     max_queue: int = 64,
     api_key: Optional[str] = None,
     model_name: Optional[str] = None,
@@ -48,6 +49,8 @@ def main(
         host: the address to listen on; 0.0.0.0 exposes the server to the network
         port: the TCP port
         max_batch_size: requests decoded together (the KV cache's rows); 1 serves them one after another
+        max_seq_length: the KV cache's length, the longest prompt plus answer a request may have; default the model's
+            block size. Shorter: less memory, and faster decoding (every step attends the whole cache)
         max_queue: requests that may wait for a row; one more gets 429
         api_key: require `Authorization: Bearer API_KEY` on /v1 (401 without it)
         model_name: the name clients give as `model`; default the checkpoint directory's name
@@ -59,6 +62,8 @@ def main(
         raise UserError(f"--port {port} is not a TCP port: give 0-65535")
     if max_batch_size < 1:
         raise UserError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+    if max_seq_length is not None and max_seq_length < 2:
+        raise UserError(f"--max_seq_length must be at least 2 (a prompt token and an answer), got {max_seq_length}")
     if max_queue < 0:
         raise UserError(f"--max_queue must be >= 0, got {max_queue}")
     checkpoint_dir = Path(checkpoint_dir)
@@ -66,7 +71,10 @@ def main(
     model, tokenizer = load_for_generation(checkpoint_dir, device, precision, quantize, group_size)
     template = resolve_chat_template(checkpoint_dir, chat_template) if chat_template is not None \
         else ChatTemplate.from_checkpoint(checkpoint_dir)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+    if max_seq_length is not None and max_seq_length > model.config.block_size:
+        raise UserError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {model.config.block_size}")
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length,
+                    max_queue=max_queue)
     app = build_app(engine, template, model_name or checkpoint_dir.name, api_key)
     print(f"Serving {checkpoint_dir} as {model_name or checkpoint_dir.name!r} on http://{host}:{port}", file=sys.stderr)
     serve(app, host, port)  # until Ctrl-C or SIGTERM, which cancel the requests running and waiting
