@@ -1,6 +1,6 @@
 """Inheritune's claim at a scale that runs here: one command, a results table beside the paper's numbers.
 
-    python inheritune/reproduce.py --preset cpu     # about 30 minutes on 2 CPU cores, on the built-in demo corpus
+    python inheritune/reproduce.py --preset cpu     # about an hour on 2 CPU cores, on the built-in demo corpus
     python inheritune/reproduce.py --preset gpu     # a bigger model, minutes on one H100/H200
 
 Sanyal et al., "Inheritune: Training Smaller Yet More Attentive Language Models" (arXiv 2404.08634): a small model
@@ -14,7 +14,24 @@ blocks at a time. The experiments, all trained with pretrain/tinyllama.py's loop
    them, inheritune/attention_rank.py's rule) inherited instead of the first n, or the LAST n blocks when the
    reference has no lazy layer; results.json's `lazy_control` says which;
 5. sub-module ablations: only attention (+ norm_1), only MLP (+ norm_2), attention and MLP without norms;
-6. the attention-rank analysis (inheritune/attention_rank.py) of the reference and of the inherited model.
+6. the attention-rank analysis (inheritune/attention_rank.py) of the reference and of the inherited model;
+7. the paper's baselines, at the same budget of T steps (widths, heads and parameters in the table):
+   - teacher: the reference trained 2T steps (the KD runs' teacher: a teacher must beat the students, and the
+     reference trained T steps does not beat the inherited model);
+   - kd: n layers from random init (as 3.), distilled from the teacher (distillation.py: kd_alpha 0.5, forward KL,
+     temperature 1), T steps;
+   - inherit+kd: Inheritune's initialization (as 2.), distilled from the teacher, T steps;
+   - stacking (Gong et al. 2019's progressive stacking): n/2 layers from random init for T/2 steps, its blocks
+     duplicated in order to n layers (block i copied to i + n/2; embedding, final norm and head kept), then T/2 steps
+     more with a fresh optimizer and schedule;
+   - half-width: the reference's k layers at half its width (n_embd, intermediate size, heads and query groups
+     halved: the same head size), from random init, T steps.
+   The authors' baseline logs (github.com/sanyalsunny111/LLM-Inheritune, GPT2-experiments/logs/OpenWebText_logs/
+   Baselines/; validation losses every 1,000 steps, no configurations in them) give the split and the numbers beside
+   ours: KD/distill_medium.txt (distilled from random init, 50k steps, last 3.019) and distill_medium_init.txt
+   (inherited init, 50k steps, last 3.028); medium-baselines/medium_stacking.txt and medium_stacking_2rnd.txt (two
+   rounds of 100k steps each, the second starting from the stacked model: 3.011 after round 1, 2.844 after round 2:
+   hence our equal split T/2 + T/2) and medium_halfwdth.txt (100k steps, 3.049).
 Every validation loss is measured the same way (inheritune.grow.validation_loss on the same validation blocks).
 Results go to out_dir: results.md, results.json, validation_loss.png and the analysis' files. Rerunning the same
 command continues: finished experiments are not trained again.
@@ -22,7 +39,7 @@ command continues: finished experiments are not trained again.
 
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -30,10 +47,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpoint import save_model_dir
+from checkpoint import WEIGHTS_FILE, load_state_dict, save_model_dir
 from inheritune.attention_rank import attention_rank
 from inheritune.grow import grow, logged_validation_losses, validation_loss
-from inheritune.init_from import init_from
+from inheritune.init_from import BLOCK_PREFIX, init_from
 from model import GPT, Config, num_parameters
 from pretrain.tinyllama import setup
 from tokenizer import Tokenizer, has_tokenizer
@@ -45,7 +62,8 @@ PRESETS = {
     "tiny": dict(n_layer=4, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=176, seq_len=32,
                  global_batch_size=4, micro_batch_size=2, max_steps=4, learning_rate=3e-3, min_lr=3e-4,
                  warmup_steps=1, eval_iters=2, rank_sequences=4, precision="32-true"),
-    # <= 40 minutes on 2 CPU cores: twice the demo model's depth, the demo's batch and schedule
+    # 27 minutes on 2 CPU cores before the baselines of 7. (about an hour with them, estimated): twice the demo
+    # model's depth, the demo's batch and schedule
     "cpu": dict(n_layer=8, n_embd=256, n_head=4, n_query_groups=2, intermediate_size=704, seq_len=256,
                 global_batch_size=8, micro_batch_size=8, max_steps=300, learning_rate=2e-3, min_lr=2e-4,
                 warmup_steps=20, eval_iters=16, rank_sequences=32, precision="32-true"),
@@ -58,7 +76,13 @@ PRESETS = {
 # The paper's GPT-2 medium runs on OpenWebText (Table 1 and the sub-module ablation): validation loss
 PAPER = {"reference": ("24L GPT-2 medium", 2.81), "random T": ("16L from scratch", 2.86),
          "inheritune": ("16L Inheritune", 2.81), "attn": ("16L, attention only", 2.84),
-         "mlp": ("16L, MLP only", 2.85), "attn_mlp": ("16L, attention + MLP without norms", 2.80)}
+         "mlp": ("16L, MLP only", 2.85), "attn_mlp": ("16L, attention + MLP without norms", 2.80),
+         # the authors' baseline logs (see the module docstring): the last validation loss of each
+         "kd": ("log KD/distill_medium, 50k steps", 3.019),
+         "inherit+kd": ("log KD/distill_medium_init, 50k steps", 3.028),
+         "stacking": ("log medium_stacking_2rnd, 100k + 100k steps", 2.844),
+         "half-width": ("log medium_halfwdth, 100k steps", 3.049)}
+KD = dict(kd_alpha=0.5, kd_temperature=1.0, kd_divergence="forward")  # the KD baselines' loss
 
 
 def reproduce(
@@ -75,7 +99,7 @@ def reproduce(
     """Run the experiments of the preset (see the module docstring) and write the results table.
 
     Args:
-        preset: tiny (seconds, for tests), cpu (<= 40 minutes on 2 cores) or gpu (minutes on one H100/H200)
+        preset: tiny (seconds, for tests), cpu (about an hour on 2 cores) or gpu (minutes on one H100/H200)
         data_dir: the demo corpus (train/ and validation/ shards and its tokenizer), built here if missing
         out_dir: where every experiment and the results go; default out/inheritune-{preset}
         vocab_size: needed only when data_dir holds no tokenizer
@@ -122,11 +146,12 @@ def reproduce(
 
     results = {"preset": preset, "settings": settings, "config": asdict(config), "experiments": {}}
 
-    def record(name: str, layers: int, steps: int, run_dir: Path, seconds: float) -> None:
+    def record(name: str, layers: int, steps: int, run_dir: Path, seconds: float, **notes) -> None:
         final = run_dir / "final"
-        results["experiments"][name] = dict(layers=layers, steps=steps, parameters=parameters(final),
-                                            validation_loss=measure(final), seconds=round(seconds, 1),
-                                            run_dir=str(run_dir))
+        shape = Config.from_file(final)
+        results["experiments"][name] = dict(layers=layers, width=shape.n_embd, heads=shape.n_head, steps=steps,
+                                            parameters=parameters(final), validation_loss=measure(final),
+                                            seconds=round(seconds, 1), run_dir=str(run_dir), **notes)
         write_json(out_dir / "results.json", results)
 
     def analyse(checkpoint_dir: Path, name: str) -> list:
@@ -136,19 +161,21 @@ def reproduce(
         return [dict(layer=layer["layer"], max_rank=layer["max_rank"], max_mass=layer["max_mass"], lazy=layer["lazy"])
                 for layer in report["layers"]]
 
-    def train(name: str, initial_dir: Path, steps: int, layers: int) -> None:
-        run_dir = out_dir / name.replace(" ", "_") / "train"
+    def train(name: str, initial_dir: Path, steps: int, layers: int, run_dir: Optional[Path] = None,
+              **options) -> float:
+        """Train (unless finished) and record; `options` go to setup (a teacher). Returns the seconds spent."""
+        run_dir = run_dir or out_dir / experiment_dir(name) / "train"
         start = time.perf_counter()
         if not (run_dir / "final").is_dir():
-            setup(model_name=None, initial_checkpoint_dir=initial_dir, out_dir=run_dir, resume="auto",
+            setup(model_name=None, initial_checkpoint_dir=initial_dir, out_dir=run_dir, resume="auto", **options,
                   **{**training, "max_steps": steps, "eval_interval": max(1, steps // 10), "save_interval": steps})
-        record(name, layers, steps, run_dir, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if name:
+            record(name, layers, steps, run_dir, seconds, **({"teacher": "teacher"} if options else {}))
+        return seconds
 
     # 1. the reference, from model.py's init
-    initial = out_dir / "reference" / "init"
-    if not initial.is_dir():
-        torch.manual_seed(seed)
-        save_model_dir(GPT(config), config, tokenizer_dir, initial)
+    initial = random_init(config, out_dir / "reference" / "init", seed, tokenizer_dir)
     train("reference", initial, T, k)
     reference = out_dir / "reference" / "train" / "final"
     results["attention_rank"] = {"reference": analyse(reference, "reference")}
@@ -178,12 +205,33 @@ def reproduce(
         "attn_mlp": (dict(modules="attn_mlp"), T),
     }
     for name, (options, steps) in variants.items():
-        initial = out_dir / name.replace(" ", "_") / "init"
+        initial = out_dir / experiment_dir(name) / "init"
         layers = len(options.get("layer_ids", range(n)))
         if not (initial / "lit_model.pth").is_file():
             init_from(ref_checkpoint_dir=reference, out_dir=initial, n_layers=layers, seed=seed, overwrite=True,
                       **options)
         train(name, initial, steps, layers)
+
+    # 7. the baselines at T steps: the teacher (the reference at 2T), KD from random and from Inheritune's init,
+    # stacking n/2 -> n layers, half width at k layers
+    train("teacher", out_dir / "reference" / "init", 2 * T, k)
+    distil = dict(teacher_checkpoint_dir=out_dir / "teacher" / "train" / "final", **KD)
+    train("kd", out_dir / "random_T" / "init", T, n, **distil)
+    train("inherit+kd", Path(first["run_dir"]).parent / "init", T, n, **distil)
+    half_steps = T // 2
+    shallow = out_dir / "stacking" / "init-shallow"
+    if not (shallow / "lit_model.pth").is_file():
+        init_from(ref_checkpoint_dir=reference, out_dir=shallow, n_layers=n // 2, seed=seed, overwrite=True,
+                  **variants["random T"][0])
+    seconds = train("", shallow, half_steps, n // 2, run_dir=out_dir / "stacking" / "train-shallow")
+    stacked = out_dir / "stacking" / "init"
+    if not (stacked / "lit_model.pth").is_file():
+        stack_blocks(out_dir / "stacking" / "train-shallow" / "final", stacked)
+    seconds += train("", stacked, T - half_steps, n, run_dir=out_dir / "stacking" / "train")
+    record("stacking", n, T, out_dir / "stacking" / "train", seconds,
+           growth=f"{n // 2} layers for {half_steps} steps, stacked to {n} for {T - half_steps}")
+    half = half_width(config)
+    train("half-width", random_init(half, out_dir / "half-width" / "init", seed, tokenizer_dir), T, k)
 
     # 6. the lazy-layer analysis of the inherited model (the reference's ran before the control)
     results["attention_rank"]["inheritune"] = analyse(Path(results["experiments"]["inheritune"]["run_dir"]) / "final",
@@ -194,6 +242,46 @@ def reproduce(
     plot_validation_losses(results, out_dir / "validation_loss.png")
     print(results_table(results))
     return results
+
+
+def experiment_dir(name: str) -> str:
+    return name.replace(" ", "_")
+
+
+def random_init(config: Config, directory: Path, seed: int, tokenizer_dir: Optional[Path]) -> Path:
+    """model.py's init of `config` from `seed`, as a checkpoint directory (kept if it exists)."""
+    if not directory.is_dir():
+        torch.manual_seed(seed)
+        save_model_dir(GPT(config), config, tokenizer_dir, directory)
+    return directory
+
+
+def half_width(config: Config) -> Config:
+    """The same depth at half the width: n_embd, the MLP's intermediate size, the heads and the query groups halved,
+    so the head size stays (check_settings makes them even)."""
+    return replace(config, name=f"{config.name}-half-width", n_embd=config.n_embd // 2,
+                   intermediate_size=config.intermediate_size // 2, n_head=config.n_head // 2,
+                   n_query_groups=config.n_query_groups // 2)
+
+
+def stack_blocks(checkpoint_dir: Path, out_dir: Path) -> Path:
+    """Progressive stacking (Gong et al. 2019): the m blocks of `checkpoint_dir` duplicated in order into a 2m-block
+    model (block i copied to i and i + m, so the model applies blocks 0..m-1 twice), its embedding, final norm and
+    head kept; a checkpoint directory with its tokenizer, named `{name}-stacked-{2m}`."""
+    config = Config.from_file(checkpoint_dir)
+    m = config.n_layer
+    weights = load_state_dict(checkpoint_dir / WEIGHTS_FILE)
+    stacked = {}
+    for key, tensor in weights.items():
+        if key.startswith(BLOCK_PREFIX):
+            index, rest = key[len(BLOCK_PREFIX):].split(".", 1)
+            for copy in (int(index), int(index) + m):
+                stacked[f"{BLOCK_PREFIX}{copy}.{rest}"] = tensor.clone()
+        else:
+            stacked[key] = tensor
+    stacked_config = replace(config, name=f"{config.name}-stacked-{2 * m}", n_layer=2 * m)
+    save_model_dir(stacked, stacked_config, checkpoint_dir if has_tokenizer(checkpoint_dir) else None, out_dir)
+    return out_dir
 
 
 def lazy_control(reference_layers: list, n: int) -> dict:
@@ -208,16 +296,19 @@ def lazy_control(reference_layers: list, n: int) -> dict:
 
 def check_settings(settings: dict, vocab_size: Optional[int]) -> None:
     """Refuse flags that make no experiment, before the corpus is built."""
-    if settings["n_layer"] < 2:
-        raise UserError(f"--n_layer must be at least 2 (the small models have n_layer // 2 blocks), got "
-                        f"{settings['n_layer']}")
+    if settings["n_layer"] < 4 or settings["n_layer"] % 4:
+        raise UserError(f"--n_layer must be a multiple of 4 (the small models have n_layer / 2 blocks, the stacking "
+                        f"baseline's first stage n_layer / 4), got {settings['n_layer']}")
+    if settings["n_head"] % 2 or settings["n_query_groups"] % 2:  # the presets' own values
+        raise UserError(f"the half-width baseline halves the heads and query groups: {settings['n_head']} and "
+                        f"{settings['n_query_groups']} must be even")
     for name, value in (("max_steps", settings["max_steps"]), ("vocab_size", vocab_size)):
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
     pair_per_head = 2 * settings["n_head"]  # RoPE rotates pairs of channels: a head's size must be even
     if settings["n_embd"] < 1 or settings["n_embd"] % pair_per_head:
         raise UserError(f"--n_embd must be a positive multiple of {pair_per_head} (the preset's {settings['n_head']} "
-                        f"heads of an even size), got {settings['n_embd']}")
+                        f"heads of an even size; half of them at half the width), got {settings['n_embd']}")
 
 
 def parameters(checkpoint_dir: Path) -> int:
@@ -232,12 +323,27 @@ def results_table(results: dict) -> str:
     lines = [f"Inheritune reproduction, preset {results['preset']}: reference {results['config']['n_layer']} layers, "
              f"width {results['config']['n_embd']}, T = {results['settings']['max_steps']} steps of "
              f"{results['settings']['global_batch_size']} x {results['settings']['seq_len']} tokens.", "",
-             "| experiment | layers | parameters | steps | validation loss | vs reference | paper (GPT-2 medium, "
-             "OpenWebText) |", "|---|---|---|---|---|---|---|"]
+             "| experiment | layers | width | heads | parameters | steps | validation loss | vs reference | paper "
+             "(GPT-2 medium, OpenWebText) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, run in experiments.items():
         paper = f"{PAPER[name][0]}: {PAPER[name][1]}" if name in PAPER else ""
-        lines.append(f"| {name} | {run['layers']} | {run['parameters']:,} | {run['steps']} | "
+        # results.json of a run before the baselines has no width or heads: the reference's
+        width, heads = run.get("width", results["config"]["n_embd"]), run.get("heads", results["config"]["n_head"])
+        notes = ([run["growth"]] if "growth" in run else []) + (
+            [f"distilled from the {run['teacher']}"] if "teacher" in run else [])
+        steps = f"{run['steps']} ({'; '.join(notes)})" if notes else run["steps"]
+        lines.append(f"| {name} | {run['layers']} | {width} | {heads} | {run['parameters']:,} | {steps} | "
                      f"{run['validation_loss']:.4f} | {run['validation_loss'] - reference:+.4f} | {paper} |")
+    if "teacher" in experiments:
+        loss = {name: run["validation_loss"] for name, run in experiments.items()}
+        beaten = [name for name in ("kd", "inherit+kd", "stacking", "half-width", "random 2T")
+                  if loss[name] < loss["inheritune"]]
+        below = {name: "below" if loss["teacher"] < loss[name] else "not below" for name in ("inheritune", "random 2T")}
+        lines += ["", f"Teacher of the KD runs: the reference trained {experiments['teacher']['steps']} steps, "
+                  f"{loss['teacher']:.4f} ({below['inheritune']} Inheritune's {loss['inheritune']:.4f}; "
+                  f"{below['random 2T']} the same-size random model at 2T, {loss['random 2T']:.4f}). inherit+kd "
+                  f"{loss['inherit+kd'] - loss['inheritune']:+.4f} against Inheritune at equal steps. Below "
+                  f"Inheritune: {', '.join(beaten) or 'no baseline'}."]
     grown = results["grow"]
     rounds = ", ".join(f"{r['layers']} layers {r['validation_loss']:.4f}" for r in grown["rounds"])
     lines += ["", f"Grow loop (+2 layers a round until the reference's loss): {rounds}; "

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inheritune.reproduce import PAPER, lazy_control, reproduce
+from inheritune.reproduce import PAPER, lazy_control, reproduce, stack_blocks
 from shard_format import PackedDatasetBuilder, write_manifest
 from tests.documented import documented, run_script
 
@@ -43,9 +43,25 @@ def test_every_experiment_is_trained_measured_and_tabulated(reproduced):
     out, _, results = reproduced
     experiments = results["experiments"]
     assert list(experiments) == ["reference", "inheritune", "random T", "random 2T", "lazy-layer control", "attn",
-                                 "mlp", "attn_mlp"]
+                                 "mlp", "attn_mlp", "teacher", "kd", "inherit+kd", "stacking", "half-width"]
     assert experiments["reference"]["layers"] == 4 and experiments["inheritune"]["layers"] == 2
     assert experiments["random 2T"]["steps"] == 2 * experiments["random T"]["steps"] == 8
+    # the baselines: every one at T steps but the teacher (2T); the shapes of the module docstring
+    assert experiments["teacher"]["steps"] == 8 and experiments["teacher"]["layers"] == 4
+    assert all(experiments[name]["steps"] == 4 for name in ("kd", "inherit+kd", "stacking", "half-width"))
+    assert experiments["kd"]["parameters"] == experiments["inherit+kd"]["parameters"] == experiments["random T"][
+        "parameters"]
+    assert experiments["kd"]["teacher"] == experiments["inherit+kd"]["teacher"] == "teacher"
+    assert experiments["stacking"]["parameters"] == experiments["random T"]["parameters"]
+    assert experiments["stacking"]["growth"] == "1 layers for 2 steps, stacked to 2 for 2"
+    half = experiments["half-width"]
+    assert (half["layers"], half["width"], half["heads"]) == (4, 32, 2)
+    assert experiments["reference"]["width"] // experiments["reference"]["heads"] == half["width"] // half["heads"]
+    for name, run_dir in (("kd", "kd"), ("inherit+kd", "inherit+kd")):  # distilled: the teacher in its settings
+        hparams = json.loads((out / run_dir / "train" / "hyperparameters.json").read_text())
+        assert hparams["teacher_checkpoint_dir"] == str(out / "teacher" / "train" / "final"), name
+    hparams = json.loads((out / "random_T" / "train" / "hyperparameters.json").read_text())
+    assert hparams["teacher_checkpoint_dir"] is None
     assert all(np.isfinite(run["validation_loss"]) for run in experiments.values())
     # the inherited and the random model are the same size; the reference is larger
     assert experiments["inheritune"]["parameters"] == experiments["random T"]["parameters"]
@@ -93,3 +109,25 @@ def test_the_lazy_layer_control_inherits_the_references_lazy_layers_or_else_the_
     busy = [dict(layer, lazy=False) for layer in layers]
     assert lazy_control(busy, 2) == dict(layer_ids=[4, 5], chosen_by="the last n blocks (the reference has no lazy "
                                                                       "layer)")
+
+
+def test_stacking_applies_the_blocks_in_order_twice(tmp_path):
+    """stack_blocks of a 3-block model computes what the model computes with its blocks applied 0, 1, 2, 0, 1, 2
+    (the same Block modules, listed twice), in float64: exactly."""
+    import torch
+
+    from checkpoint import load_model, save_model_dir
+    from model import GPT, Config
+
+    config = Config(name="stack-test", block_size=16, vocab_size=64, n_layer=3, n_head=2, n_query_groups=1, n_embd=16,
+                    intermediate_size=32)
+    torch.manual_seed(0)
+    save_model_dir(GPT(config), config, None, tmp_path / "shallow")
+    stack_blocks(tmp_path / "shallow", tmp_path / "stacked")
+    stacked = load_model(tmp_path / "stacked", dtype=torch.float64)
+    assert (stacked.config.n_layer, stacked.config.name) == (6, "stack-test-stacked-6")
+    chain = load_model(tmp_path / "shallow", dtype=torch.float64)
+    chain.transformer.h = torch.nn.ModuleList([*chain.transformer.h, *chain.transformer.h])
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(stacked(idx), chain(idx))
