@@ -1,6 +1,7 @@
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict
 
 import pytest
 
@@ -51,3 +52,35 @@ def trained(tmp_path_factory) -> TrainedCheckpoint:
     setup(**settings, train_data_dir=data_dir / "train", val_data_dir=data_dir / "validation", tokenizer_dir=data_dir,
           out_dir=root / "out", max_steps=40, eval_interval=40, eval_iters=2)
     return TrainedCheckpoint(root / "out" / "final", data_dir)
+
+
+@pytest.fixture(scope="session")
+def pretrain_shards(tmp_path_factory) -> Path:
+    """tests/test_pretrain.py's shards (its `data_dir`): two learnable training sources and a validation one, of
+    whole blocks of its SEQ_LEN + 1 tokens. A session's, as the two-process runs on them are."""
+    from test_pretrain import write_shards
+
+    directory = tmp_path_factory.mktemp("data")
+    write_shards(directory, "train_a", n_blocks=64, seed=1)
+    write_shards(directory, "train_b", n_blocks=40, seed=2)
+    write_shards(directory, "validation_a", n_blocks=16, seed=3)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def distributed_runs(tmp_path_factory, pretrain_shards) -> Dict[str, Path]:
+    """name -> out_dir of the same run of pretrain/tinyllama.py on `pretrain_shards` (test_pretrain.DISTRIBUTED: one
+    source, global batch 8, 4 steps, checkpoints at steps 2 and 4): "single" (1 process, in this process), "ddp" and
+    "fsdp" (2 processes each, launched by the script itself: --devices 2). Shared by the tests of test_pretrain.py
+    that compare them and by test_training_state.py's, which need a real sharded (FSDP) checkpoint. The two launches
+    and the single run go side by side: a launch spends most of its seconds importing, on one core."""
+    from test_pretrain import DISTRIBUTED, finish, launched, run_args, train_here
+
+    root = tmp_path_factory.mktemp("distributed")
+    launches = {"ddp": {"devices": 2, "strategy": "ddp"}, "fsdp": {"devices": 2, "strategy": "fsdp"}}
+    with launched(*(("pretrain/tinyllama.py", run_args(root / name, pretrain_shards, **DISTRIBUTED, **settings))
+                    for name, settings in launches.items())) as processes:
+        train_here(root / "single", pretrain_shards, **DISTRIBUTED, devices=1)
+        for process in processes:
+            finish(process)
+    return {name: root / name for name in ("single", *launches)}

@@ -2,6 +2,7 @@
 model, exported with scripts/convert_lit_checkpoint.py, on local tasks (offline): multiple choice, rolling
 perplexity, generate_until."""
 
+import functools
 import importlib
 import inspect
 import json
@@ -9,7 +10,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -21,9 +24,9 @@ from checkpoint import save_model_dir  # noqa: E402
 from eval_suites import write_local_task  # noqa: E402
 from model import GPT, Config  # noqa: E402
 from scripts.convert_lit_checkpoint import convert_lit_checkpoint  # noqa: E402
+from test_pretrain import command_line, finish, launched  # noqa: E402
 from tests.documented import documented, run_script  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 # Llama-2's sentencepiece options but byte fallback (a random model emits invalid UTF-8 bytes, which sentencepiece and
 # transformers decode differently); a vocabulary that is a multiple of 64, so the exported model has no padding rows
 SENTENCEPIECE_OPTIONS = dict(
@@ -39,6 +42,30 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|> {{ mess
 
 def sentence(seed: int, length: int) -> str:
     return " ".join(WORDS[(seed * 7 + i * i * 3 + i) % len(WORDS)] for i in range(length))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def builtin_task_names() -> Iterator[Callable[[], set]]:
+    """The names of lm-eval's built-in task index, TaskManager().all_tasks, indexed in another process from this
+    module's first test on: indexing its ~14,700 YAMLs takes ~10 s of one core, which the tests here (one thread)
+    leave free. Returns the function that waits for them."""
+    code = "import json\nfrom lm_eval.tasks import TaskManager\nprint(json.dumps(sorted(TaskManager().all_tasks)))"
+    errors = tempfile.TemporaryFile("w+")  # not a pipe, which its warnings could fill while no one reads it
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+    @functools.cache
+    def names() -> set:
+        output, _ = process.communicate(timeout=600)
+        errors.seek(0)
+        assert process.returncode == 0, errors.read()[-3000:]
+        return set(json.loads(output))
+
+    yield names
+    if process.poll() is None:  # no test asked for them
+        process.kill()
+        process.communicate()
+    errors.close()
 
 
 @pytest.fixture(scope="module")
@@ -246,35 +273,36 @@ def saved_results(output_path: Path) -> dict:
 def test_documented_commands_on_local_tasks_write_lm_evals_json_and_the_table(checkpoints, task_dir, tmp_path,
                                                                              capsys, monkeypatch):
     """The README's commands with the flags they show, on local stand-in tasks (a preset whose columns are the local
-    tasks); then 2 gloo processes (launched by Fabric, lm-eval splitting the documents) give the same results."""
+    tasks); then 2 gloo processes (launched by Fabric, lm-eval splitting the documents) give the same results. (The
+    two processes run while this one evaluates: the launch spends most of its seconds importing.)"""
     import eval_suites as suites
 
     lit_dir, _ = checkpoints
     columns = (suites.Column("tiny_rolling", "word_perplexity", "Rolling"), suites.Column("tiny_mc", "acc", "MC"),
                suites.Column("tiny_generate", "exact_match", "Gen"))
     monkeypatch.setitem(suites.SUITES, "amd-llama-135m", suites.Suite(columns, num_fewshot=0))
-    flags = ["--checkpoint_dir", str(lit_dir), "--num_fewshot", "0", "--batch_size", "3", "--include_path",
-             str(task_dir), "--device", "cpu", "--precision", "64-true", "--seed", "7"]
-    returned = run_cli(flags + ["--tasks", "amd-llama-135m", "--output_path", str(tmp_path / "one"), "--log_samples"])
-    one = saved_results(tmp_path / "one")
-    assert one["results"] == json.loads(json.dumps(returned["results"]))
-    assert one["config"]["model_args"] == {"pretrained": str(lit_dir)}
-    assert set(one["results"]) == set(TASKS) and one["n-shot"] == {task: 0 for task in TASKS}
-    assert len(list((tmp_path / "one").glob("*/samples_tiny_mc_*.jsonl"))) == 1
-    (table_path,) = (tmp_path / "one").glob("*/results_*.md")
-    table = table_path.read_text()
-    header, _, row = table.splitlines()
-    assert header == "| Model | Rolling | MC | Gen | Avg |"  # the preset's column order
-    mc, gen = one["results"]["tiny_mc"], one["results"]["tiny_generate"]
-    assert f"| {mc['acc,none'] * 100:.2f} ± {mc['acc_stderr,none'] * 100:.2f} |" in row
-    assert row.endswith(f"| {(mc['acc,none'] + gen['exact_match,none']) * 50:.2f} |")  # the accuracies' average
-    assert table in capsys.readouterr().out
+    flags = dict(checkpoint_dir=lit_dir, num_fewshot=0, batch_size=3, include_path=task_dir, device="cpu",
+                 precision="64-true", seed=7)
+    with launched(("eval/lm_eval_harness.py", dict(flags, tasks=",".join(TASKS), devices=2,
+                                                   output_path=tmp_path / "two"))) as (two_processes,):
+        argv = command_line("eval/lm_eval_harness.py", flags)[2:]
+        returned = run_cli(argv + ["--tasks", "amd-llama-135m", "--output_path", str(tmp_path / "one"),
+                                   "--log_samples"])
+        one = saved_results(tmp_path / "one")
+        assert one["results"] == json.loads(json.dumps(returned["results"]))
+        assert one["config"]["model_args"] == {"pretrained": str(lit_dir)}
+        assert set(one["results"]) == set(TASKS) and one["n-shot"] == {task: 0 for task in TASKS}
+        assert len(list((tmp_path / "one").glob("*/samples_tiny_mc_*.jsonl"))) == 1
+        (table_path,) = (tmp_path / "one").glob("*/results_*.md")
+        table = table_path.read_text()
+        header, _, row = table.splitlines()
+        assert header == "| Model | Rolling | MC | Gen | Avg |"  # the preset's column order
+        mc, gen = one["results"]["tiny_mc"], one["results"]["tiny_generate"]
+        assert f"| {mc['acc,none'] * 100:.2f} ± {mc['acc_stderr,none'] * 100:.2f} |" in row
+        assert row.endswith(f"| {(mc['acc,none'] + gen['exact_match,none']) * 50:.2f} |")  # the accuracies' average
+        assert table in capsys.readouterr().out
 
-    two_processes = subprocess.run(
-        [sys.executable, "eval/lm_eval_harness.py", *flags, "--tasks", ",".join(TASKS), "--devices", "2",
-         "--output_path", str(tmp_path / "two")], cwd=ROOT, check=True, capture_output=True, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in two_processes.stderr + two_processes.stdout
+        assert "GLOBAL_RANK: 1, MEMBER: 2/2" in finish(two_processes, timeout=600)
     two = saved_results(tmp_path / "two")
     for task in TASKS:
         assert_same_results(two["results"][task], one["results"][task], rel=1e-9)
@@ -314,13 +342,11 @@ def test_a_model_quantized_at_load_evaluates_close_to_the_float_one(checkpoints,
     assert quantized["bits_per_byte,none"] == pytest.approx(float_results["bits_per_byte,none"], rel=0.02)
 
 
-def test_suite_presets_name_tasks_of_lm_evals_default_index():
-    """Every preset's tasks exist in lm-eval's built-in task index (indexing it takes ~14 s: once)."""
-    from lm_eval.tasks import TaskManager
-
+def test_suite_presets_name_tasks_of_lm_evals_default_index(builtin_task_names):
+    """Every preset's tasks exist in lm-eval's built-in task index (indexing it takes ~10-14 s: once, meanwhile)."""
     from eval_suites import SUITES, expand_tasks
 
-    known = set(TaskManager().all_tasks)
+    known = builtin_task_names()
     for name, suite in SUITES.items():
         assert set(suite.tasks) <= known, name
     tasks, columns, fewshot = expand_tasks(["tinyllama-commonsense", "arc_easy", "amd-llama-135m"])

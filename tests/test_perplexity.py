@@ -2,11 +2,7 @@
 text files."""
 
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +15,7 @@ from eval.perplexity import main
 from model import GPT, Config
 from packed_dataset import validation_batches
 from shard_format import PackedDatasetBuilder, write_manifest
+from test_pretrain import finish, launched
 from tokenizer import Tokenizer
 from training import validate
 from utils import UserError
@@ -101,23 +98,22 @@ def test_bad_arguments_name_the_fix(checkpoint_dir, data_dir):
         main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=20, eval_iters=1, device="cpu")
 
 
-def run_two_processes(checkpoint_dir: Path, data_dir: Path, *flags: str) -> tuple:
-    """(loss, blocks) printed by eval/perplexity.py on 2 processes."""
-    result = subprocess.run(
-        [sys.executable, "eval/perplexity.py", "--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir),
-         "--seq_len", str(SEQ_LEN), "--device", "cpu", "--devices", "2", *flags],
-        cwd=Path(__file__).resolve().parent.parent, check=True, capture_output=True, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    loss, blocks = re.search(r"loss ([0-9.]+), perplexity [0-9.]+ over (\d+) blocks", result.stdout).groups()
+def loss_and_blocks(output: str) -> tuple:
+    """(loss, blocks) that eval/perplexity.py printed."""
+    loss, blocks = re.search(r"loss ([0-9.]+), perplexity [0-9.]+ over (\d+) blocks", output).groups()
     return float(loss), int(blocks)
 
 
 def test_two_processes_all_reduce_to_the_loss_of_the_same_blocks_read_by_one(checkpoint_dir, data_dir):
     """Rank r of 2 reads blocks r, r + 2, ...: 3 micro-batches of 1 block each cover the blocks 0..5 that one
-    process reads as 3 micro-batches of 2; reading every block, the 7 and 6 blocks of the two ranks are the 13."""
-    one = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=2, eval_iters=3, device="cpu")
-    loss, blocks = run_two_processes(checkpoint_dir, data_dir, "--micro_batch_size", "1", "--eval_iters", "3")
-    assert loss == pytest.approx(one["loss"], abs=1e-4) and blocks == 6
-    everything = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=1, device="cpu")
-    loss, blocks = run_two_processes(checkpoint_dir, data_dir, "--micro_batch_size", "3")
-    assert loss == pytest.approx(everything["loss"], abs=1e-4) and blocks == everything["blocks"] == 13
+    process reads as 3 micro-batches of 2; reading every block, the 7 and 6 blocks of the two ranks are the 13.
+    (The two launches of eval/perplexity.py --devices 2 run side by side, and this process's references meanwhile.)"""
+    flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, device="cpu", devices=2)
+    with launched(("eval/perplexity.py", dict(flags, micro_batch_size=1, eval_iters=3)),
+                  ("eval/perplexity.py", dict(flags, micro_batch_size=3))) as (some, every):
+        one = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=2, eval_iters=3, device="cpu")
+        everything = main(checkpoint_dir, data_dir=data_dir, seq_len=SEQ_LEN, micro_batch_size=1, device="cpu")
+        loss, blocks = loss_and_blocks(finish(some))
+        assert loss == pytest.approx(one["loss"], abs=1e-4) and blocks == 6
+        loss, blocks = loss_and_blocks(finish(every))
+        assert loss == pytest.approx(everything["loss"], abs=1e-4) and blocks == everything["blocks"] == 13

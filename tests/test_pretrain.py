@@ -15,8 +15,10 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -38,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 16
 TOKENS_PER_STEP = 8 * SEQ_LEN  # global batch 8
 # one thread per process: two processes share the 2 cores, and every run being compared uses the same setting
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+ENV = {**os.environ, **ONE_THREAD}
 
 
 def write_shards(directory: Path, prefix: str, n_blocks: int, blocks_per_file: int = 4, seed: int = 0) -> None:
@@ -57,12 +60,10 @@ def write_shards(directory: Path, prefix: str, n_blocks: int, blocks_per_file: i
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("data")
-    write_shards(directory, "train_a", n_blocks=64, seed=1)
-    write_shards(directory, "train_b", n_blocks=40, seed=2)
-    write_shards(directory, "validation_a", n_blocks=16, seed=3)
-    return directory
+def data_dir(pretrain_shards) -> Path:
+    """train_a (64 blocks), train_b (40) and validation_a (16), made by write_shards (tests/conftest.py: a session's,
+    as the two-process runs on them, `distributed_runs`, are)."""
+    return pretrain_shards
 
 
 def run_args(out_dir: Path, data_dir: Path, **overrides) -> dict:
@@ -93,12 +94,35 @@ def command_line(script: str, args: dict) -> list:
 
 def run_script(script: str, args: dict, timeout: float = 240) -> str:
     """Run a script as a user would; return its output, fail with it on a non-zero exit."""
-    process = subprocess.Popen(command_line(script, args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with launched((script, args)) as (process,):
+        return finish(process, timeout)
+
+
+@contextmanager
+def launched(*scripts: Tuple[str, dict]) -> Iterator[List[subprocess.Popen]]:
+    """(script, args) launched as a user would, in the background while the block runs (a launch spends seconds on
+    imports, mostly on one core: the block's work in this process, or another launch, takes the other). Each is its
+    own process group: whatever has not finished when the block ends (a failure) is killed with its children."""
+    env = {**os.environ, **ONE_THREAD}  # the test's environment (its HF_HOME, offline)
+    processes = [subprocess.Popen(command_line(script, args), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                 for script, args in scripts]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)  # the launcher's children too: a hung gloo peer would stay
+                process.communicate()
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    """Wait for a launched script; return its output, fail with it on a non-zero exit or after `timeout` s."""
+    script = Path(process.args[1]).relative_to(ROOT)
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher's children too: a hung gloo peer would stay
+        os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         pytest.fail(f"{script} timed out after {timeout} s:\n{output[-5000:]}")
     assert process.returncode == 0, f"{script} failed:\n{output[-5000:]}"
@@ -308,18 +332,8 @@ def test_compile_trains_like_eager(tmp_path, data_dir, monkeypatch):
 
 # ---- two processes: DDP and FSDP2 on gloo ---------------------------------------------------------------------
 
+# the run of `distributed_runs` (tests/conftest.py), with 1 process and with 2 under DDP and FSDP
 DISTRIBUTED = dict(train_data_mix="train_a", max_steps=4, save_interval=2, eval_interval=4)
-
-
-@pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory, data_dir) -> dict:
-    """The same run (one source, global batch 8) with 1 process, and with 2 processes under DDP and FSDP."""
-    root = tmp_path_factory.mktemp("distributed")
-    runs = {"single": {"devices": 1}, "ddp": {"devices": 2, "strategy": "ddp"},
-            "fsdp": {"devices": 2, "strategy": "fsdp"}}
-    for name, settings in runs.items():
-        run_script("pretrain/tinyllama.py", run_args(root / name, data_dir, **DISTRIBUTED, **settings))
-    return {name: root / name for name in runs}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -392,15 +406,16 @@ def test_hybrid_sharding_over_two_nodes_of_two_processes_matches_one(distributed
 
 def test_bf16_precisions_train_close_to_fp32_and_fsdp_matches_one_process(tmp_path, data_dir):
     args = dict(train_data_mix="train_a", max_steps=2, val_data_dir=None, save_interval=2)
-    train_here(tmp_path / "fp32", data_dir, **args)
-    reference = losses(tmp_path / "fp32")
-    for precision in ("bf16-mixed", "bf16-true"):
-        train_here(tmp_path / precision, data_dir, precision=precision, **args)
-        got = losses(tmp_path / precision)
-        assert got != reference  # bf16 really was used
-        assert all(got[step] == pytest.approx(reference[step], abs=0.05) for step in (1, 2))
-    run_script("pretrain/tinyllama.py", run_args(tmp_path / "fsdp", data_dir, precision="bf16-mixed", devices=2,
-                                                 strategy="fsdp", **args))
+    with launched(("pretrain/tinyllama.py", run_args(tmp_path / "fsdp", data_dir, precision="bf16-mixed", devices=2,
+                                                     strategy="fsdp", **args))) as (fsdp_run,):
+        train_here(tmp_path / "fp32", data_dir, **args)
+        reference = losses(tmp_path / "fp32")
+        for precision in ("bf16-mixed", "bf16-true"):
+            train_here(tmp_path / precision, data_dir, precision=precision, **args)
+            got = losses(tmp_path / precision)
+            assert got != reference  # bf16 really was used
+            assert all(got[step] == pytest.approx(reference[step], abs=0.05) for step in (1, 2))
+        finish(fsdp_run)
     single, fsdp = losses(tmp_path / "bf16-mixed"), losses(tmp_path / "fsdp")
     assert all(fsdp[step] == pytest.approx(single[step], abs=2e-3) for step in (1, 2))
 
@@ -409,15 +424,17 @@ def test_bf16_precisions_train_close_to_fp32_and_fsdp_matches_one_process(tmp_pa
 
 
 def test_code_finetune_starts_from_the_weights_and_runs_one_epoch(tmp_path, data_dir):
+    """The recipe through its command line, in this process (its documented command runs in
+    tests/test_docs_commands.py the same way; a launch of its own would add only the imports)."""
     pretrained = tmp_path / "pretrained"
     train_here(pretrained, data_dir, max_steps=3, eval_interval=3)
     data = tmp_path / "code"
     write_shards(data, "train_starcoder", n_blocks=29, seed=6)  # 3 global batches of 8, 5 blocks left out
     out = tmp_path / "out"
-    run_script("finetune/amd_llama_135m_code.py", dict(
+    run_in_process(command_line("finetune/amd_llama_135m_code.py", dict(
         model_name="micro", initial_checkpoint_dir=pretrained / "final", tokenizer_dir=None, out_dir=out,
         train_data_dir=data, val_data_dir=data_dir, eval_iters=8, accelerator="cpu", devices=1,
-        precision="32-true", seq_len=SEQ_LEN, global_batch_size=8, micro_batch_size=2, log_interval=1))
+        precision="32-true", seq_len=SEQ_LEN, global_batch_size=8, micro_batch_size=2, log_interval=1))[1:])
     logged = metrics(out)
     # the pretrained weights: the finetune's first validation is the pretraining's last (same data, same batches)
     assert logged[0]["val_loss"] == pytest.approx(metrics(pretrained)[3]["val_loss"], abs=1e-6)
@@ -462,14 +479,15 @@ def test_a_converted_model_is_named_by_its_directory_and_keeps_its_tokenizer(tmp
     assert (out / "final" / "tokenizer.json").read_text() == (tmp_path / "tokenizer" / "tokenizer.json").read_text()
 
 
-def test_demo_command_learns_end_to_end(tmp_path):
+def test_demo_command_learns_end_to_end(tmp_path, capsys):
     """`python pretrain/demo.py` as the README runs it, with fewer steps: it builds the corpus and the
-    tokenizer from the standard library and trains; the validation loss falls (10 steps take it from about
-    ln(4096) = 8.3, a random model's, to about 7), and the final weights load in generate/base.py."""
+    tokenizer from the standard library and trains; the validation loss falls (6 steps, still in the warmup, take it
+    from about ln(4096) = 8.3, a random model's, to about 7.5), and the final weights load in generate/base.py (run
+    in this process: tests/test_generate.py runs it as a command)."""
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, *documented("python pretrain/demo.py", add={
-            "--data_dir": tmp_path / "demo", "--out_dir": out, "--max_steps": 10, "--eval_interval": 10,
+            "--data_dir": tmp_path / "demo", "--out_dir": out, "--max_steps": 6, "--eval_interval": 6,
             "--eval_iters": 2})],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900,
     )
@@ -477,16 +495,13 @@ def test_demo_command_learns_end_to_end(tmp_path):
     output = result.stdout
     initial, final_loss = re.search(r"validation loss: initial (\d+\.\d+), final (\d+\.\d+)", output).groups()
     logged = metrics(out)
-    assert (initial, final_loss) == (f"{logged[0]['val_loss']:.4f}", f"{logged[10]['val_loss']:.4f}")
+    assert (initial, final_loss) == (f"{logged[0]['val_loss']:.4f}", f"{logged[6]['val_loss']:.4f}")
     assert float(final_loss) < float(initial) - 0.5  # on the same validation batches
     assert "Sample from" in output
     final = out / "final"
     assert {"lit_model.pth", "model_config.json", "tokenizer.model"} <= {p.name for p in final.iterdir()}
-    sample = subprocess.run([sys.executable, str(ROOT / "generate/base.py"), "--checkpoint_dir", str(final),
-                             "--max_new_tokens", "5", "--prompt", "def"], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=120)
-    assert sample.returncode == 0, sample.stderr
-    assert sample.stdout.startswith("def")
+    run_in_process(["generate/base.py", "--checkpoint_dir", str(final), "--max_new_tokens", "5", "--prompt", "def"])
+    assert capsys.readouterr().out.startswith("def")
 
 
 def test_demo_leaves_the_corpus_check_to_prepare_demo(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from model import GPT, Config
 from pretrain.tinyllama import setup as pretrain_setup
 from sft_batches import SFTBatches
 from sft_data import SFTSplit
+from test_pretrain import finish, launched
 from tokenizer import Tokenizer
 from training import IGNORE_INDEX, summed_loss
 from utils import UserError
@@ -201,10 +202,11 @@ def test_step_loss_does_not_depend_on_micro_batches_or_processes(tmp_path, check
     """Examples of different lengths, so the padding differs too: 1 x 4, 4 x 1 (accumulated), and 2 DDP
     processes x 2 give the same losses, gradient norms and weights."""
     runs = {"mbs4": dict(micro_batch_size=4), "mbs1": dict(micro_batch_size=1)}
-    for name, overrides in runs.items():
-        setup(**run_args(tmp_path / name, checkpoint_dir, data_dir, max_steps=2, **overrides))
-    run_script("finetune/sft.py", run_args(tmp_path / "ddp", checkpoint_dir, data_dir, max_steps=2, devices=2,
-                                           strategy="ddp"))
+    with launched(("finetune/sft.py", run_args(tmp_path / "ddp", checkpoint_dir, data_dir, max_steps=2, devices=2,
+                                               strategy="ddp"))) as (ddp,):  # while the one-process runs train
+        for name, overrides in runs.items():
+            setup(**run_args(tmp_path / name, checkpoint_dir, data_dir, max_steps=2, **overrides))
+        finish(ddp)
 
     reference = metrics(tmp_path / "mbs4")
     for name in ("mbs1", "ddp"):
@@ -229,7 +231,10 @@ def test_lora_script_under_fsdp_resumes_exactly_and_equals_one_process(tmp_path,
     args.update(devices=2, strategy="fsdp", lora_dropout=0.0)  # no dropout: 2 processes draw other masks than 1
     from torch.distributed.checkpoint import FileSystemReader
 
-    run_script("finetune/lora.py", args)
+    with launched(("finetune/lora.py", args)) as (fsdp,):  # while one process trains the same adapters
+        setup(**run_args(tmp_path / "one", checkpoint_dir, data_dir, lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
+                         lora_targets=["q", "v"], learning_rate=2e-4))
+        finish(fsdp)
     hparams = json.loads((tmp_path / "fsdp" / "hyperparameters.json").read_text())
     assert (hparams["lora_r"], hparams["lora_alpha"], hparams["lora_targets"], hparams["learning_rate"]) == (
         8, 16.0, ["q", "v"], 2e-4)
@@ -243,8 +248,6 @@ def test_lora_script_under_fsdp_resumes_exactly_and_equals_one_process(tmp_path,
     uninterrupted, again = final_weights(tmp_path / "fsdp"), final_weights(resumed)
     assert all(torch.equal(again[key], uninterrupted[key]) for key in uninterrupted)
 
-    setup(**run_args(tmp_path / "one", checkpoint_dir, data_dir, lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
-                     lora_targets=["q", "v"], learning_rate=2e-4))
     one = final_weights(tmp_path / "one")
     for key in one:
         torch.testing.assert_close(uninterrupted[key], one[key], rtol=1e-4, atol=1e-5)

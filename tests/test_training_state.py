@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 
 from checkpoint import UnsafeCheckpointError, load_shards, read_shard_index
 from model import GPT, Config
-from test_pretrain import ROOT, data_dir, losses, run_args, run_script, train_here  # noqa: F401 (data_dir: a fixture)
+from test_pretrain import ROOT, losses, train_here
 from training import parameter_groups
 from training_state import latest_checkpoint
 
@@ -39,13 +39,17 @@ class Payload:
         return exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory, data_dir) -> Path:  # noqa: F811
-    """step-00000002 of two FSDP processes."""
-    out = tmp_path_factory.mktemp("fsdp") / "out"
-    run_script("pretrain/tinyllama.py", run_args(out, data_dir, train_data_mix="train_a", max_steps=2,
-                                                 save_interval=2, val_data_dir=None, devices=2, strategy="fsdp"))
-    return out / "step-00000002"
+@pytest.fixture
+def data_dir(pretrain_shards) -> Path:
+    """test_pretrain.py's shards (tests/conftest.py)."""
+    return pretrain_shards
+
+
+@pytest.fixture
+def sharded(distributed_runs) -> Path:
+    """step-00000002 of two FSDP processes (tests/conftest.py's run, which test_pretrain.py's tests compare and
+    resume). The tests change copies of it only."""
+    return distributed_runs["fsdp"] / "step-00000002"
 
 
 def copy_checkpoint(sharded: Path, tmp_path: Path) -> Path:
@@ -63,7 +67,7 @@ def optimizer_state() -> dict:
     return {"optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
-def test_a_payload_in_the_shard_index_is_refused_by_resume_naming_the_file(sharded, tmp_path, data_dir):  # noqa: F811
+def test_a_payload_in_the_shard_index_is_refused_by_resume_naming_the_file(sharded, tmp_path, data_dir):
     checkpoint = copy_checkpoint(sharded, tmp_path)
     marker = tmp_path / "marker"
     (checkpoint / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
@@ -119,7 +123,7 @@ def test_the_shards_load_in_one_process_through_the_safe_reader(sharded):
                for name in theirs["optimizer"]["state"])
 
 
-def test_a_save_stages_nothing_in_tmpdir_and_loads_with_weights_only(tmp_path, data_dir, monkeypatch):  # noqa: F811
+def test_a_save_stages_nothing_in_tmpdir_and_loads_with_weights_only(tmp_path, data_dir, monkeypatch):
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmpdir))
@@ -156,7 +160,7 @@ def test_saving_adds_no_copy_of_the_checkpoint_to_peak_memory(tmp_path):
     assert int(grown) < 16, f"peak RSS grew by {grown} MiB during the save of 128 MiB"
 
 
-def test_a_crash_during_the_write_leaves_no_partial_checkpoint_and_stale_temporaries_go(  # noqa: F811
+def test_a_crash_during_the_write_leaves_no_partial_checkpoint_and_stale_temporaries_go(
         tmp_path, data_dir, monkeypatch):
     """The second checkpoint write dies halfway; a kill -9 left temporaries too. The next run removes them, resumes
     from step-2 and ends as the uninterrupted run."""
