@@ -14,7 +14,9 @@ TinyLlama-1.1B (micro-batch 8 x 2048) and AMD-Llama-135m (micro-batch 16), bf16-
 (bench/generate_throughput.py), and bf16 vs int8 vs int4-g64 of the Llama-2-7B shape (bench/quantized_decode.py);
 (5) evaluation throughput where lm-eval is installed (bench/eval_throughput.py) and the speculative step times of a
 7B-shaped target with a 135m-shaped draft (bench/speculative.py). A step a missing package needs is skipped with the
-reason. Distillation and serving: add their step to STEPS when they land.
+reason; (6) distillation: a few FSDP steps of AMD-Llama-135m distilled from a TinyLlama-1.1B-shaped teacher beside the
+same steps without one, tokens/s and peak memory (the teacher is sharded as the student). Serving: add its step to
+STEPS when it lands.
 
 Reading it against the goals (bench/RESULTS.md's "GPU (pending)"): train tokens/s >= 88k for TinyLlama-1.1B (60%
 MFU) and >= 580k for AMD-Llama-135m on an H100-class GPU; decode >= 1,000 tokens/s (1.1B) and >= 3,000 (135m); int4
@@ -237,15 +239,9 @@ def fsdp_step(accelerator: str) -> dict:
 
     import numpy as np
 
-    from shard_format import PackedDatasetBuilder, write_manifest
-
     with tempfile.TemporaryDirectory() as directory:
-        data, out = Path(directory) / "data", Path(directory) / "out"
-        for prefix in ("train_a", "validation_a"):
-            builder = PackedDatasetBuilder(data, prefix, chunk_size=17 * 16, vocab_size=256)
-            builder.add_array(np.random.default_rng(0).integers(0, 256, 17 * 16, dtype=np.uint16))
-            builder.finish()
-        write_manifest(data)
+        data = random_shards(Path(directory) / "data", vocab_size=256, blocks=16, seq_len=16)
+        out = Path(directory) / "out"
         command = [sys.executable, "pretrain/tinyllama.py", "--model_name", "micro", "--train_data_dir", str(data),
                    "--val_data_dir", str(data), "--train_data_mix", "train_a", "--tokenizer_dir", "none",
                    "--out_dir", str(out), "--accelerator", accelerator, "--devices", "2", "--strategy", "fsdp",
@@ -259,6 +255,73 @@ def fsdp_step(accelerator: str) -> dict:
         losses = [float(line.split("loss ")[1].split(",")[0]) for line in finished.stdout.splitlines()
                   if line.startswith("step ") and "loss " in line and "/" in line]
         return dict(losses=losses, ok=len(losses) == 2 and all(np.isfinite(losses)))
+
+
+def random_shards(directory: Path, vocab_size: int, blocks: int, seq_len: int) -> Path:
+    """`directory` with train_a and validation_a shards of `blocks` random sequences of seq_len + 1 tokens each."""
+    import numpy as np
+
+    from shard_format import PackedDatasetBuilder, write_manifest
+
+    for prefix in ("train_a", "validation_a"):
+        builder = PackedDatasetBuilder(directory, prefix, chunk_size=(seq_len + 1) * blocks, vocab_size=vocab_size)
+        builder.add_array(np.random.default_rng(0).integers(0, vocab_size, (seq_len + 1) * blocks, dtype=np.uint16))
+        builder.finish()
+    write_manifest(directory)
+    return directory
+
+
+def distillation(dry_run: bool) -> dict:
+    """A few FSDP steps of AMD-Llama-135m distilled from TinyLlama-1.1B (random weights, one vocabulary) beside the
+    same steps without a teacher, through pretrain/tinyllama.py: tokens/s and peak memory of each (the dry run: the
+    micro model and a 4-layer teacher, on the CPU)."""
+    import tempfile
+
+    from checkpoint import named_config, save_model_dir
+    from model import GPT, Config
+    from pretrain.tinyllama import setup
+
+    student = "micro" if dry_run else "AMD-Llama-135m"
+    teacher_config = Config.from_name("micro", n_layer=4) if dry_run else named_config("tiny_LLaMA_1b")
+    seq_len, micro_batch, steps = (16, 2, 3) if dry_run else (2048, 8, 8)
+    device = torch.device("cpu" if dry_run else "cuda")
+    results = {}
+    with tempfile.TemporaryDirectory() as directory:
+        data = random_shards(Path(directory) / "data", teacher_config.vocab_size, micro_batch * steps, seq_len)
+        with device:
+            teacher = GPT(teacher_config).to(torch.float32 if dry_run else torch.bfloat16)
+        save_model_dir(teacher, teacher_config, None, Path(directory) / "teacher")
+        del teacher
+        for name, teacher_dir in (("without_teacher", None), ("with_teacher", Path(directory) / "teacher")):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            out = Path(directory) / name
+            setup(model_name=student, train_data_dir=data, val_data_dir=data, train_data_mix="train_a",
+                  tokenizer_dir=None, out_dir=out, accelerator=device.type, devices=1, strategy="fsdp",
+                  precision="32-true" if dry_run else "bf16-mixed", seq_len=seq_len, global_batch_size=micro_batch,
+                  micro_batch_size=micro_batch, max_steps=steps, log_interval=1, eval_interval=steps, eval_iters=1,
+                  teacher_checkpoint_dir=teacher_dir)
+            logged = logged_metrics(out)
+            timed = [row["tokens_per_sec"] for step, row in sorted(logged.items())
+                     if step > 1 and "tokens_per_sec" in row]  # the first step compiles and allocates
+            results[name] = dict(tokens_per_s=sorted(timed)[len(timed) // 2],
+                                 peak_memory_gb=max(row.get("peak_memory_gb", 0) for row in logged.values()))
+    results["teacher_time_cost"] = results["without_teacher"]["tokens_per_s"] / results["with_teacher"]["tokens_per_s"]
+    return results
+
+
+def logged_metrics(out_dir: Path) -> dict:
+    """{step: {metric: value}} of a training run's CSV log."""
+    import csv
+
+    rows = {}
+    for path in out_dir.glob("logs/version_*/metrics.csv"):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                rows.setdefault(int(row["step"]), {}).update(
+                    {key: float(value) for key, value in row.items() if value and key != "step"})
+    return rows
 
 
 def bench_call(module: str, **arguments) -> dict:
@@ -321,6 +384,7 @@ STEPS: List[Tuple[str, Callable[[bool], dict], float]] = [
     ("quantized_decode", quantized_decode, 150),
     ("evaluation", evaluation, 90),
     ("speculative", speculative_steps, 90),
+    ("distillation", distillation, 240),
 ]
 
 

@@ -25,6 +25,8 @@ def test_the_dry_run_runs_every_step_and_writes_each_result(tmp_path, capsys):
     assert smoke["fsdp_two_processes"]["ok"]  # over gloo
     assert steps["environment"]["carry"] == gpu_suite.CARRY  # the test environment installs the lock
     assert steps["decode"]["micro"]["results"]["eager"]["tokens_per_s"] > 0
+    distillation = steps["distillation"]
+    assert distillation["with_teacher"]["tokens_per_s"] > 0 and distillation["without_teacher"]["tokens_per_s"] > 0
     assert "step" in capsys.readouterr().out  # the summary table
 
 
