@@ -137,7 +137,10 @@ class QuantizedLinear(nn.Module):
             self.kernel = f"cpu_{self.mode}pack"
         elif device.type == "cuda" and self.mode == "int4" and activation_dtype == torch.bfloat16:
             codes = int4_codes(self.codes)  # tinygemm's byte order: the even input index in the high nibble
-            self.packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4) | codes[:, 1::2], 8)
+            # tinygemm reads the input dimension in tiles of 16 x inner_k_tiles: the widest tiling it divides
+            inner_k_tiles = next(tiles for tiles in (8, 4, 2) if self.in_features % (16 * tiles) == 0)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4) | codes[:, 1::2],
+                                                                     inner_k_tiles)
             self.packed_scales = self.scales_and_zeros()
             self.kernel = "cuda_int4pack"
         elif device.type == "cuda" and self.mode == "int8":
