@@ -9,8 +9,9 @@ What is stored (`QuantizedLinear`'s buffers, a quantized checkpoint's lit_model.
 and float32 scales. `prepare` packs them for the device and picks the computation:
 - CPU with bf16 instructions (avx512_bf16 or amx_bf16): activations in bf16, aten's `_weight_int8pack_mm` and
   `_weight_int4pack_mm_for_cpu` (with fp32 activations these kernels take a path ~5-25x slower than fp32 F.linear);
-- CUDA: int8 as a dequantize-and-matmul that torch.compile fuses, int4 through the tinygemm kernel
-  (`_weight_int4pack_mm`);
+- CUDA: int8 as a matmul of the codes with the scales applied to its output, where the compiled decode step (a few
+  rows) runs a product-and-sum that inductor fuses into one kernel reading each code once; int4 through the tinygemm
+  kernel (`_weight_int4pack_mm`);
 - elsewhere (a CPU without bf16 instructions, another device): the weights dequantized once into the activation
   dtype and F.linear: the same numbers, float memory, no speedup; `prepare_model` says so in one line.
 The head returns float32 logits whatever the activation dtype.
@@ -144,7 +145,7 @@ class QuantizedLinear(nn.Module):
             self.packed_scales = self.scales_and_zeros()
             self.kernel = "cuda_int4pack"
         elif device.type == "cuda" and self.mode == "int8":
-            self.kernel = "cuda_int8_dequantize"
+            self.kernel = "cuda_int8"
         else:
             self.packed = dequantize(self, activation_dtype)
             self.kernel = "dequantized"
@@ -164,8 +165,14 @@ class QuantizedLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.packed_scales)
         elif self.kernel == "cuda_int4pack":
             y = torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.packed_scales)
-        elif self.kernel == "cuda_int8_dequantize":
-            y = F.linear(x, self.codes.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+        elif self.kernel == "cuda_int8":
+            if torch.compiler.is_compiling() and x.size(0) <= 8:
+                # decode and verify steps: inductor fuses this into one reduction that reads the int8 codes once (a
+                # matmul would first write them out in bf16 and read them again: 5 bytes a weight instead of 1)
+                y = (x[:, None, :] * self.codes.to(x.dtype)).sum(-1)
+            else:
+                y = F.linear(x, self.codes.to(x.dtype))
+            y = y * self.scales.to(y.dtype)
         else:
             y = F.linear(x, self.packed)
         if self.bias is not None:

@@ -345,6 +345,7 @@ def logged_metrics(out_dir: Path) -> dict:
 def bench_call(module: str, **arguments) -> dict:
     """A bench script's `main` with keyword arguments, its figures without the per-run header."""
     main_function = importlib.import_module(f"bench.{module}").main
+    torch._dynamo.reset()  # a bench compiles its own models: no recompile limit carried over from the last one
     figures = main_function(**arguments)
     return {key: value for key, value in figures.items() if key not in ("benchmark", "date", "command", "versions")}
 

@@ -86,6 +86,7 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
         read = weight_bytes(model) - model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
         for compiled in (False, True) if compile else (False,):
             name = mode + ("_compiled" if compiled else "")
+            torch._dynamo.reset()  # each mode is a new model: compile it afresh, not as the nth recompile
 
             def decode(ids: torch.Tensor) -> torch.Tensor:
                 return generate(model, ids, max_new_tokens, temperature=0.0, max_seq_length=max_seq_length,

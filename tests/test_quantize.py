@@ -175,7 +175,7 @@ def test_bad_flags_are_one_line_errors(trained, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels: needs a GPU")
-@pytest.mark.parametrize("mode, group_size, kernel", [("int8", None, "cuda_int8_dequantize"),
+@pytest.mark.parametrize("mode, group_size, kernel", [("int8", None, "cuda_int8"),
                                                       ("int4", 64, "cuda_int4pack")])
 def test_cuda_kernels_compute_the_dequantized_matmul(mode, group_size, kernel):
     layer = linear(bias=True)
@@ -183,5 +183,22 @@ def test_cuda_kernels_compute_the_dequantized_matmul(mode, group_size, kernel):
     assert module.prepare(torch.bfloat16) == kernel
     x = torch.randn(5, 256, device="cuda").bfloat16()
     expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double().cuda()
-    got = module(x).double()
-    assert ((got - expected).abs() <= 2 ** -7 * expected.abs() + 1e-2).all()
+    for forward in (module, torch.compile(module)):  # compiled: the fused product-and-sum of decode steps too
+        for rows in (1, 5):
+            got = forward(x[:rows]).double()
+            assert ((got - expected[:rows]).abs() <= 2 ** -7 * expected[:rows].abs() + 1e-2).all()
+
+
+def test_the_cuda_int8_forward_computes_the_dequantized_matmul_eager_and_compiled():
+    """The arithmetic of the CUDA int8 branch (a matmul with output scales; compiled, for a few rows, a product and
+    a sum), run here on the CPU in float32 so that a machine without a GPU checks it."""
+    layer = linear(bias=True)
+    module = QuantizedLinear.from_linear(layer, "int8", None)
+    module.prepare(torch.float32)
+    module.kernel = "cuda_int8"
+    x = torch.randn(5, 256)
+    expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double()
+    compiled = torch.compile(module, dynamic=False)
+    for rows in (1, 5):
+        for got in (module(x[:rows]), compiled(x[:rows])):
+            torch.testing.assert_close(got.double(), expected[:rows], rtol=1e-5, atol=1e-5)
