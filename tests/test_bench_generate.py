@@ -35,6 +35,7 @@ def test_speculative_bench_on_a_tiny_pair(tmp_path, capsys):
         if row["k"]:
             assert 0 <= row["alpha"] <= 1 and row["acceptance_rate"] <= row["alpha"]
             assert row["textbook"] > 0 and row["time_based"] > 0 and row["speedup"] > 0
+            assert row.get("same_as_target", 1.0) == 1.0 and ("same_as_target" in row) == (row["temperature"] == 0)
     assert set(report["step_seconds"]["verify"]) == {"1", "2", "3"}
     assert "time-based" in capsys.readouterr().out
 
