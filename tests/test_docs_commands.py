@@ -294,6 +294,33 @@ def test_speculative_command_gives_the_targets_greedy_output(trained, tmp_path, 
     assert out.strip() == greedy_continuation(trained.checkpoint_dir, "def quick_sort(array):", 12).strip()
 
 
+def test_distilled_draft_commands(trained, tmp_path, capsys):
+    """The draft trained for acceptance: distilled from the shared checkpoint as its target (the loss all divergence),
+    then compared by bench/speculative.py, whose greedy outputs must equal the target's alone (fp32: checked)."""
+    draft = tmp_path / "draft_kd"
+    run_script(documented(
+        "python pretrain/tinyllama.py --model_name demo --out_dir out/spec_bench/draft_kd "
+        "--train_data_dir data/demo/train --val_data_dir data/demo/validation --train_data_mix train_code,train_prose "
+        "--tokenizer_dir data/demo --accelerator cpu --devices 1 --precision 32-true "
+        "--global_batch_size 8 --micro_batch_size 8 --max_steps 500 --learning_rate 2e-3 --min_lr 2e-4 "
+        "--warmup_steps 20 --eval_interval 100 --eval_iters 16 --resume auto --seed 3407 "
+        "--teacher_checkpoint_dir out/spec_bench/target/final --kd_alpha 0 --kd_temperature 1",
+        replace={"--out_dir": draft, "--train_data_dir": trained.data_dir / "train",
+                 "--val_data_dir": trained.data_dir / "validation", "--tokenizer_dir": trained.data_dir,
+                 "--max_steps": 2, "--eval_iters": 1, "--teacher_checkpoint_dir": trained.checkpoint_dir}))
+    assert f"Teacher {trained.checkpoint_dir}" in capsys.readouterr().out
+    output = tmp_path / "speculative_kd.json"
+    run_script(documented(
+        "python bench/speculative.py --target_dir out/spec_bench/target/final "
+        "--draft_dir out/spec_bench/draft_kd/final --ks 1,2,3,4,5 --temperatures 0 --max_new_tokens 128 "
+        "--output out/bench/speculative_cpu_kd.json",
+        replace={"--target_dir": trained.checkpoint_dir, "--draft_dir": draft / "final", "--max_new_tokens": 3,
+                 "--output": output}))
+    rows = json.loads(output.read_text())["results"]
+    assert [row["k"] for row in rows] == [0, 1, 2, 3, 4, 5]
+    assert all(0 <= row["alpha"] <= 1 for row in rows[1:])
+
+
 def test_speculative_command_on_humaneval_prompts(trained, tmp_path, capsys):
     """HumanEval's prompts are longer than the tiny model's 256-token context: the stand-in target is a 1-layer model
     of a 2048-token context with the same tokenizer (random weights), the draft the same."""
