@@ -26,9 +26,6 @@ from serving import Engine, Event, Finished, QueueFull, RequestError, SamplingPa
 
 PAGE = Path(__file__).resolve().parent / "generate" / "serve.html"  # the chat page at /
 MAX_BODY_BYTES = 1 << 20  # a request body beyond 1 MiB gets 413: far more than any prompt the context can hold
-# fields clients routinely send that change nothing here (we compute no logprobs and apply no penalties)
-IGNORED = {"frequency_penalty", "presence_penalty", "user", "logit_bias", "logprobs", "top_logprobs", "metadata",
-           "store", "service_tier", "parallel_tool_calls", "echo", "best_of", "suffix"}
 
 
 class ApiError(Exception):
