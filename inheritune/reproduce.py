@@ -23,7 +23,8 @@ blocks at a time. The experiments, all trained with pretrain/tinyllama.py's loop
    - inherit+kd: Inheritune's initialization (as 2.), distilled from the teacher, T steps;
    - stacking (Gong et al. 2019's progressive stacking): n/2 layers from random init for T/2 steps, its blocks
      duplicated in order to n layers (block i copied to i + n/2; embedding, final norm and head kept), then T/2 steps
-     more with a fresh optimizer and schedule;
+     more with a fresh optimizer and schedule, on a new shuffle of the corpus (seed + 1: the same seed would read the
+     first round's batches again);
    - half-width: the reference's k layers at half its width (n_embd, intermediate size, heads and query groups
      halved: the same head size), from random init, T steps.
    The authors' baseline logs (github.com/sanyalsunny111/LLM-Inheritune, GPT2-experiments/logs/OpenWebText_logs/
@@ -62,7 +63,7 @@ PRESETS = {
     "tiny": dict(n_layer=4, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=176, seq_len=32,
                  global_batch_size=4, micro_batch_size=2, max_steps=4, learning_rate=3e-3, min_lr=3e-4,
                  warmup_steps=1, eval_iters=2, rank_sequences=4, precision="32-true"),
-    # 27 minutes on 2 CPU cores before the baselines of 7. (about an hour with them, estimated): twice the demo
+    # 27 minutes on 2 CPU cores before the baselines of 7., about 55 with them (measured 2026-12-04): twice the demo
     # model's depth, the demo's batch and schedule
     "cpu": dict(n_layer=8, n_embd=256, n_head=4, n_query_groups=2, intermediate_size=704, seq_len=256,
                 global_batch_size=8, micro_batch_size=8, max_steps=300, learning_rate=2e-3, min_lr=2e-4,
@@ -163,15 +164,18 @@ def reproduce(
 
     def train(name: str, initial_dir: Path, steps: int, layers: int, run_dir: Optional[Path] = None,
               **options) -> float:
-        """Train (unless finished) and record; `options` go to setup (a teacher). Returns the seconds spent."""
+        """Train (unless finished) and record; `options` go to setup (a teacher, a seed). Returns the seconds
+        spent."""
         run_dir = run_dir or out_dir / experiment_dir(name) / "train"
         start = time.perf_counter()
         if not (run_dir / "final").is_dir():
-            setup(model_name=None, initial_checkpoint_dir=initial_dir, out_dir=run_dir, resume="auto", **options,
-                  **{**training, "max_steps": steps, "eval_interval": max(1, steps // 10), "save_interval": steps})
+            setup(model_name=None, initial_checkpoint_dir=initial_dir, out_dir=run_dir, resume="auto",
+                  **{**training, **options, "max_steps": steps, "eval_interval": max(1, steps // 10),
+                     "save_interval": steps})
         seconds = time.perf_counter() - start
         if name:
-            record(name, layers, steps, run_dir, seconds, **({"teacher": "teacher"} if options else {}))
+            record(name, layers, steps, run_dir, seconds,
+                   **({"teacher": "teacher"} if "teacher_checkpoint_dir" in options else {}))
         return seconds
 
     # 1. the reference, from model.py's init
@@ -227,7 +231,9 @@ def reproduce(
     stacked = out_dir / "stacking" / "init"
     if not (stacked / "lit_model.pth").is_file():
         stack_blocks(out_dir / "stacking" / "train-shallow" / "final", stacked)
-    seconds += train("", stacked, T - half_steps, n, run_dir=out_dir / "stacking" / "train")
+    # the second round reads a new shuffle of the corpus: with the first round's seed it would read the first round's
+    # batches again (a run restarts its data order), which no other experiment does
+    seconds += train("", stacked, T - half_steps, n, run_dir=out_dir / "stacking" / "train", seed=seed + 1)
     record("stacking", n, T, out_dir / "stacking" / "train", seconds,
            growth=f"{n // 2} layers for {half_steps} steps, stacked to {n} for {T - half_steps}")
     half = half_width(config)
