@@ -269,7 +269,8 @@ def test_sigterm_cancels_the_running_and_waiting_requests_and_the_server_exits_0
             chunks = [json.loads(line.removeprefix("data: ")) for line in events[name][:-1]]
             assert chunks[-2]["choices"][0]["finish_reason"] == "cancelled"
             generated = chunks[-1]["usage"]["completion_tokens"]
-            assert generated < 100 and (generated > 0) == (name == "running")  # the context holds ~250
+            # "cancelled", not "length": stopped before the context (~250 tokens) was full, however fast it decoded
+            assert (generated > 0) == (name == "running")
         assert "Stopped" in server.stderr.read()
     finally:
         if server.poll() is None:
