@@ -367,3 +367,42 @@ def test_mlp_matches_reference():
     x = torch.randn(2, 5, config.n_embd)
     expected = (F.silu(x @ mlp.fc_1.weight.T) * (x @ mlp.fc_2.weight.T)) @ mlp.proj.weight.T
     torch.testing.assert_close(mlp(x), expected)
+
+
+@pytest.mark.parametrize("heads, groups", [(8, 2), (4, 4)])
+def test_one_query_attention_is_sdpa_for_a_decode_step(heads, groups):
+    """bf16 decode steps on the CPU take one_query_attention instead of SDPA: the same attention (float64 SDPA on
+    the same bf16 inputs as the reference) for per-row masks (rows at different positions) and for one shared mask;
+    and a bf16 model's cached one-token step reaches it, giving the float64 model's logits within bf16's precision."""
+    torch.manual_seed(0)
+    B, S, hs = 3, 40, 16
+    q = torch.randn(B, heads, 1, hs).bfloat16()
+    k, v = torch.randn(B, groups, S, hs).bfloat16(), torch.randn(B, groups, S, hs).bfloat16()
+    positions = torch.tensor([5, 17, 39])
+    for mask in ((torch.arange(S) <= positions[:, None]).view(B, 1, 1, S), (torch.arange(S) <= 9).view(1, 1, 1, S)):
+        expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=0.25,
+                                                  enable_gqa=heads != groups)
+        got = model_module.one_query_attention(q, k, v, mask, 0.25)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=2e-2)
+
+    config = Config(block_size=64, vocab_size=64, n_layer=2, n_head=heads, n_query_groups=groups, n_embd=heads * hs,
+                    intermediate_size=64)
+    reference = GPT(config).double().eval()
+    bf16 = GPT(config).bfloat16().eval()
+    bf16.load_state_dict(reference.state_dict())
+    calls = []
+    original = model_module.one_query_attention
+    model_module.one_query_attention = lambda *args: calls.append(1) or original(*args)
+    try:
+        idx = torch.randint(0, 64, (1, 12))
+        with torch.inference_mode():
+            logits = {}
+            for name, model in (("float64", reference), ("bf16", bf16)):
+                model.set_kv_cache(batch_size=1, max_seq_length=64)
+                model(idx[:, :11], torch.arange(11))
+                logits[name] = model(idx[:, 11:], torch.tensor([11])).double()
+    finally:
+        model_module.one_query_attention = original
+    assert len(calls) == config.n_layer  # the bf16 step only
+    torch.testing.assert_close(logits["bf16"], logits["float64"], rtol=5e-2, atol=5e-2)
