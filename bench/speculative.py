@@ -70,7 +70,7 @@ from speculative import (  # noqa: E402
     SpeculativeStats, check_tokenizers_agree, fit_prompt, load_prompts, speculative_generate, verify_logits,
 )
 from model import GPT  # noqa: E402
-from quantize import (Quantization, QuantizeMode, activation_dtype, describe,  # noqa: E402
+from quantize import (Quantization, QuantizeMode, QuantizedLinear, activation_dtype, describe,  # noqa: E402
                       quantize_for_inference)
 from utils import UserError, cli, write_json  # noqa: E402
 
@@ -149,7 +149,9 @@ def main(
     max_seq_length = block_size if compile else None  # one cache length: no recompilation per prompt
     print(f"{'T':>4} {'k':>2} {'alpha':>6} {'accept':>6} {'tok/fwd':>7} {'tok/s':>7} {'speedup':>7} "
           f"{'textbook':>8} {'time-based':>10} {'measured/time-based':>19}")
-    exact = quantize is None and target.lm_head.weight.dtype in (torch.float32, torch.float64)
+    # float32 weights, none quantized (--quantize or a quantized checkpoint): greedy output must be the target's own
+    exact = (target.transformer.wte.weight.dtype in (torch.float32, torch.float64)
+             and not any(isinstance(module, QuantizedLinear) for module in target.modules()))
     for temperature in temperatures:
         def target_only(prompt: torch.Tensor) -> torch.Tensor:
             return generate(target, prompt, max_new_tokens, temperature=temperature, max_seq_length=max_seq_length,
