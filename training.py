@@ -147,6 +147,23 @@ def launch_fabric(devices: str, num_nodes: int, accelerator: str, strategy: str,
     return fabric
 
 
+def logged_metrics(out_dir: Path) -> Dict[int, Dict[str, float]]:
+    """{step: {metric: value}} from the CSV logs of every run that wrote to out_dir (a resumed run has several
+    versions), the later run's value where they overlap."""
+    import csv
+
+    rows: Dict[int, Dict[str, float]] = {}
+    versions = sorted((out_dir / "logs").glob("version_*"), key=lambda path: int(path.name.split("_")[1]))
+    for version in versions:
+        if not (version / "metrics.csv").is_file():
+            continue
+        with open(version / "metrics.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                rows.setdefault(int(row["step"]), {}).update(
+                    {key: float(value) for key, value in row.items() if value and key != "step"})
+    return dict(sorted(rows.items()))
+
+
 def resolve_devices(devices: str, accelerator: str) -> int:
     if str(devices) != "auto":
         return int(devices)

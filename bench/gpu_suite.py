@@ -84,17 +84,17 @@ def main(output: Path = Path("out/bench/gpu_suite.json"), budget_s: float = 480.
         if steps and name not in steps:
             continue
         left = budget_s - (time.perf_counter() - start)
-        if left <= 0:
-            report["steps"][name] = dict(status="skipped", reason="the budget is spent")
-        else:
-            def record(result: dict, name: str = name) -> None:
-                report["steps"][name] = result
-                write_json(output, report)
 
+        def record(result: dict, name: str = name) -> None:
+            report["steps"][name] = result
+            write_json(output, report)
+
+        if left <= 0:
+            record(dict(status="skipped", reason="the budget is spent"))
+        else:
             run_step(step, dry_run, min(limit_s, left), record)
         print(f"{name}: {report['steps'][name]['status']} ({report['steps'][name].get('seconds', 0):.1f} s)"
               + (f": {report['steps'][name]['reason']}" if "reason" in report["steps"][name] else ""))
-        write_json(output, report)
     print(summary_table(report))
     print(f"Wrote {output}")
     return report
@@ -145,7 +145,6 @@ def run_step(step: Step, dry_run: bool, limit_s: float, record: Callable[[dict],
 
 class Skipped(Exception):
     pass
-
 
 
 def needs(module: str) -> None:
@@ -300,6 +299,7 @@ def distillation(dry_run: bool) -> Iterator[Tuple[str, object]]:
     from checkpoint import named_config, save_model_dir
     from model import GPT, Config
     from pretrain.tinyllama import setup
+    from training import logged_metrics
 
     student = "micro" if dry_run else "AMD-Llama-135m"
     teacher_config = Config.from_name("micro", n_layer=4) if dry_run else named_config("tiny_LLaMA_1b")
@@ -329,19 +329,6 @@ def distillation(dry_run: bool) -> Iterator[Tuple[str, object]]:
             yield name, dict(tokens_per_s=tokens_per_s[name],
                              peak_memory_gb=max(row.get("peak_memory_gb", 0) for row in logged.values()))
     yield "teacher_time_cost", tokens_per_s["without_teacher"] / tokens_per_s["with_teacher"]
-
-
-def logged_metrics(out_dir: Path) -> dict:
-    """{step: {metric: value}} of a training run's CSV log."""
-    import csv
-
-    rows = {}
-    for path in out_dir.glob("logs/version_*/metrics.csv"):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                rows.setdefault(int(row["step"]), {}).update(
-                    {key: float(value) for key, value in row.items() if value and key != "step"})
-    return rows
 
 
 def bench_call(module: str, **arguments) -> dict:

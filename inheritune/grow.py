@@ -28,7 +28,6 @@ init directory is reused. A rerun with other settings than grow.json records is 
 and measures, and it tells the others when to stop.
 """
 
-import csv
 import gc
 import importlib.util
 import json
@@ -47,7 +46,7 @@ from model import GPT, Config, num_parameters
 from packed_dataset import validation_batches
 from pretrain.tinyllama import setup
 from tokenizer import TOKENIZER_FILES
-from training import Accelerator, Precision, Schedule, Strategy, summed_loss
+from training import Accelerator, Precision, Schedule, Strategy, logged_metrics, summed_loss
 from training_state import latest_checkpoint
 from utils import UserError, atomic_write, cli, launched_as_rank_zero, read_json, write_json
 
@@ -352,16 +351,7 @@ def result_text(record: dict, ref_dir: Path, k: int, tolerance: float) -> str:
 def logged_validation_losses(train_dir: Path) -> Dict[int, float]:
     """{step: val_loss} from the CSV logs of every run that wrote to train_dir (a resumed round has several), the
     later run's value where they overlap."""
-    losses = {}
-    versions = sorted((train_dir / "logs").glob("version_*"), key=lambda path: int(path.name.split("_")[1]))
-    for version in versions:
-        if not (version / "metrics.csv").is_file():
-            continue
-        with open(version / "metrics.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("val_loss"):
-                    losses[int(row["step"])] = float(row["val_loss"])
-    return dict(sorted(losses.items()))
+    return {step: row["val_loss"] for step, row in logged_metrics(train_dir).items() if "val_loss" in row}
 
 
 def plot_rounds(record: dict, out_dir: Path) -> None:

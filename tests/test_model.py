@@ -370,7 +370,7 @@ def test_mlp_matches_reference():
 
 
 @pytest.mark.parametrize("heads, groups", [(8, 2), (4, 4)])
-def test_one_query_attention_is_sdpa_for_a_decode_step(heads, groups):
+def test_one_query_attention_is_sdpa_for_a_decode_step(heads, groups, monkeypatch):
     """bf16 decode steps on the CPU take one_query_attention instead of SDPA: the same attention (float64 SDPA on
     the same bf16 inputs as the reference) for per-row masks (rows at different positions) and for one shared mask;
     and a bf16 model's cached one-token step reaches it, giving the float64 model's logits within bf16's precision."""
@@ -393,16 +393,13 @@ def test_one_query_attention_is_sdpa_for_a_decode_step(heads, groups):
     bf16.load_state_dict(reference.state_dict())
     calls = []
     original = model_module.one_query_attention
-    model_module.one_query_attention = lambda *args: calls.append(1) or original(*args)
-    try:
-        idx = torch.randint(0, 64, (1, 12))
-        with torch.inference_mode():
-            logits = {}
-            for name, model in (("float64", reference), ("bf16", bf16)):
-                model.set_kv_cache(batch_size=1, max_seq_length=64)
-                model(idx[:, :11], torch.arange(11))
-                logits[name] = model(idx[:, 11:], torch.tensor([11])).double()
-    finally:
-        model_module.one_query_attention = original
+    monkeypatch.setattr(model_module, "one_query_attention", lambda *args: calls.append(1) or original(*args))
+    idx = torch.randint(0, 64, (1, 12))
+    with torch.inference_mode():
+        logits = {}
+        for name, model in (("float64", reference), ("bf16", bf16)):
+            model.set_kv_cache(batch_size=1, max_seq_length=64)
+            model(idx[:, :11], torch.arange(11))
+            logits[name] = model(idx[:, 11:], torch.tensor([11])).double()
     assert len(calls) == config.n_layer  # the bf16 step only
     torch.testing.assert_close(logits["bf16"], logits["float64"], rtol=5e-2, atol=5e-2)
