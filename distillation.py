@@ -93,6 +93,20 @@ def check_teacher_flags(teacher_checkpoint_dir: Optional[Path], kd_alpha: float,
         raise FileNotFoundError(f"--teacher_checkpoint_dir {teacher_checkpoint_dir} does not exist")
 
 
+def build_teacher(fabric, teacher_checkpoint_dir: Optional[Path], kd_alpha: float, temperature: float,
+                  divergence: Divergence, config: Config, seq_len: int,
+                  tokenizer_dir: Optional[Path]) -> Optional[Teacher]:
+    """A recipe's Teacher (`load_teacher`); None without a teacher and at kd_alpha 1, where its logits would not enter
+    the loss: it is then neither loaded nor run (the same training, without a teacher forward per micro-batch)."""
+    if teacher_checkpoint_dir is None:
+        return None
+    if kd_alpha == 1:
+        fabric.print(f"--kd_alpha 1: the loss is the data loss alone; {teacher_checkpoint_dir} is not loaded")
+        return None
+    return Teacher(load_teacher(fabric, Path(teacher_checkpoint_dir), config, seq_len, tokenizer_dir), kd_alpha,
+                   temperature, divergence, config.vocab_size)
+
+
 def load_teacher(fabric, teacher_dir: Path, config: Config, seq_len: int,
                  tokenizer_dir: Optional[Path]) -> torch.nn.Module:
     """The teacher of a student of `config` trained on sequences of `seq_len`, frozen (no gradients, eval mode) in

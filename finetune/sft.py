@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import TEMPLATE_FILE, ChatTemplate
 from checkpoint import save_model_dir
-from distillation import Divergence, Teacher, check_teacher_flags, load_teacher
+from distillation import Divergence, build_teacher, check_teacher_flags
 from hf import generation_config
 from lora import ADAPTERS_FILE, CONFIG_FILE, LoRAConfig, add_lora, lora_state_dict, merge_lora
 from model import Config
@@ -192,9 +192,8 @@ def setup(
     model = build_model(fabric, config, seed, initial_checkpoint_dir, compile,
                         None if lora is None else partial(add_lora, config=lora))
     optimizer = build_optimizer(fabric, model, learning_rate, weight_decay, (beta1, beta2), eps, False)
-    teacher = None if teacher_checkpoint_dir is None else Teacher(
-        load_teacher(fabric, Path(teacher_checkpoint_dir), config, config.block_size, initial_checkpoint_dir),
-        kd_alpha, kd_temperature, kd_divergence, config.vocab_size)
+    teacher = build_teacher(fabric, teacher_checkpoint_dir, kd_alpha, kd_temperature, kd_divergence, config,
+                            config.block_size, initial_checkpoint_dir)
     save_final = partial(save_finetuned, config=config, tokenizer_dir=initial_checkpoint_dir,
                          chat_template=metadata["chat_template"], lora=lora)
     return fit(fabric, model, optimizer, config, train_data, val_data, settings, hparams, resume_path, save_final,

@@ -18,7 +18,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distillation import Divergence, Teacher, check_teacher_flags, load_teacher
+from distillation import Divergence, build_teacher, check_teacher_flags
 from packed_dataset import parse_data_mix, training_batches, validation_batches
 from tokenizer import Tokenizer, has_tokenizer
 from training import (
@@ -187,9 +187,8 @@ def setup(
     model = build_model(fabric, config, seed, initial_checkpoint_dir if resume_path is None else None, compile,
                         activation_checkpointing=activation_checkpointing)
     optimizer = build_optimizer(fabric, model, learning_rate, weight_decay, (beta1, beta2), eps, decay_all_params)
-    teacher = None if teacher_checkpoint_dir is None else Teacher(
-        load_teacher(fabric, Path(teacher_checkpoint_dir), config, seq_len, tokenizer_dir), kd_alpha, kd_temperature,
-        kd_divergence, config.vocab_size)
+    teacher = build_teacher(fabric, teacher_checkpoint_dir, kd_alpha, kd_temperature, kd_divergence, config, seq_len,
+                            tokenizer_dir)
     return fit(fabric, model, optimizer, config, train_data, val_data, settings, hparams, resume_path,
                teacher=teacher)
 

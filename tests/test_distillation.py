@@ -70,13 +70,15 @@ def micro_teacher(directory, vocab_size: int = 256):
     return directory
 
 
-def test_kd_alpha_one_trains_exactly_as_without_a_teacher_and_the_teacher_is_untouched(tmp_path, data_dir):
+def test_kd_alpha_one_trains_exactly_as_without_a_teacher_and_the_teacher_is_untouched(tmp_path, data_dir, capsys):
     from test_pretrain import final_weights, train_here
 
     teacher = micro_teacher(tmp_path / "teacher")
     before = torch.load(teacher / "lit_model.pth", weights_only=True)
     train_here(tmp_path / "plain", data_dir, max_steps=3)
+    capsys.readouterr()
     train_here(tmp_path / "alpha1", data_dir, max_steps=3, teacher_checkpoint_dir=teacher, kd_alpha=1.0)
+    assert f"--kd_alpha 1: the loss is the data loss alone; {teacher} is not loaded" in capsys.readouterr().out
     plain, alpha1 = final_weights(tmp_path / "plain"), final_weights(tmp_path / "alpha1")
     assert all(torch.equal(plain[name], alpha1[name]) for name in plain)
     train_here(tmp_path / "kd", data_dir, max_steps=3, teacher_checkpoint_dir=teacher, kd_alpha=0.5)
