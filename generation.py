@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import load_model, quantization_of
 from model import GPT
-from quantize import Quantization, activation_dtype, describe, quantize_for_inference
+from quantize import Quantization, activation_dtype, describe, prepare_compiled_decode, quantize_for_inference
 from tokenizer import Tokenizer
 from utils import UserError
 
@@ -116,7 +116,8 @@ def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, temperat
     max_seq_length: the KV cache length, fixed across calls so that a compiled step never recompiles; default the
         prompt plus max_new_tokens. The whole sequence never exceeds it nor `block_size`: fewer tokens are generated
         when the prompt leaves less room.
-    compiled: decode with `compiled_step` (torch.compile; CUDA graphs on CUDA); the prefill stays eager.
+    compiled: decode with `compiled_step` (torch.compile; CUDA graphs on CUDA) after `prepare_compiled_decode`; the
+        prefill stays eager.
     """
     check_generation_args(max_new_tokens, temperature, top_k, top_p)
     if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
@@ -131,6 +132,8 @@ def generate(model: GPT, prompt_ids: torch.Tensor, max_new_tokens: int, temperat
     ensure_kv_cache(model, batch_size=1, max_seq_length=max_seq_length)
     length = min(T + max_new_tokens, max_seq_length)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    if compiled:
+        prepare_compiled_decode(model)
     step = compiled_step(next_token, device) if compiled else next_token
 
     tokens = torch.empty(length, dtype=torch.long, device=device)

@@ -8,12 +8,17 @@ zero with zero = low + 8 * scale: that form is computed when the weights are pac
 What is stored (`QuantizedLinear`'s buffers, a quantized checkpoint's lit_model.pth) is device-independent: codes
 and float32 scales. `prepare` packs them for the device and picks the computation:
 - CPU with bf16 instructions (avx512_bf16 or amx_bf16): activations in bf16, aten's `_weight_int8pack_mm` and
-  `_weight_int4pack_mm_for_cpu` (with fp32 activations these kernels take a path ~5-25x slower than fp32 F.linear);
+  `_weight_int4pack_mm_for_cpu` (with fp32 activations these kernels take a path ~5-25x slower than fp32 F.linear).
+  For a compiled decode (`prepare_compiled_decode`) the int8 codes are re-laid in blocks of 32 output channels,
+  (N / 32, K, 32), which inductor reads as one stream, converting each code once for all rows of a step (up to 8):
+  on 2 Zen 4 cores 1.5x the compiled decode on aten's kernel, which streams its (N, K) rows slower. Eager calls on that
+  layout (the prefill) convert the codes to bf16 and multiply. A packed int4 copy replaces the stored codes;
 - CUDA: int8 as a matmul of the codes with the scales applied to its output, where the compiled decode step (a few
   rows) runs a product-and-sum that inductor fuses into one kernel reading each code once; int4 through the tinygemm
   kernel (`_weight_int4pack_mm`);
-- elsewhere (a CPU without bf16 instructions, another device): the weights dequantized once into the activation
-  dtype and F.linear: the same numbers, float memory, no speedup; `prepare_model` says so in one line.
+- elsewhere (a CPU without bf16 instructions, another device; on the CPU, an int8 layer whose input width aten's
+  kernel cannot take, not a multiple of 16, run eagerly): the weights dequantized once into the activation dtype
+  and F.linear: the same numbers, float memory, no speedup; `describe` says so in one line.
 The head returns float32 logits whatever the activation dtype.
 """
 
@@ -32,6 +37,9 @@ from model import GPT
 QuantizeMode = Literal["int8", "int4"]
 MODES = typing.get_args(QuantizeMode)
 GROUP_SIZES = (32, 64, 128)
+INT8_BLOCK = 32  # output channels per block of the CPU int8 layout a compiled decode reads
+INT8PACK_WIDTH = 16  # aten's CPU _weight_int8pack_mm takes input widths that are multiples of this (others crash it)
+FUSED_ROWS = 8  # compiled steps of at most this many rows (decode, speculative verify) take the fused loops
 QUANTIZATION_FILE = "quantization.json"
 FORMAT = 1  # of QUANTIZATION_FILE and the stored codes
 
@@ -83,14 +91,37 @@ def int4_codes(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(module: "QuantizedLinear", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (N, K) weight the stored codes stand for, computed in float32 (float64 for float64)."""
+    if module.codes is None:
+        raise ValueError(f"the {module.mode} codes were packed for the device ({module.kernel}) and released: "
+                         "dequantize before `prepare`")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     if module.mode == "int8":
-        return (module.codes.to(compute) * module.scales.to(compute)[:, None]).to(dtype)
+        return (int8_rows(module.codes).to(compute) * module.scales.to(compute)[:, None]).to(dtype)
     codes = int4_codes(module.codes).to(compute)
     N, K = codes.shape
     groups = codes.reshape(N, K // module.group_size, module.group_size)
     weight = groups * module.scales.to(compute)[..., None] + module.lows.to(compute)[..., None]
     return weight.reshape(N, K).to(dtype)
+
+
+def int8_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes (N, K) -> (N / INT8_BLOCK, K, INT8_BLOCK): each block's codes for one input index contiguous."""
+    N, K = codes.shape
+    return codes.reshape(N // INT8_BLOCK, INT8_BLOCK, K).transpose(1, 2).contiguous()
+
+
+def int8_rows(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes (N, K), from either layout."""
+    return codes if codes.dim() == 2 else codes.transpose(1, 2).reshape(-1, codes.size(1))
+
+
+def stored_codes(module: "QuantizedLinear", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A state dict holds the codes as stored (N, K), whatever layout they run in (never a packed layer's, released)."""
+    if module.codes is None:
+        raise RuntimeError(f"{prefix}codes: packed for the device ({module.kernel}) and released; a quantized model's "
+                           f"state dict is taken before `prepare` (scripts/quantize.py saves it then)")
+    if module.mode == "int8":
+        state_dict[prefix + "codes"] = int8_rows(state_dict[prefix + "codes"])
 
 
 class QuantizedLinear(nn.Module):
@@ -111,6 +142,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("lows", torch.zeros(out_features, groups))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.kernel = "unprepared"
+        self.register_state_dict_post_hook(stored_codes)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str, group_size: Optional[int],
@@ -125,17 +157,25 @@ class QuantizedLinear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module
 
-    def prepare(self, activation_dtype: torch.dtype) -> str:
-        """Pack the stored codes for this device's kernel and `activation_dtype`; returns the kernel's name."""
+    def prepare(self, activation_dtype: torch.dtype, compiled: bool = False) -> str:
+        """Pack the stored codes for this device's kernel and `activation_dtype` (`compiled`: the layout of a compiled
+        decode where it differs); returns the kernel's name."""
+        if self.codes is None:
+            raise ValueError(f"this layer is packed for {self.kernel} already: prepare it once")
         device = self.codes.device
         self.activation_dtype = activation_dtype
-        if device.type == "cpu" and activation_dtype == torch.bfloat16:
-            if self.mode == "int8":
-                self.packed, self.packed_scales = self.codes, self.scales.to(torch.bfloat16)
-            else:
-                self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int4_codes(self.codes).int(), 1)
-                self.packed_scales = self.scales_and_zeros()
-            self.kernel = f"cpu_{self.mode}pack"
+        blocked = compiled and self.out_features % INT8_BLOCK == 0
+        if (device.type == "cpu" and activation_dtype == torch.bfloat16 and self.mode == "int8"
+                and (blocked or self.in_features % INT8PACK_WIDTH == 0)):
+            # the stored codes themselves change layout: one copy of the weights in memory, not two
+            self.codes = int8_blocks(int8_rows(self.codes)) if blocked else int8_rows(self.codes)
+            self.packed, self.packed_scales = self.codes, self.scales.to(torch.bfloat16)
+            self.kernel = "cpu_int8_blocked" if blocked else "cpu_int8pack"
+        elif device.type == "cpu" and activation_dtype == torch.bfloat16 and self.mode == "int4":
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int4_codes(self.codes).int(), 1)
+            self.packed_scales = self.scales_and_zeros()
+            self.kernel = "cpu_int4pack"
+            self.codes = None  # the packed copy replaces them: one copy of the weights in memory
         elif device.type == "cuda" and self.mode == "int4" and activation_dtype == torch.bfloat16:
             codes = int4_codes(self.codes)  # tinygemm's byte order: the even input index in the high nibble
             # tinygemm reads the input dimension in tiles of 16 x inner_k_tiles: the widest tiling it divides
@@ -144,6 +184,7 @@ class QuantizedLinear(nn.Module):
                                                                      inner_k_tiles)
             self.packed_scales = self.scales_and_zeros()
             self.kernel = "cuda_int4pack"
+            self.codes = None  # the packed copy replaces them
         elif device.type == "cuda" and self.mode == "int8":
             self.kernel = "cuda_int8"
         else:
@@ -161,6 +202,22 @@ class QuantizedLinear(nn.Module):
         x = x.reshape(-1, self.in_features).to(self.activation_dtype)
         if self.kernel == "cpu_int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x, self.packed, self.packed_scales)
+        elif self.kernel == "cpu_int8_blocked":
+            rows = x.size(0)
+            if torch.compiler.is_compiling() and rows <= FUSED_ROWS:
+                weight = self.codes.float()
+                if isinstance(rows, int):
+                    # one product-and-sum per row over the same converted codes: inductor fuses them into one loop
+                    # that converts each code once
+                    y = torch.stack([(row.float()[None, :, None] * weight).sum(1).flatten() for row in x])
+                else:  # a dynamic number of rows (a step compiled for several): the codes converted for each row
+                    y = (x.float()[:, None, :, None] * weight).sum(2).flatten(1)
+                y = (y * self.scales).to(x.dtype)
+            else:  # a prefill: the codes converted in one pass into a (K, N) bf16 matrix, then a matmul (as fast as
+                # aten's int8 kernel at 16 rows, 2x at 128)
+                weight = torch.empty(self.in_features, self.out_features, dtype=x.dtype, device=x.device)
+                weight.view(self.in_features, -1, INT8_BLOCK).copy_(self.codes.permute(1, 0, 2))
+                y = (x @ weight) * self.packed_scales
         elif self.kernel == "cpu_int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.packed_scales)
         elif self.kernel == "cuda_int4pack":
@@ -236,6 +293,14 @@ def prepare_model(model: GPT, dtype: torch.dtype) -> None:
             module.prepare(dtype)
 
 
+def prepare_compiled_decode(model: GPT) -> None:
+    """Re-pack the layers whose kernel has a faster layout for a compiled decode step (CPU int8: blocks of output
+    channels); a float model, or one without such layers, is left as it is."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.kernel == "cpu_int8pack":
+            module.prepare(module.activation_dtype, compiled=True)
+
+
 def describe(model: GPT) -> str:
     """A line saying which kernels the quantized layers run (and, for the dequantized fallback, what that means)."""
     layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
@@ -243,8 +308,9 @@ def describe(model: GPT) -> str:
     dtype = str(layers[0].activation_dtype).removeprefix("torch.")
     line = f"{len(layers)} {layers[0].mode} linear layers run {', '.join(kernels)} with {dtype} activations"
     if "dequantized" in kernels:
-        line += (" (no fast kernel for this device and activation dtype: the weights are dequantized, the numbers "
-                 "are the same, the speed and memory those of a float model)")
+        line += (" (no fast kernel for this device and activation dtype, or for an input width that is not a "
+                 f"multiple of {INT8PACK_WIDTH}: those weights are dequantized, the numbers are the same, the speed "
+                 "and memory those of a float model)")
     return line
 
 
@@ -253,8 +319,9 @@ def weight_bytes(model: GPT) -> int:
     total = 0
     for module in model.modules():
         tensors = list(module.parameters(recurse=False))
-        if isinstance(module, QuantizedLinear):
-            tensors += [module.codes, module.scales] + ([module.lows] if module.mode == "int4" else [])
+        if isinstance(module, QuantizedLinear):  # packed int4 codes take the bytes the stored ones took
+            codes = module.codes if module.codes is not None else module.packed
+            tensors += [codes, module.scales] + ([module.lows] if module.mode == "int4" else [])
         total += sum(t.numel() * t.element_size() for t in tensors)
     return total
 

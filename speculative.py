@@ -32,6 +32,7 @@ from generation import (
     sample_probs, synchronize,
 )
 from model import GPT
+from quantize import prepare_compiled_decode
 from tokenizer import TOKENIZER_PROBE, Tokenizer
 from utils import UserError
 
@@ -93,6 +94,9 @@ def speculative_generate(target: GPT, draft: Optional[GPT], prompts: Sequence[to
     device = target.transformer.wte.weight.device
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     greedy, V = temperature == 0, target.config.vocab_size
+    if compiled:
+        prepare_compiled_decode(target)
+        prepare_compiled_decode(draft)
     draft_step = compiled_step(last_logits, device) if compiled else last_logits
     verify_step = compiled_step(verify_logits, device) if compiled else verify_logits
     start = time.perf_counter()

@@ -1,7 +1,8 @@
 """Batch-1 greedy decoding with quantized weights (quantize.py) against float weights, side by side in one run on the
-same random weights: tokens/s, bytes of weights read per token, the fraction of the memory-bandwidth bound (the rate
-a reduction reads memory at, measured in the same run: a decode step streams its weights once), and the cost of a
-speculative verify of k + 1 tokens relative to one decode step.
+same random weights: decode tokens/s (the prefill timed apart and taken out), bytes of weights read per token, the
+fraction of the memory-bandwidth bound (the rate a reduction reads memory at, measured just before each mode's runs: a
+decode step streams its weights once), and the cost of a speculative verify of k + 1 tokens relative to one decode
+step.
 
 On the CPU (2 cores; run it alone: a second torch process slows both several times):
 
@@ -31,6 +32,7 @@ from checkpoint import named_config  # noqa: E402
 from generation import generate, synchronize  # noqa: E402
 from model import GPT  # noqa: E402
 from quantize import Quantization, describe, quantize_for_inference, weight_bytes  # noqa: E402
+from speculative import verify_logits  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
 
 MODES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "int8_fp32")
@@ -43,7 +45,7 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
 
     Args:
         model_name: a config of model.py
-        max_new_tokens: tokens decoded per run
+        max_new_tokens: tokens generated per run: the first after the prefill, then max_new_tokens - 1 decode steps
         prompt_length: tokens of the (random) prompt
         repeats: timed runs per mode, after one untimed warm-up
         modes: some of fp32, bf16, int8, int4_g32, int4_g64, int4_g128, int8_fp32
@@ -56,8 +58,8 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise UserError(f"--modes {list(modes)}: expected some of {list(MODES)}")
-    if min(repeats, max_new_tokens, prompt_length, max_k) < 1:
-        raise UserError("--repeats, --max_new_tokens, --prompt_length and --max_k must be at least 1")
+    if min(repeats, prompt_length, max_k) < 1 or max_new_tokens < 2:
+        raise UserError("--repeats, --prompt_length and --max_k must be at least 1, --max_new_tokens at least 2")
     config = named_config(model_name)
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch sees no CUDA device; use --device cpu")
@@ -73,8 +75,8 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
               "read_bandwidth_gb_per_s": bandwidth / 1e9, "copy_bandwidth_gb_per_s": copy / 1e9, "results": {}}
     print(f"{report['device']}; torch {torch.__version__}. {model_name}, read bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(a copy: {copy / 1e9:.1f} GB/s read plus written)")
-    print(f"{'mode':>16} {'MB/token':>9} {'tokens/s':>9} {'vs fp32':>8} {'of bound':>9}  verify k+1 = 2..{max_k + 1} "
-          f"(decode steps)")
+    print(f"{'mode':>16} {'MB/token':>9} {'tokens/s':>9} {'prefill':>8} {'vs fp32':>8} {'of bound':>9} {'(GB/s)':>7}  "
+          f"verify k+1 = 2..{max_k + 1} (decode steps); prefill in ms")
     max_seq_length = prompt_length + max_new_tokens + max_k + 1
     for mode in [m for m in MODES if m in modes]:
         try:
@@ -88,21 +90,29 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
             name = mode + ("_compiled" if compiled else "")
             torch._dynamo.reset()  # each mode is a new model: compile it afresh, not as the nth recompile
 
-            def decode(ids: torch.Tensor) -> torch.Tensor:
-                return generate(model, ids, max_new_tokens, temperature=0.0, max_seq_length=max_seq_length,
+            def decode(ids: torch.Tensor, new_tokens: int = max_new_tokens) -> torch.Tensor:
+                return generate(model, ids, new_tokens, temperature=0.0, max_seq_length=max_seq_length,
                                 compiled=compiled)
 
+            # the bound of this run's own moment: on a shared VM the rate memory is read at moves by 2x from minute
+            # to minute, so one figure taken at the start would make the fractions of later modes a matter of luck
+            bandwidth = read_bandwidth(device)
             seconds, _ = time_decoding(decode, prompt, device, repeats)
-            tokens_per_s = max_new_tokens / statistics.median(seconds)
-            verify = verify_costs(model, prompt, max_k, max_seq_length)
+            # the prefill (eager, compiled or not) timed alone and taken out: the rate is the decode steps'
+            prefill_seconds, _ = time_decoding(lambda ids: decode(ids, 1), prompt, device, repeats)
+            tokens_per_s = (max_new_tokens - 1) / (statistics.median(seconds) - statistics.median(prefill_seconds))
+            verify = verify_costs(model, prompt, max_k, max_seq_length, compiled)
             fp32 = report["results"].get("fp32", {}).get("tokens_per_s")
             report["results"][name] = dict(kernels=describe(model) if mode.startswith("int") else "F.linear",
                                            weight_bytes_per_token=read, tokens_per_s=tokens_per_s, seconds=seconds,
+                                           prefill_seconds=prefill_seconds,
+                                           read_bandwidth_gb_per_s=bandwidth / 1e9,
                                            fraction_of_bandwidth_bound=tokens_per_s * read / bandwidth,
                                            verify_steps=verify)
-            print(f"{name:>16} {read / 1e6:9.1f} {tokens_per_s:9.1f} "
+            print(f"{name:>16} {read / 1e6:9.1f} {tokens_per_s:9.1f} {statistics.median(prefill_seconds) * 1e3:8.1f} "
                   f"{(f'{tokens_per_s / fp32:7.2f}x' if fp32 else '        ')} "
-                  f"{tokens_per_s * read / bandwidth:8.1%}  {' '.join(f'{v:.2f}' for v in verify)}")
+                  f"{tokens_per_s * read / bandwidth:8.1%} {bandwidth / 1e9:7.1f}  "
+                  f"{' '.join(f'{v:.2f}' for v in verify)}")
             if output is not None:
                 write_json(output, report)
     if output is not None:
@@ -120,9 +130,11 @@ def variant(base: GPT, mode: str) -> GPT:
 
 
 @torch.inference_mode()
-def verify_costs(model: GPT, prompt: torch.Tensor, max_k: int, max_seq_length: int, repeats: int = 5) -> list:
+def verify_costs(model: GPT, prompt: torch.Tensor, max_k: int, max_seq_length: int, compiled: bool = False,
+                 repeats: int = 5) -> list:
     """The time of one forward of k + 1 tokens after the prompt (a speculative verify), k = 1..max_k, in one-token
-    decode steps; the best of `repeats` each."""
+    decode steps; the best of `repeats` each. compiled: each length through a step compiled for it alone, as a
+    speculative run with one k compiles its verify (a step compiled for several lengths runs the dynamic-shape code)."""
     T = prompt.numel()
     device = prompt.device
     model.set_kv_cache(batch_size=1, max_seq_length=max_seq_length)
@@ -130,18 +142,20 @@ def verify_costs(model: GPT, prompt: torch.Tensor, max_k: int, max_seq_length: i
 
     def best(n: int) -> float:
         idx, positions = prompt[None, :1].repeat(1, n), torch.arange(T, T + n, device=device)
+        torch._dynamo.reset()
+        forward = torch.compile(verify_logits, fullgraph=True, dynamic=False) if compiled else verify_logits
+        forward(model, idx, positions)
         times = []
         for _ in range(repeats):
             synchronize(device)
             start = time.perf_counter()
-            model(idx, positions)
+            forward(model, idx, positions)
             synchronize(device)
             times.append(time.perf_counter() - start)
         return min(times)
 
     one = best(1)
     return [best(k + 1) / one for k in range(1, max_k + 1)]
-
 
 if __name__ == "__main__":
     cli(main)

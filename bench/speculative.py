@@ -71,7 +71,7 @@ from speculative import (  # noqa: E402
 )
 from model import GPT  # noqa: E402
 from quantize import (Quantization, QuantizeMode, QuantizedLinear, activation_dtype, describe,  # noqa: E402
-                      quantize_for_inference)
+                      prepare_compiled_decode, quantize_for_inference)
 from utils import UserError, cli, write_json  # noqa: E402
 
 
@@ -168,6 +168,8 @@ def main(
         print(f"{temperature:4.1f}  - target only: {baseline_tps:.1f} tokens/s")
         report["results"].append(dict(temperature=temperature, k=0, tokens_per_s=baseline_tps))
         for k in ks:
+            if compile:  # each k compiled alone, as a run with one k compiles it (not one graph for dynamic lengths)
+                torch._dynamo.reset()
             speculative(prompt_ids[0])
             stats = SpeculativeStats()
             outputs, seconds = decode_all(lambda prompt: speculative(prompt, stats), prompt_ids, device, seed)
@@ -258,6 +260,8 @@ def step_times(target: GPT, draft: GPT, max_k: int, block_size: int, repeats: in
     for model in (target, draft):
         model.set_kv_cache(batch_size=1, max_seq_length=block_size)
         model(torch.zeros(1, position, dtype=torch.long, device=device), torch.arange(position, device=device))
+        if compile:
+            prepare_compiled_decode(model)
 
     def median_seconds(step: Callable, model: GPT, T: int) -> float:
         idx = torch.zeros(1, T, dtype=torch.long, device=device)

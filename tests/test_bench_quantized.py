@@ -9,7 +9,7 @@ from utils import cli
 
 # the docstring's commands in seconds: model.py's demo config (its MLP width 704 takes int4 groups of 32 and 64, not
 # 128: that mode is skipped, and says why), a few tokens
-STAND_IN = {"--model_name": "demo", "--max_new_tokens": "4", "--repeats": "1", "--prompt_length": "4"}
+STAND_IN = {"--model_name": "demo", "--max_new_tokens": "8", "--repeats": "1", "--prompt_length": "4"}
 
 
 def documented_commands() -> list:

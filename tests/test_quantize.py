@@ -14,7 +14,7 @@ import torch.nn as nn
 from checkpoint import load_model, save_model_dir
 from model import GPT, Config
 from quantize import (QuantizedLinear, Quantization, bf16_instructions, dequantize, int4_codes, prepare_model,
-                      quantize_model)
+                      quantize_for_inference, quantize_model, weight_bytes)
 from tests.documented import ROOT, documented, run_script
 from utils import UserError
 
@@ -49,11 +49,75 @@ def test_cpu_kernels_compute_the_dequantized_matmul(mode, group_size):
     """The packed kernel against float64 x_bf16 @ dequantized weight: within the bf16 rounding of its output."""
     layer = linear(bias=True)
     module = QuantizedLinear.from_linear(layer, mode, group_size)
-    assert module.prepare(torch.bfloat16) == f"cpu_{mode}pack"
     x = torch.randn(5, 256).bfloat16()
     expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double()
+    assert module.prepare(torch.bfloat16) == f"cpu_{mode}pack"
     got = module(x).double()
     assert ((got - expected).abs() <= 2 ** -7 * expected.abs() + 1e-2).all()
+
+
+@needs_bf16
+def test_a_packed_int4_layer_keeps_one_copy_of_its_codes():
+    """The packed copy replaces the stored codes (not both in memory): the bytes stay those of the stored codes, and
+    what needs the stored ones (a state dict to save, dequantize) says it must come before prepare."""
+    torch.manual_seed(0)
+    model = quantize_model(GPT(Config.from_name("micro", intermediate_size=192)), Quantization("int4", 32))
+    stored = weight_bytes(model)
+    prepare_model(model, torch.bfloat16)
+    layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
+    assert all(layer.codes is None and layer.kernel == "cpu_int4pack" for layer in layers)
+    assert weight_bytes(model) == stored
+    with pytest.raises(RuntimeError, match=r"h.0.attn.qkv.codes: packed for the device \(cpu_int4pack\) and released"):
+        model.state_dict()
+    with pytest.raises(ValueError, match="dequantize before `prepare`"):
+        dequantize(layers[0])
+
+
+@needs_bf16
+def test_the_compiled_cpu_int8_layout_computes_the_dequantized_matmul():
+    """prepare(compiled=True) re-lays the codes in blocks of output channels (the state dict keeps them as stored);
+    eager (a prefill), compiled for a fixed number of rows (the fused loop of a decode or verify step) and compiled
+    for a dynamic number: each within the bf16 rounding of the float64 matmul."""
+    layer = linear(bias=True)
+    module = QuantizedLinear.from_linear(layer, "int8", None)
+    stored = module.state_dict()["codes"].clone()
+    assert module.prepare(torch.bfloat16, compiled=True) == "cpu_int8_blocked"
+    assert module.codes.shape == (3, 256, 32) and torch.equal(module.state_dict()["codes"], stored)
+    x = torch.randn(12, 256).bfloat16()
+    expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double()
+    torch._dynamo.reset()
+    fixed, dynamic = torch.compile(module, dynamic=False), torch.compile(module, dynamic=True)
+    for forward, rows in ((module, 1), (module, 12), (fixed, 1), (fixed, 5), (dynamic, 3)):
+        got = forward(x[:rows]).double()
+        assert ((got - expected[:rows]).abs() <= 2 ** -7 * expected[:rows].abs() + 1e-2).all(), (forward, rows)
+    torch._dynamo.reset()
+
+
+@needs_bf16
+def test_a_compiled_decode_re_lays_the_cpu_int8_layers_it_can(monkeypatch):
+    """generate(compiled=True) prepares the model for its compiled step: the int8 layers whose output width is a
+    multiple of the block take the blocked layout, the others keep their kernel; an input width aten's int8 kernel
+    cannot take (not a multiple of 16: it crashes) is dequantized. The numbers stay those of the float64 twin."""
+    import generation
+
+    monkeypatch.setattr(generation, "compiled_step", lambda step, device: step)  # the wiring, without a compile
+    torch.manual_seed(0)
+    config = Config.from_name("micro", intermediate_size=200)  # fc_1, fc_2: 200 outputs; mlp.proj: 200 inputs
+    model = quantize_for_inference(GPT(config), Quantization("int8"), torch.bfloat16)
+    twin = float_twin(model)
+    idx = torch.randint(0, 256, (1, 12))
+
+    def kernels() -> dict:
+        return {name: module.kernel for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+
+    for compiled in (False, True):
+        generation.generate(model, idx[0, :4], 3, temperature=0.0, compiled=compiled)
+        expected = {"fc_1": "cpu_int8pack", "fc_2": "cpu_int8pack", "mlp.proj": "dequantized",
+                    "": "cpu_int8_blocked" if compiled else "cpu_int8pack"}
+        for name, kernel in kernels().items():
+            assert kernel == next(expected[end] for end in expected if name.endswith(end)), name
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx).double(), twin(idx), rtol=0.03, atol=0.03)
 
 
 def float_twin(model: GPT) -> GPT:
@@ -180,9 +244,9 @@ def test_bad_flags_are_one_line_errors(trained, tmp_path):
 def test_cuda_kernels_compute_the_dequantized_matmul(mode, group_size, kernel):
     layer = linear(bias=True)
     module = QuantizedLinear.from_linear(layer, mode, group_size).cuda()
-    assert module.prepare(torch.bfloat16) == kernel
     x = torch.randn(5, 256, device="cuda").bfloat16()
     expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double().cuda()
+    assert module.prepare(torch.bfloat16) == kernel
     for forward in (module, torch.compile(module)):  # compiled: the fused product-and-sum of decode steps too
         for rows in (1, 5):
             got = forward(x[:rows]).double()
