@@ -8,16 +8,18 @@ zero with zero = low + 8 * scale: that form is computed when the weights are pac
 What is stored (`QuantizedLinear`'s buffers, a quantized checkpoint's lit_model.pth) is device-independent: codes
 and float32 scales. `prepare` packs them for the device and picks the computation:
 - CPU with bf16 instructions (avx512_bf16 or amx_bf16): activations in bf16, aten's `_weight_int8pack_mm` and
-  `_weight_int4pack_mm_for_cpu` (with fp32 activations these kernels take a path ~5-25x slower than fp32 F.linear).
-  For a compiled decode (`prepare_compiled_decode`) the int8 codes are re-laid in blocks of 32 output channels,
-  (N / 32, K, 32), which inductor reads as one stream, converting each code once for all rows of a step (up to 8):
-  on 2 Zen 4 cores 1.5x the compiled decode on aten's kernel, which streams its (N, K) rows slower. Eager calls on that
-  layout (the prefill) convert the codes to bf16 and multiply. A packed int4 copy replaces the stored codes;
+  `_weight_int4pack_mm_for_cpu` (with fp32 activations these kernels take a path ~5-25x slower than fp32 F.linear);
+  a packed int4 copy replaces the stored codes;
+- CPU, int8, a compiled decode (`prepare_compiled_decode`), bf16 or float32 activations (so a CPU without bf16
+  instructions too): the codes re-laid in blocks of 32 output channels, (N / 32, K, 32), which inductor reads as one
+  stream, converting each code once for all rows of a step (up to 8): on 2 Zen 4 cores 1.5x the compiled decode on
+  aten's kernel, which streams its (N, K) rows slower. Eager calls on that layout (the prefill) convert the codes
+  into a (K, N) matrix of the activation dtype and multiply;
 - CUDA: int8 as a matmul of the codes with the scales applied to its output, where the compiled decode step (a few
   rows) runs a product-and-sum that inductor fuses into one kernel reading each code once; int4 through the tinygemm
   kernel (`_weight_int4pack_mm`);
-- elsewhere (a CPU without bf16 instructions, another device; on the CPU, an int8 layer whose input width aten's
-  kernel cannot take, not a multiple of 16, run eagerly): the weights dequantized once into the activation dtype
+- elsewhere (eagerly on a CPU without bf16 instructions, another device; eagerly on the CPU, an int8 layer whose
+  input width aten's kernel cannot take, not a multiple of 16): the weights dequantized once into the activation dtype
   and F.linear: the same numbers, float memory, no speedup; `describe` says so in one line.
 The head returns float32 logits whatever the activation dtype.
 """
@@ -164,13 +166,17 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"this layer is packed for {self.kernel} already: prepare it once")
         device = self.codes.device
         self.activation_dtype = activation_dtype
-        blocked = compiled and self.out_features % INT8_BLOCK == 0
-        if (device.type == "cpu" and activation_dtype == torch.bfloat16 and self.mode == "int8"
-                and (blocked or self.in_features % INT8PACK_WIDTH == 0)):
+        if (compiled and device.type == "cpu" and self.mode == "int8" and self.out_features % INT8_BLOCK == 0
+                and activation_dtype in (torch.bfloat16, torch.float32)):
             # the stored codes themselves change layout: one copy of the weights in memory, not two
-            self.codes = int8_blocks(int8_rows(self.codes)) if blocked else int8_rows(self.codes)
+            self.codes = int8_blocks(int8_rows(self.codes))
+            self.packed, self.packed_scales = self.codes, self.scales.to(activation_dtype)
+            self.kernel = "cpu_int8_blocked"
+        elif (device.type == "cpu" and activation_dtype == torch.bfloat16 and self.mode == "int8"
+                and self.in_features % INT8PACK_WIDTH == 0):
+            self.codes = int8_rows(self.codes)
             self.packed, self.packed_scales = self.codes, self.scales.to(torch.bfloat16)
-            self.kernel = "cpu_int8_blocked" if blocked else "cpu_int8pack"
+            self.kernel = "cpu_int8pack"
         elif device.type == "cpu" and activation_dtype == torch.bfloat16 and self.mode == "int4":
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int4_codes(self.codes).int(), 1)
             self.packed_scales = self.scales_and_zeros()
@@ -294,10 +300,11 @@ def prepare_model(model: GPT, dtype: torch.dtype) -> None:
 
 
 def prepare_compiled_decode(model: GPT) -> None:
-    """Re-pack the layers whose kernel has a faster layout for a compiled decode step (CPU int8: blocks of output
-    channels); a float model, or one without such layers, is left as it is."""
+    """Re-pack the layers that have a faster layout for a compiled decode step (CPU int8, with aten's kernel or
+    dequantized: blocks of output channels); a float model, or one without such layers, is left as it is."""
     for module in model.modules():
-        if isinstance(module, QuantizedLinear) and module.kernel == "cpu_int8pack":
+        if (isinstance(module, QuantizedLinear) and module.mode == "int8" and module.codes.device.type == "cpu"
+                and module.kernel in ("cpu_int8pack", "dequantized")):
             module.prepare(module.activation_dtype, compiled=True)
 
 

@@ -73,31 +73,36 @@ def test_a_packed_int4_layer_keeps_one_copy_of_its_codes():
         dequantize(layers[0])
 
 
-@needs_bf16
-def test_the_compiled_cpu_int8_layout_computes_the_dequantized_matmul():
-    """prepare(compiled=True) re-lays the codes in blocks of output channels (the state dict keeps them as stored);
-    eager (a prefill), compiled for a fixed number of rows (the fused loop of a decode or verify step) and compiled
-    for a dynamic number: each within the bf16 rounding of the float64 matmul."""
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_bf16), torch.float32])
+def test_the_compiled_cpu_int8_layout_computes_the_dequantized_matmul(dtype):
+    """prepare(compiled=True) re-lays the codes in blocks of output channels (the state dict keeps them as stored),
+    with bf16 activations or float32 ones (a CPU without bf16 instructions); eager (a prefill), compiled for a fixed
+    number of rows (the fused loop of a decode or verify step) and compiled for a dynamic number: each within the
+    activation dtype's rounding of the float64 matmul."""
     layer = linear(bias=True)
     module = QuantizedLinear.from_linear(layer, "int8", None)
     stored = module.state_dict()["codes"].clone()
-    assert module.prepare(torch.bfloat16, compiled=True) == "cpu_int8_blocked"
+    assert module.prepare(dtype, compiled=True) == "cpu_int8_blocked"
     assert module.codes.shape == (3, 256, 32) and torch.equal(module.state_dict()["codes"], stored)
-    x = torch.randn(12, 256).bfloat16()
+    x = torch.randn(12, 256).to(dtype)
     expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double()
+    tolerance = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
     torch._dynamo.reset()
     fixed, dynamic = torch.compile(module, dynamic=False), torch.compile(module, dynamic=True)
     for forward, rows in ((module, 1), (module, 12), (fixed, 1), (fixed, 5), (dynamic, 3)):
-        got = forward(x[:rows]).double()
-        assert ((got - expected[:rows]).abs() <= 2 ** -7 * expected[:rows].abs() + 1e-2).all(), (forward, rows)
+        got = forward(x[:rows])
+        assert got.dtype == dtype
+        error = (got.double() - expected[:rows]).abs()
+        assert (error <= tolerance * expected[:rows].abs() + 10 * tolerance).all(), (forward, rows)
     torch._dynamo.reset()
 
 
 @needs_bf16
 def test_a_compiled_decode_re_lays_the_cpu_int8_layers_it_can(monkeypatch):
     """generate(compiled=True) prepares the model for its compiled step: the int8 layers whose output width is a
-    multiple of the block take the blocked layout, the others keep their kernel; an input width aten's int8 kernel
-    cannot take (not a multiple of 16: it crashes) is dequantized. The numbers stay those of the float64 twin."""
+    multiple of the block take the blocked layout, the others keep their kernel. Eagerly, an input width aten's int8
+    kernel cannot take (not a multiple of 16: it crashes) is dequantized; the blocked layout takes it. The numbers
+    stay those of the float64 twin."""
     import generation
 
     monkeypatch.setattr(generation, "compiled_step", lambda step, device: step)  # the wiring, without a compile
@@ -112,7 +117,8 @@ def test_a_compiled_decode_re_lays_the_cpu_int8_layers_it_can(monkeypatch):
 
     for compiled in (False, True):
         generation.generate(model, idx[0, :4], 3, temperature=0.0, compiled=compiled)
-        expected = {"fc_1": "cpu_int8pack", "fc_2": "cpu_int8pack", "mlp.proj": "dequantized",
+        expected = {"fc_1": "cpu_int8pack", "fc_2": "cpu_int8pack",
+                    "mlp.proj": "cpu_int8_blocked" if compiled else "dequantized",
                     "": "cpu_int8_blocked" if compiled else "cpu_int8pack"}
         for name, kernel in kernels().items():
             assert kernel == next(expected[end] for end in expected if name.endswith(end)), name
