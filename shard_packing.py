@@ -146,9 +146,13 @@ class Job:
                 found += self.outdir(split).glob(f".{pattern}.bin.*.tmp")
                 found += self.outdir(split).glob(f".{pattern}.open")
         if temporaries:
-            found += [*self.destination.glob(f".journal_{self.run}_[0-9]*.json"),
-                      *self.destination.glob(f"..journal_{self.run}_[0-9]*.json.*.tmp")]
+            found += self.journals_on_disk()
         return sorted(found)
+
+    def journals_on_disk(self) -> List[Path]:
+        """The processes' journals and what a process killed while writing one leaves (atomic_write's `.tmp`)."""
+        return sorted([*self.destination.glob(f".journal_{self.run}_[0-9]*.json"),
+                       *self.destination.glob(f"..journal_{self.run}_[0-9]*.json.*.tmp")])
 
     def other_layout(self) -> List[Path]:
         """Shards of this data set from a run on another number of nodes (one, or several), which this run's would be
@@ -361,8 +365,8 @@ def prepare(
         write_manifest(outdir, [s for s in report.shards if Path(s).parent == outdir], name=manifest_name(job.run),
                        max_token_id=report.max_token_id, vocab_size=tokenizer.vocab_size,
                        tokenizer_sha256=tokenizer_sha256, run=job.label, inputs_sha256=inputs, **nodes)
-    for rank in range(n):  # complete: nothing to resume
-        job.journal(rank).unlink(missing_ok=True)
+    for path in job.journals_on_disk():  # complete: nothing to resume
+        path.unlink(missing_ok=True)
     return report
 
 

@@ -222,6 +222,7 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_run(tmp_path, tok
     with pytest.raises(UserError, match=re.escape("written by a run with another --chunk_size (16, now 32)")):
         prepare(job(source, tokenizer, out, resume=True, chunk_size=32), files, processes, quiet=True)
 
+    (out / "..journal_mine_0.json.x1y2z3.tmp").write_text("{")  # a journal write the kill cut short
     resumed = prepare(job(source, tokenizer, out, resume=True), files, processes, quiet=True)
     shards = sorted(path.name for path in (tmp_path / "reference").glob("*.bin"))
     assert sorted(path.name for path in out.glob("*.bin")) == shards
@@ -230,7 +231,7 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_run(tmp_path, tok
     assert resumed.documents == reference.documents and resumed.tokens == reference.tokens
     assert resumed.input_files == len(files) and resumed.resumed_files >= 4
     everything = sorted(path.name for path in (tmp_path / "reference").iterdir())
-    assert sorted(path.name for path in out.iterdir()) == everything  # no journal, no .open file left
+    assert sorted(path.name for path in out.iterdir()) == everything  # no journal (nor its .tmp), no .open file
     batches = validation_batches(out, 9, 1, num_processes=1, process_rank=0)  # the manifest covers every shard
     assert batches.dataset.n_blocks_total > 0
 
