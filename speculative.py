@@ -94,9 +94,9 @@ def speculative_generate(target: GPT, draft: Optional[GPT], prompts: Sequence[to
     device = target.transformer.wte.weight.device
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     greedy, V = temperature == 0, target.config.vocab_size
-    if compiled:
-        prepare_compiled_decode(target)
-        prepare_compiled_decode(draft)
+    for model in (target, draft) if compiled else ():
+        if model is not None:
+            prepare_compiled_decode(model)
     draft_step = compiled_step(last_logits, device) if compiled else last_logits
     verify_step = compiled_step(verify_logits, device) if compiled else verify_logits
     start = time.perf_counter()

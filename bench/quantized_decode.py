@@ -144,8 +144,10 @@ def verify_costs(model: GPT, prompt: torch.Tensor, max_k: int, max_seq_length: i
 
     def best(n: int) -> float:
         idx, positions = prompt[None, :1].repeat(1, n), torch.arange(T, T + n, device=device)
-        torch._dynamo.reset()
-        forward = torch.compile(verify_logits, fullgraph=True, dynamic=False) if compiled else verify_logits
+        forward = verify_logits
+        if compiled:
+            torch._dynamo.reset()
+            forward = torch.compile(verify_logits, fullgraph=True, dynamic=False)
         forward(model, idx, positions)
         times = []
         for _ in range(repeats):
@@ -158,6 +160,7 @@ def verify_costs(model: GPT, prompt: torch.Tensor, max_k: int, max_seq_length: i
 
     one = best(1)
     return [best(k + 1) / one for k in range(1, max_k + 1)]
+
 
 if __name__ == "__main__":
     cli(main)

@@ -58,3 +58,6 @@ def test_compiled_speculative_steps_match_eager_without_recompiling(monkeypatch)
         expected = speculative.speculative_generate(target, draft, prompts, 15, speculative_k=3, temperature=0.0)
         assert [o.tolist() for o in outputs] == [e.tolist() for e in expected]
         assert [o.tolist() for o in outputs] == [generate(target, p, 15, temperature=0.0).tolist() for p in prompts]
+    alone = speculative.speculative_generate(target, None, prompts, 15, temperature=0.0, max_seq_length=48,
+                                             compiled=True)  # no draft: the target alone, through the same loop
+    assert [o.tolist() for o in alone] == [generate(target, p, 15, temperature=0.0).tolist() for p in prompts]
