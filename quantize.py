@@ -15,9 +15,11 @@ and float32 scales. `prepare` packs them for the device and picks the computatio
   stream, converting each code once for all rows of a step (up to 8): on 2 Zen 4 cores 1.5x the compiled decode on
   aten's kernel, which streams its (N, K) rows slower. Eager calls on that layout (the prefill) convert the codes
   into a (K, N) matrix of the activation dtype and multiply;
-- CUDA: int8 as a matmul of the codes with the scales applied to its output, where the compiled decode step (a few
-  rows) runs a product-and-sum that inductor fuses into one kernel reading each code once; int4 through the tinygemm
-  kernel (`_weight_int4pack_mm`);
+- CUDA: int8 through quantized_kernels' Triton kernel (bf16 or fp16 activations; Triton comes with torch's CUDA wheels
+  for Linux), which reads the stored codes as they are; without Triton, a matmul of the codes with the scales applied
+  to its output, where a compiled step of a few rows runs a product-and-sum that inductor fuses into one kernel
+  reading each code once (0.58x the Triton kernel's decode at 7B); int4 through the tinygemm kernel
+  (`_weight_int4pack_mm`), which reads the 7B layers faster than the Triton int4 kernels we wrote;
 - elsewhere (eagerly on a CPU without bf16 instructions, another device; eagerly on the CPU, an int8 layer whose
   input width aten's kernel cannot take, not a multiple of 16): the weights dequantized once into the activation dtype
   and F.linear: the same numbers, float memory, no speedup; `describe` says so in one line.
@@ -159,9 +161,10 @@ class QuantizedLinear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module
 
-    def prepare(self, activation_dtype: torch.dtype, compiled: bool = False) -> str:
+    def prepare(self, activation_dtype: torch.dtype, compiled: bool = False, triton: bool = True) -> str:
         """Pack the stored codes for this device's kernel and `activation_dtype` (`compiled`: the layout of a compiled
-        decode where it differs); returns the kernel's name."""
+        decode where it differs; `triton`: on CUDA, int8 through quantized_kernels' Triton kernel where Triton is
+        installed, else the torch-only path); returns the kernel's name."""
         if self.codes is None:
             raise ValueError(f"this layer is packed for {self.kernel} already: prepare it once")
         device = self.codes.device
@@ -182,6 +185,12 @@ class QuantizedLinear(nn.Module):
             self.packed_scales = self.scales_and_zeros()
             self.kernel = "cpu_int4pack"
             self.codes = None  # the packed copy replaces them: one copy of the weights in memory
+        elif (device.type == "cuda" and self.mode == "int8" and activation_dtype in (torch.bfloat16, torch.float16)
+                and triton and (kernels := triton_kernels()) is not None):
+            self.triton_matmul = kernels.int8_matmul  # the stored codes as they are
+            self.launch_configs = kernels.launch_configs(
+                self.out_features, self.in_features, torch.cuda.get_device_properties(device).multi_processor_count)
+            self.kernel = "cuda_int8_triton"
         elif device.type == "cuda" and self.mode == "int4" and activation_dtype == torch.bfloat16:
             codes = int4_codes(self.codes)  # tinygemm's byte order: the even input index in the high nibble
             # tinygemm reads the input dimension in tiles of 16 x inner_k_tiles: the widest tiling it divides
@@ -224,6 +233,9 @@ class QuantizedLinear(nn.Module):
                 weight = torch.empty(self.in_features, self.out_features, dtype=x.dtype, device=x.device)
                 weight.view(self.in_features, -1, INT8_BLOCK).copy_(self.codes.permute(1, 0, 2))
                 y = (x @ weight) * self.packed_scales
+        elif self.kernel == "cuda_int8_triton":  # the head's logits straight from the float32 sums
+            y = self.triton_matmul(x, self.codes, self.scales, torch.float32 if self.float_output else x.dtype,
+                                   self.launch_configs)
         elif self.kernel == "cpu_int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.packed_scales)
         elif self.kernel == "cuda_int4pack":
@@ -269,13 +281,22 @@ def quantize_model(model: GPT, quantization: Quantization) -> GPT:
 
 
 def quantize_for_inference(model: GPT, quantization: Quantization, dtype: torch.dtype,
-                           device: Optional[torch.device] = None) -> GPT:
+                           device: Optional[torch.device] = None, triton: bool = True) -> GPT:
     """A float `model` quantized (in place), moved to `device` with its float parts in `dtype` (the activations'),
-    and packed for its kernels there."""
+    and packed for its kernels there (`triton`: see `QuantizedLinear.prepare`)."""
     quantize_model(model, quantization)
     model = model.to(device=device, dtype=dtype)
-    prepare_model(model, dtype)
+    prepare_model(model, dtype, triton)
     return model
+
+
+def triton_kernels():
+    """The quantized_kernels module, or None where Triton is not installed (torch's CUDA wheels for Linux bring it)."""
+    try:
+        import quantized_kernels
+    except ImportError:  # pip install triton
+        return None
+    return quantized_kernels
 
 
 def bf16_instructions() -> bool:
@@ -292,11 +313,12 @@ def activation_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" or bf16_instructions() else torch.float32
 
 
-def prepare_model(model: GPT, dtype: torch.dtype) -> None:
-    """Pack every QuantizedLinear for its device with activations in `dtype`."""
+def prepare_model(model: GPT, dtype: torch.dtype, triton: bool = True) -> None:
+    """Pack every QuantizedLinear for its device with activations in `dtype` (`triton`: see
+    `QuantizedLinear.prepare`)."""
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            module.prepare(dtype)
+            module.prepare(dtype, triton=triton)
 
 
 def prepare_compiled_decode(model: GPT) -> None:

@@ -9,16 +9,18 @@ Steps, in this order: (1) environment: GPU, memory, CUDA, torch, the optional pa
 enabled; (2) smoke of every CUDA path on a tiny model: a bf16-mixed training step against fp32, eager vs compiled
 (CUDA graphs) greedy decode, flash-attn vs SDPA where flash-attn is installed, a speculative round, int8 and int4
 decode (each kernel's logits against the same codes dequantized in float32 on the CPU), an FSDP step over two
-processes (NCCL where two GPUs are present; gloo in the dry run); (3) bf16 vs int8 vs int4-g64 batch-1 decode of the
-Llama-2-7B shape, eager and compiled, beside the bandwidth bound (bench/quantized_decode.py); (4) distillation: a few
-FSDP steps of AMD-Llama-135m distilled from a TinyLlama-1.1B-shaped teacher beside the same steps without one,
-tokens/s and peak memory (the teacher is sharded as the student); (5) training throughput and MFU of TinyLlama-1.1B
-(micro-batch 8 x 2048) and AMD-Llama-135m (micro-batch 16), bf16-mixed, eager and compiled
-(bench/train_throughput.py); (6) batch-1 decode of both shapes, eager and compiled (bench/generate_throughput.py);
-(7) the quantized decode of (3) at TinyLlama-1.1B's shape; (8) evaluation throughput where lm-eval is installed
-(bench/eval_throughput.py); (9) the speculative step times of a 7B-shaped target with a 135m-shaped draft
-(bench/speculative.py). A step a missing package needs is skipped with the reason. Each figure is written as it comes,
-so a step cut short (its limit, the budget, a killed run) keeps what it measured. Serving has no step yet.
+processes (NCCL where two GPUs are present; gloo in the dry run); (3) bf16 vs int8 (Triton's kernel, and the
+torch-only path) vs int4-g64 batch-1 decode of the Llama-2-7B shape, eager and compiled, beside the bandwidth bound
+(bench/quantized_decode.py); (4) the quantized layers' kernels alone at the 7B shapes, with the sweep of the Triton
+kernel's launch configurations (bench/quantized_kernels.py); (5) distillation: a few FSDP steps of AMD-Llama-135m
+distilled from a TinyLlama-1.1B-shaped teacher beside the same steps without one, tokens/s and peak memory (the
+teacher is sharded as the student); (6) training throughput and MFU of TinyLlama-1.1B (micro-batch 8 x 2048) and
+AMD-Llama-135m (micro-batch 16), bf16-mixed, eager and compiled (bench/train_throughput.py); (7) batch-1 decode of
+both shapes, eager and compiled (bench/generate_throughput.py); (8) the quantized decode of (3) at TinyLlama-1.1B's
+shape; (9) evaluation throughput where lm-eval is installed (bench/eval_throughput.py); (10) the speculative step
+times of a 7B-shaped target with a 135m-shaped draft (bench/speculative.py). A step a missing package needs is
+skipped with the reason. Each figure is written as it comes, so a step cut short (its limit, the budget, a killed
+run) keeps what it measured. Serving has no step yet.
 
 Reading it against the goals (bench/RESULTS.md's GPU section holds the first runs, on an H200): train tokens/s >=
 88k for TinyLlama-1.1B (60% MFU) and >= 580k for AMD-Llama-135m on an H100-class GPU; decode >= 1,000 tokens/s (1.1B)
@@ -362,15 +364,28 @@ def decode(dry_run: bool) -> Iterator[Tuple[str, object]]:
                                modes=["eager", "compiled"], device="cuda")
 
 
+# int8 through the Triton kernel, then the torch-only int8 a CUDA machine without Triton runs
+QUANTIZED_MODES = ["bf16", "int8", "int4_g64", "int8_no_triton"]
+
+
 def quantized_decode(dry_run: bool, model_name: str = "Llama-2-7b-hf") -> Iterator[Tuple[str, object]]:
     """bf16 vs int8 vs int4-g64, batch 1, eager and compiled, beside the bandwidth bound."""
     if dry_run:
         yield "demo", bench_call("quantized_decode", model_name="demo", max_new_tokens=2, repeats=1, prompt_length=4,
-                                 modes=["bf16", "int8", "int4_g64"], max_k=1)
+                                 modes=QUANTIZED_MODES, max_k=1)
         return
     yield model_name, bench_call("quantized_decode", model_name=model_name, max_new_tokens=64, repeats=2,
-                                 modes=["bf16", "int8", "int4_g64"], compile=True, max_k=4,
+                                 modes=QUANTIZED_MODES, compile=True, max_k=2,
                                  output=ROOT / f"out/bench/gpu_quantized_decode_{model_name}.json")  # mode by mode
+
+
+def quantized_kernels(dry_run: bool) -> Iterator[Tuple[str, object]]:
+    """The quantized layers' kernels alone at the 7B shapes, with the sweep of the Triton kernels' launch configs."""
+    if dry_run:
+        yield "Llama-2-7b-hf", dict(skipped="CUDA only")
+        return
+    yield "Llama-2-7b-hf", bench_call("quantized_kernels", model_name="Llama-2-7b-hf", sweep=True,
+                                      output=ROOT / "out/bench/gpu_quantized_kernels.json")
 
 
 def quantized_decode_1b(dry_run: bool) -> Iterator[Tuple[str, object]]:
@@ -401,7 +416,8 @@ def speculative_steps(dry_run: bool) -> Iterator[Tuple[str, object]]:
 STEPS: List[Tuple[str, Step, float]] = [
     ("environment", environment, 30),
     ("smoke", smoke, 150),
-    ("quantized_decode", quantized_decode, 220),
+    ("quantized_decode", quantized_decode, 330),
+    ("quantized_kernels", quantized_kernels, 200),
     ("distillation", distillation, 180),
     ("training", training, 240),
     ("decode", decode, 120),

@@ -13,7 +13,9 @@ On the CPU (2 cores; run it alone: a second torch process slows both several tim
 
 Modes: fp32 and bf16 (float weights, F.linear), int8 and int4 with groups of 32, 64 and 128 (the packed kernels with
 bf16 activations where the CPU has bf16 instructions), and int8_fp32: int8 with float32 activations (the dequantized
-fallback a CPU without bf16 instructions runs). --compile adds each mode's compiled decode step.
+fallback a CPU without bf16 instructions runs); on CUDA, int8_no_triton: the torch-only int8 path a CUDA machine
+without Triton runs (inductor's fused product-and-sum), beside quantized_kernels' Triton kernel. --compile adds each
+mode's compiled decode step.
 """
 
 import copy
@@ -35,7 +37,7 @@ from quantize import Quantization, describe, quantize_for_inference, weight_byte
 from speculative import verify_logits  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
 
-MODES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "int8_fp32")
+MODES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "int8_fp32", "int8_no_triton")
 
 
 def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_length: int = 16, repeats: int = 3,
@@ -48,9 +50,9 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
         max_new_tokens: tokens generated per run: the first after the prefill, then max_new_tokens - 1 decode steps
         prompt_length: tokens of the (random) prompt
         repeats: timed runs per mode, after one untimed warm-up
-        modes: some of fp32, bf16, int8, int4_g32, int4_g64, int4_g128, int8_fp32
+        modes: some of fp32, bf16, int8, int4_g32, int4_g64, int4_g128, int8_fp32, int8_no_triton (CUDA)
         compile: also time each mode's compiled decode step
-        max_k: verify costs are measured for k + 1 tokens, k = 1..max_k
+        max_k: verify costs are measured for k + 1 tokens, k = 1..max_k (0: none, sparing a compile per length)
         output: write the figures here as JSON
         seed: seed of the weights and the prompt
         device: auto (CUDA if there is one), cpu or cuda
@@ -58,8 +60,9 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise UserError(f"--modes {list(modes)}: expected some of {list(MODES)}")
-    if min(repeats, prompt_length, max_k) < 1 or max_new_tokens < 2:
-        raise UserError("--repeats, --prompt_length and --max_k must be at least 1, --max_new_tokens at least 2")
+    if min(repeats, prompt_length) < 1 or max_k < 0 or max_new_tokens < 2:
+        raise UserError("--repeats and --prompt_length must be at least 1, --max_k at least 0, --max_new_tokens at "
+                        "least 2")
     config = named_config(model_name)
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch sees no CUDA device; use --device cpu")
@@ -79,6 +82,10 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
           f"verify k+1 = 2..{max_k + 1} (decode steps); prefill in ms")
     max_seq_length = prompt_length + max_new_tokens + max_k + 1
     for mode in [m for m in MODES if m in modes]:
+        if mode.endswith("_no_triton") and device.type != "cuda":
+            report["results"][mode] = dict(skipped="CUDA only (no Triton kernels run on the CPU)")
+            print(f"{mode:>16} skipped: CUDA only")
+            continue
         try:
             model = variant(base, mode)
         except ValueError as error:  # a group size that does not divide a width of this shape
@@ -103,7 +110,7 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
             prefill_seconds, _ = time_decoding(lambda ids: decode(ids, 1), prompt, device, repeats)
             bandwidth = max(before, read_bandwidth(device))
             tokens_per_s = (max_new_tokens - 1) / (statistics.median(seconds) - statistics.median(prefill_seconds))
-            verify = verify_costs(model, prompt, max_k, max_seq_length, compiled)
+            verify = verify_costs(model, prompt, max_k, max_seq_length, compiled) if max_k else []
             fp32 = report["results"].get("fp32", {}).get("tokens_per_s")
             report["results"][name] = dict(kernels=describe(model) if mode.startswith("int") else "F.linear",
                                            weight_bytes_per_token=read, tokens_per_s=tokens_per_s, seconds=seconds,
@@ -118,6 +125,7 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
             if output is not None:
                 write_json(output, report)
     if output is not None:
+        write_json(output, report)  # with the modes skipped after the last one measured
         print(f"Wrote {output}")
     return report
 
@@ -128,7 +136,8 @@ def variant(base: GPT, mode: str) -> GPT:
     if mode in ("fp32", "bf16"):
         return model.to(torch.float32 if mode == "fp32" else torch.bfloat16)
     quantization = Quantization("int8") if mode.startswith("int8") else Quantization("int4", int(mode.split("_g")[1]))
-    return quantize_for_inference(model, quantization, torch.float32 if mode == "int8_fp32" else torch.bfloat16)
+    return quantize_for_inference(model, quantization, torch.float32 if mode == "int8_fp32" else torch.bfloat16,
+                                  triton=not mode.endswith("_no_triton"))
 
 
 @torch.inference_mode()

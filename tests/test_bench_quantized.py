@@ -4,8 +4,11 @@ mode with its kernels, the bytes it reads and the verify costs."""
 import json
 import shlex
 
+import pytest
+import torch
+
 from bench import quantized_decode
-from utils import cli
+from utils import UserError, cli
 
 # the docstring's commands in seconds: model.py's demo config (its MLP width 704 takes int4 groups of 32 and 64, not
 # 128: that mode is skipped, and says why), a few tokens
@@ -32,9 +35,19 @@ def test_documented_commands_report_every_mode(tmp_path, capsys):
     results = report["results"]
     assert list(results) == list(quantized_decode.MODES)
     assert "does not divide the input widths [704]" in results.pop("int4_g128")["skipped"]
+    assert results.pop("int8_no_triton")["skipped"].startswith("CUDA only")  # the torch-only CUDA int8, beside Triton
     fp32, int8, int4 = (results[mode]["weight_bytes_per_token"] for mode in ("fp32", "int8", "int4_g64"))
     assert int4 < int8 < fp32 / 3  # codes and scales instead of float32 weights
     for figures in results.values():
         assert figures["tokens_per_s"] > 0 and len(figures["verify_steps"]) == 2
     assert "dequantized" in results["int8_fp32"]["kernels"]
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_the_kernel_bench_needs_a_gpu_and_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/gpu_suite.py runs this bench")
+    from bench import quantized_kernels
+
+    with pytest.raises(UserError, match="no CUDA device"):
+        quantized_kernels.main()
