@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import read_bandwidth, report_header  # noqa: E402
 from checkpoint import named_config  # noqa: E402
 from model import GPT  # noqa: E402
+from quantize import GROUP_SIZES  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
 
 # a kernel under test: (the bytes of one copy of the layer it reads, a call on copy i for rows x)
@@ -42,6 +43,12 @@ def main(model_name: str = "Llama-2-7b-hf", rows: Sequence[int] = (1, 5), group_
         sweep: also time the Triton kernel's other launch configurations at one row
         output: write the figures here as JSON
     """
+    shapes = layer_shapes(model_name)
+    if group_size not in GROUP_SIZES or any(K % group_size for _, K in shapes):
+        raise UserError(f"--group_size {group_size}: expected one of {list(GROUP_SIZES)} dividing the input widths "
+                        f"{sorted({K for _, K in shapes})}")
+    if not rows or min(rows) < 1:
+        raise UserError(f"--rows {list(rows)}: expected row counts of at least 1")
     if not torch.cuda.is_available():
         raise UserError("bench/quantized_kernels.py times CUDA kernels: torch sees no CUDA device")
     import quantized_kernels
@@ -56,7 +63,7 @@ def main(model_name: str = "Llama-2-7b-hf", rows: Sequence[int] = (1, 5), group_
     print(f"{report['device']}, {properties.multi_processor_count} SMs, L2 {properties.L2_cache_size >> 20} MB; "
           f"torch {torch.__version__}; read bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"{'N x K':>13} {'layers':>6} {'rows':>4} {'kernel':>14} {'us':>8} {'GB/s':>7} {'of bound':>8}")
-    for (N, K), layers in layer_shapes(model_name).items():
+    for (N, K), layers in shapes.items():
         shape = dict(N=N, K=K, layers_per_model=layers, rows={})
         weights = layer_weights(N, K, group_size, properties.L2_cache_size)
         int8_configs = quantized_kernels.launch_configs(N, K, sms)

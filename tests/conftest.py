@@ -1,13 +1,21 @@
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 
 import pytest
+import torch
 
 # Scripts import the top-level modules (model.py, tokenizer.py, ...) from the repository root.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_quantized_kernels.py, where Triton is
+# installed). Triton reads the switch when it decorates its functions, its own library's too, and torch._dynamo
+# imports Triton: so it is set here, before any test module is imported. Nothing else runs Triton kernels on a CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -2,17 +2,13 @@
 runs there (bf16 activations), elsewhere through Triton's interpreter (fp16 activations: the interpreter converts
 integers to bf16 wrongly). It needs Triton: torch's CUDA wheels bring it; CI installs it on the CPU for these tests."""
 
-import os
-
 import pytest
 import torch
 
 from quantize import QuantizedLinear, dequantize
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:  # Triton reads this as it decorates, its own library too: before anything imports it (harmless on
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the CPU, where nothing else runs Triton kernels)
 pytest.importorskip("triton")
+ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float16
 
@@ -22,7 +18,7 @@ def kernels():
     import quantized_kernels
 
     if not ON_GPU and type(quantized_kernels.int8_matmul_kernel).__name__ != "InterpretedFunction":
-        pytest.fail("Triton was imported before this module set TRITON_INTERPRET: run these tests first, or alone")
+        pytest.fail("without a GPU the kernel runs in Triton's interpreter: TRITON_INTERPRET=1 (conftest.py sets it)")
     return quantized_kernels
 
 

@@ -182,6 +182,10 @@ CASES = {
         "it times random weights: it reads no path",
         (["--model_name", "no_such_model"], "--model_name"),
     ),
+    "bench/quantized_kernels.py": (
+        "it times random weights: it reads no path",
+        (["--model_name", "no_such_model"], "--model_name"),
+    ),
     "bench/serving.py": (
         ["--tokenizer_dir", "{missing}"],
         (["--tokenizer_dir", "{checkpoint}", "--clients", "0"], "--clients"),
