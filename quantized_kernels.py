@@ -25,9 +25,11 @@ import triton
 import triton.language as tl
 
 ROWS_PER_DOT = 16  # tl.dot's least block of rows: a decode's single row is padded to it
-# a decode's blocks (bench/quantized_kernels.py --sweep on an H200: 32 channels unsplit read a 4096 x 4096 int8 layer at
-# 1.55 TB/s, 64 split into 8 at 1.42, 128 unsplit at 0.82; a 4096 x 11008 one wants K split in 4)
+# a decode's launch (bench/quantized_kernels.py --sweep on an H200, GB/s read at one row): blocks of 32 output
+# channels unsplit read a 4096 x 4096 layer at 1,540, 64 split in 4 at 1,491, 128 unsplit at 821; 4 pipeline stages
+# 1,773 where 3 read 1,540 (the 7B's other layers: within 1%); a 4096 x 11008 layer reads 2,247-2,261 with K in 3-4
 DECODE_BLOCK_N = 32
+DECODE_STAGES = 4
 MAX_K_PER_SPLIT = 4096
 INT8_BLOCK_K = 256  # inputs per iteration of the int8 kernel's loop
 
@@ -54,7 +56,7 @@ def launch_configs(N: int, K: int, sms: int, block_k: int = INT8_BLOCK_K) -> Tup
         splits *= 2  # each split keeps two or more iterations
     k_per_split = triton.cdiv(steps, splits) * block_k
     few_rows = LaunchConfig(ROWS_PER_DOT, DECODE_BLOCK_N, block_k, triton.cdiv(K, k_per_split), k_per_split,
-                            num_warps=4, num_stages=3)
+                            num_warps=4, num_stages=DECODE_STAGES)
     many_rows = LaunchConfig(64, 128, block_k, 1, steps * block_k, num_warps=4, num_stages=2)
     return few_rows, many_rows
 
