@@ -45,11 +45,12 @@ class LaunchConfig:
     num_stages: int
 
 
-def launch_configs(N: int, K: int, sms: int, block_k: int = INT8_BLOCK_K) -> Tuple[LaunchConfig, LaunchConfig]:
+def launch_configs(N: int, K: int, sms: int) -> Tuple[LaunchConfig, LaunchConfig]:
     """The launch configurations of an (M, K) x (K, N) product on a GPU of `sms` SMs: for M <= 16 (decode and
     verify steps: narrow blocks of output channels, K split into stretches of at most MAX_K_PER_SPLIT, and further
     while fewer programs than half the SMs would run) and for more rows (a prefill: larger blocks, no split).
     Computed once per layer, at load: a compiled step then reads them as constants."""
+    block_k = INT8_BLOCK_K
     steps = triton.cdiv(K, block_k)
     splits = triton.cdiv(K, MAX_K_PER_SPLIT)
     while triton.cdiv(N, DECODE_BLOCK_N) * splits < sms // 2 and steps >= 4 * splits:
@@ -62,14 +63,14 @@ def launch_configs(N: int, K: int, sms: int, block_k: int = INT8_BLOCK_K) -> Tup
 
 
 @triton.jit
-def int8_matmul_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, M, N, K, k_per_split,
+def int8_matmul_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, M, N, K,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEPS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
     row_ok, col_ok = rows < M, cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = split * k_per_split
+    k_start = split * STEPS * BLOCK_K
     for step in range(STEPS):
         ks = k_start + step * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -88,7 +89,7 @@ def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_
     N = codes.size(0)
     config = configs[1] if M > ROWS_PER_DOT else configs[0]
     out = partial_sums(config, M, N, x.device, out_dtype)
-    int8_matmul_kernel[grid(config, M, N)](x, codes, scales, out, M, N, K, config.k_per_split,
+    int8_matmul_kernel[grid(config, M, N)](x, codes, scales, out, M, N, K,
                                            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                                            STEPS=config.k_per_split // config.block_k,
                                            num_warps=config.num_warps, num_stages=config.num_stages)
@@ -100,7 +101,7 @@ def grid(config: LaunchConfig, M: int, N: int) -> tuple:
 
 
 def partial_sums(config: LaunchConfig, M: int, N: int, device: torch.device, out_dtype: torch.dtype) -> torch.Tensor:
-    """The kernels' output: (splits, M, N), float32 when the splits are added after."""
+    """The kernel's output: (splits, M, N), float32 when the splits are added after."""
     return torch.empty(config.splits, M, N, device=device, dtype=torch.float32 if config.splits > 1 else out_dtype)
 
 

@@ -381,7 +381,7 @@ def quantized_decode(dry_run: bool, model_name: str = "Llama-2-7b-hf") -> Iterat
 
 
 def quantized_kernels(dry_run: bool) -> Iterator[Tuple[str, object]]:
-    """The quantized layers' kernels alone at the 7B shapes, with the sweep of the Triton kernels' launch configs."""
+    """The quantized layers' kernels alone at the 7B shapes, with the sweep of the Triton kernel's launch configs."""
     if dry_run:
         yield "Llama-2-7b-hf", dict(skipped="CUDA only")
         return

@@ -79,7 +79,7 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
     print(f"{report['device']}; torch {torch.__version__}. {model_name}, read bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(a copy: {copy / 1e9:.1f} GB/s read plus written)")
     print(f"{'mode':>16} {'MB/token':>9} {'tokens/s':>9} {'prefill':>8} {'vs fp32':>8} {'of bound':>9} {'(GB/s)':>7}  "
-          f"verify k+1 = 2..{max_k + 1} (decode steps); prefill in ms")
+          + (f"verify k+1 = 2..{max_k + 1} (decode steps); " if max_k else "") + "prefill in ms")
     max_seq_length = prompt_length + max_new_tokens + max_k + 1
     for mode in [m for m in MODES if m in modes]:
         if mode.endswith("_no_triton") and device.type != "cuda":

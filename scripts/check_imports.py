@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OPTIONAL_MODULES = {
     "flash_attn": "flash-attn, the optional CUDA attention kernel (else model.py uses scaled_dot_product_attention)",
     "wandb": "Weights & Biases, imported only for --wandb_project",
-    "triton": "Triton, which torch's CUDA wheels bring: quantized_kernels.py's CUDA kernels (without it quantize.py "
-              "runs torch-only kernels)",
+    "triton": "Triton, which torch's CUDA wheels bring: quantized_kernels.py's CUDA int8 kernel (without it "
+              "quantize.py runs torch-only kernels)",
 }
 # installed by its own command, never locked (scripts/lock_requirements.py)
 UNLOCKED_DISTRIBUTIONS = {"torch"}

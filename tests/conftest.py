@@ -29,8 +29,6 @@ def hf_home(tmp_path, monkeypatch):
 def one_thread():
     """The tests' models are tiny: a second OpenMP thread only waits on the first, and on a loaded 2-core machine
     that wait dominates (measured: 4 ms vs 200-400 ms per forward of a 2-layer model while other jobs ran)."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
