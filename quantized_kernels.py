@@ -12,9 +12,10 @@ decode has few output blocks for the number of SMs on a narrow layer, and a long
 stretches: the input dimension is then split, each split writing float32 partial sums that are added after (in a
 fixed order: the same inputs give the same bits).
 
-int4 stays with tinygemm (`_weight_int4pack_mm`): two Triton int4 kernels written the same way read the 7B layers at
-14-22% (a dot per group, the scale applied to its product) and 3-4% (dequantized in registers, the scales gathered
-per weight) of the bandwidth, against tinygemm's 39-50% (bench/RESULTS.md).
+int4 stays with tinygemm (`_weight_int4pack_mm`): four Triton int4 kernels read the 7B layers at 14-24% (a dot per
+group, the scale applied to its product, the weights either operand), 3-4% (dequantized in registers, the scales
+gathered per weight) and 17-28% (one row summed in float32 registers, the codes made floats by bit operations) of the
+bandwidth, against tinygemm's 34-50% (bench/RESULTS.md).
 """
 
 from dataclasses import dataclass
