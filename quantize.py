@@ -10,11 +10,13 @@ and float32 scales. `prepare` packs them for the device and picks the computatio
 - CPU with bf16 instructions (avx512_bf16 or amx_bf16): activations in bf16, aten's `_weight_int8pack_mm` and
   `_weight_int4pack_mm_for_cpu` (with fp32 activations these kernels take a path ~5-25x slower than fp32 F.linear);
   a packed int4 copy replaces the stored codes;
-- CPU, int8, a compiled decode (`prepare_compiled_decode`), bf16 or float32 activations (so a CPU without bf16
-  instructions too): the codes re-laid in blocks of 32 output channels, (N / 32, K, 32), which inductor reads as one
-  stream, converting each code once for all rows of a step (up to 8): on 2 Zen 4 cores 1.5x the compiled decode on
-  aten's kernel, which streams its (N, K) rows slower. Eager calls on that layout (the prefill) convert the codes
-  into a (K, N) matrix of the activation dtype and multiply;
+- CPU, int8, bf16 or float32 activations (so a CPU without bf16 instructions too), output widths a multiple of 32:
+  the codes re-laid in blocks of 32 output channels, (N / 32, K, 32), each block one stream. Steps of up to 8 rows
+  run native_kernels' C kernel (built on first use with the machine's C compiler; 1.2-1.5x the eager decode on aten's
+  kernel), a compiled step inductor's loop over the same layout, converting each code once for all rows of the step
+  (1.5x the compiled decode on aten's kernel, which streams its (N, K) rows slower). Larger calls (the prefill)
+  convert the codes into a (K, N) matrix of the activation dtype and multiply. Without a C compiler, eager steps run
+  aten's `_weight_int8pack_mm` (bf16 activations) and a compiled decode re-lays the codes (`prepare_compiled_decode`);
 - CUDA: int8 through quantized_kernels' Triton kernel (bf16 or fp16 activations; Triton comes with torch's CUDA wheels
   for Linux), which reads the stored codes as they are; without Triton, a matmul of the codes with the scales applied
   to its output, where a compiled step of a few rows runs a product-and-sum that inductor fuses into one kernel
@@ -36,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import native_kernels
 from model import GPT
 
 QuantizeMode = Literal["int8", "int4"]
@@ -161,20 +164,25 @@ class QuantizedLinear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module
 
-    def prepare(self, activation_dtype: torch.dtype, compiled: bool = False, triton: bool = True) -> str:
+    def prepare(self, activation_dtype: torch.dtype, compiled: bool = False, triton: bool = True,
+                native: bool = True) -> str:
         """Pack the stored codes for this device's kernel and `activation_dtype` (`compiled`: the layout of a compiled
         decode where it differs; `triton`: on CUDA, int8 through quantized_kernels' Triton kernel where Triton is
-        installed, else the torch-only path); returns the kernel's name."""
+        installed, else the torch-only path; `native`: on the CPU, int8 in the blocked layout through native_kernels'
+        C kernel where it builds, else aten's kernel); returns the kernel's name."""
         if self.codes is None:
             raise ValueError(f"this layer is packed for {self.kernel} already: prepare it once")
         device = self.codes.device
         self.activation_dtype = activation_dtype
-        if (compiled and device.type == "cpu" and self.mode == "int8" and self.out_features % INT8_BLOCK == 0
-                and activation_dtype in (torch.bfloat16, torch.float32)):
+        library, self.native_missing = (native_kernels.load() if native and device.type == "cpu"
+                                        and self.mode == "int8" else (None, ""))
+        if (device.type == "cpu" and self.mode == "int8" and self.out_features % INT8_BLOCK == 0
+                and activation_dtype in (torch.bfloat16, torch.float32) and (compiled or library is not None)):
             # the stored codes themselves change layout: one copy of the weights in memory, not two
             self.codes = int8_blocks(int8_rows(self.codes))
             self.packed, self.packed_scales = self.codes, self.scales.to(activation_dtype)
-            self.kernel = "cpu_int8_blocked"
+            self.native_library = library
+            self.kernel = "cpu_int8_blocked" if library is None else "cpu_int8_native"
         elif (device.type == "cpu" and activation_dtype == torch.bfloat16 and self.mode == "int8"
                 and self.in_features % INT8PACK_WIDTH == 0):
             self.codes = int8_rows(self.codes)
@@ -217,9 +225,12 @@ class QuantizedLinear(nn.Module):
         x = x.reshape(-1, self.in_features).to(self.activation_dtype)
         if self.kernel == "cpu_int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x, self.packed, self.packed_scales)
-        elif self.kernel == "cpu_int8_blocked":
+        elif self.kernel in ("cpu_int8_native", "cpu_int8_blocked"):
             rows = x.size(0)
-            if torch.compiler.is_compiling() and rows <= FUSED_ROWS:
+            if not torch.compiler.is_compiling() and self.kernel == "cpu_int8_native" and rows <= FUSED_ROWS:
+                y = native_kernels.run(self.native_library, x.float(), self.codes, self.scales.float())
+                y = y if self.float_output else y.to(x.dtype)  # the head's logits in float32 as summed
+            elif torch.compiler.is_compiling() and rows <= FUSED_ROWS:
                 weight = self.codes.float()
                 if isinstance(rows, int):
                     # one product-and-sum per row over the same converted codes: inductor fuses them into one loop
@@ -281,12 +292,12 @@ def quantize_model(model: GPT, quantization: Quantization) -> GPT:
 
 
 def quantize_for_inference(model: GPT, quantization: Quantization, dtype: torch.dtype,
-                           device: Optional[torch.device] = None, triton: bool = True) -> GPT:
+                           device: Optional[torch.device] = None, triton: bool = True, native: bool = True) -> GPT:
     """A float `model` quantized (in place), moved to `device` with its float parts in `dtype` (the activations'),
-    and packed for its kernels there (`triton`: see `QuantizedLinear.prepare`)."""
+    and packed for its kernels there (`triton`, `native`: see `QuantizedLinear.prepare`)."""
     quantize_model(model, quantization)
     model = model.to(device=device, dtype=dtype)
-    prepare_model(model, dtype, triton)
+    prepare_model(model, dtype, triton, native)
     return model
 
 
@@ -313,21 +324,22 @@ def activation_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" or bf16_instructions() else torch.float32
 
 
-def prepare_model(model: GPT, dtype: torch.dtype, triton: bool = True) -> None:
-    """Pack every QuantizedLinear for its device with activations in `dtype` (`triton`: see
+def prepare_model(model: GPT, dtype: torch.dtype, triton: bool = True, native: bool = True) -> None:
+    """Pack every QuantizedLinear for its device with activations in `dtype` (`triton`, `native`: see
     `QuantizedLinear.prepare`)."""
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            module.prepare(dtype, triton=triton)
+            module.prepare(dtype, triton=triton, native=native)
 
 
 def prepare_compiled_decode(model: GPT) -> None:
-    """Re-pack the layers that have a faster layout for a compiled decode step (CPU int8, with aten's kernel or
-    dequantized: blocks of output channels); a float model, or one without such layers, is left as it is."""
+    """Re-pack the layers that have a faster layout for a compiled decode step (CPU int8 on aten's kernel or
+    dequantized, where the native kernel was not built or not asked for: blocks of output channels, for inductor's
+    loop); a float model, or one without such layers, is left as it is."""
     for module in model.modules():
         if (isinstance(module, QuantizedLinear) and module.mode == "int8" and module.codes.device.type == "cpu"
                 and module.kernel in ("cpu_int8pack", "dequantized")):
-            module.prepare(module.activation_dtype, compiled=True)
+            module.prepare(module.activation_dtype, compiled=True, native=False)
 
 
 def describe(model: GPT) -> str:
@@ -340,6 +352,9 @@ def describe(model: GPT) -> str:
         line += (" (no fast kernel for this device and activation dtype, or for an input width that is not a "
                  f"multiple of {INT8PACK_WIDTH}: those weights are dequantized, the numbers are the same, the speed "
                  "and memory those of a float model)")
+    missing = {module.native_missing for module in layers if module.native_missing}
+    if missing:
+        line += f" (the native int8 kernel could not be built: {'; '.join(sorted(missing))})"
     return line
 
 

@@ -12,9 +12,11 @@ On the CPU (2 cores; run it alone: a second torch process slows both several tim
         --output out/bench/quantized_cpu_tinyllama.json
 
 Modes: fp32 and bf16 (float weights, F.linear), int8 and int4 with groups of 32, 64 and 128 (the packed kernels with
-bf16 activations where the CPU has bf16 instructions), and int8_fp32: int8 with float32 activations (the dequantized
-fallback a CPU without bf16 instructions runs); on CUDA, int8_no_triton: the torch-only int8 path a CUDA machine
-without Triton runs (inductor's fused product-and-sum), beside quantized_kernels' Triton kernel. --compile adds each
+bf16 activations where the CPU has bf16 instructions), and int8_fp32: int8 with float32 activations (what a CPU
+without bf16 instructions runs: the native kernel, or without it the dequantized fallback); on CUDA, int8_no_triton:
+the torch-only int8 path a CUDA machine without Triton runs (inductor's fused product-and-sum), beside
+quantized_kernels' Triton kernel; on the CPU, int8_no_native: int8 without native_kernels' C kernel (aten's kernel
+eagerly; compiled, the same loop as int8), what a CPU without AVX-512 or a C compiler runs. --compile adds each
 mode's compiled decode step.
 """
 
@@ -37,7 +39,7 @@ from quantize import Quantization, describe, quantize_for_inference, weight_byte
 from speculative import verify_logits  # noqa: E402
 from utils import UserError, cli, write_json  # noqa: E402
 
-MODES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "int8_fp32", "int8_no_triton")
+MODES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "int8_fp32", "int8_no_triton", "int8_no_native")
 
 
 def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_length: int = 16, repeats: int = 3,
@@ -50,7 +52,8 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
         max_new_tokens: tokens generated per run: the first after the prefill, then max_new_tokens - 1 decode steps
         prompt_length: tokens of the (random) prompt
         repeats: timed runs per mode, after one untimed warm-up
-        modes: some of fp32, bf16, int8, int4_g32, int4_g64, int4_g128, int8_fp32, int8_no_triton (CUDA)
+        modes: some of fp32, bf16, int8, int4_g32, int4_g64, int4_g128, int8_fp32, int8_no_triton (CUDA),
+            int8_no_native (CPU)
         compile: also time each mode's compiled decode step
         max_k: verify costs are measured for k + 1 tokens, k = 1..max_k (0: none, sparing a compile per length)
         output: write the figures here as JSON
@@ -85,6 +88,10 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
         if mode.endswith("_no_triton") and device.type != "cuda":
             report["results"][mode] = dict(skipped="CUDA only (no Triton kernels run on the CPU)")
             print(f"{mode:>16} skipped: CUDA only")
+            continue
+        if mode == "int8_no_native" and device.type != "cpu":
+            report["results"][mode] = dict(skipped="CPU only (the native kernel is the CPU's)")
+            print(f"{mode:>16} skipped: CPU only")
             continue
         try:
             model = variant(base, mode)
@@ -137,7 +144,7 @@ def variant(base: GPT, mode: str) -> GPT:
         return model.to(torch.float32 if mode == "fp32" else torch.bfloat16)
     quantization = Quantization("int8") if mode.startswith("int8") else Quantization("int4", int(mode.split("_g")[1]))
     return quantize_for_inference(model, quantization, torch.float32 if mode == "int8_fp32" else torch.bfloat16,
-                                  triton=not mode.endswith("_no_triton"))
+                                  triton=not mode.endswith("_no_triton"), native=not mode.endswith("_no_native"))
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ import shlex
 import pytest
 import torch
 
+import native_kernels
 from bench import quantized_decode
 from utils import UserError, cli
 
@@ -40,7 +41,10 @@ def test_documented_commands_report_every_mode(tmp_path, capsys):
     assert int4 < int8 < fp32 / 3  # codes and scales instead of float32 weights
     for figures in results.values():
         assert figures["tokens_per_s"] > 0 and len(figures["verify_steps"]) == 2
-    assert "dequantized" in results["int8_fp32"]["kernels"]
+    # float32 activations: the native kernel where it builds, else the dequantized fallback; int8_no_native: aten's
+    native = native_kernels.load()[0] is not None
+    assert ("cpu_int8_native" if native else "dequantized") in results["int8_fp32"]["kernels"]
+    assert "native" not in results["int8_no_native"]["kernels"]
     assert "tokens/s" in capsys.readouterr().out
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import native_kernels
 from checkpoint import load_model, save_model_dir
 from model import GPT, Config
 from quantize import (QuantizedLinear, Quantization, bf16_instructions, dequantize, int4_codes, prepare_model,
@@ -20,6 +21,7 @@ from utils import UserError
 
 needs_bf16 = pytest.mark.skipif(not bf16_instructions(), reason="this CPU has no bf16 instructions: the packed "
                                                                 "kernels are not used here (the fallback is tested)")
+needs_native = pytest.mark.skipif(native_kernels.load()[0] is None, reason=native_kernels.load()[1] or "built")
 
 
 def linear(out_features: int = 96, in_features: int = 256, bias: bool = False, seed: int = 0) -> nn.Linear:
@@ -51,7 +53,7 @@ def test_cpu_kernels_compute_the_dequantized_matmul(mode, group_size):
     module = QuantizedLinear.from_linear(layer, mode, group_size)
     x = torch.randn(5, 256).bfloat16()
     expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double()
-    assert module.prepare(torch.bfloat16) == f"cpu_{mode}pack"
+    assert module.prepare(torch.bfloat16, native=False) == f"cpu_{mode}pack"  # int8: aten's kernel, not ours
     got = module(x).double()
     assert ((got - expected).abs() <= 2 ** -7 * expected.abs() + 1e-2).all()
 
@@ -73,23 +75,25 @@ def test_a_packed_int4_layer_keeps_one_copy_of_its_codes():
         dequantize(layers[0])
 
 
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_bf16), torch.float32])
-def test_the_compiled_cpu_int8_layout_computes_the_dequantized_matmul(dtype):
-    """prepare(compiled=True) re-lays the codes in blocks of output channels (the state dict keeps them as stored),
-    with bf16 activations or float32 ones (a CPU without bf16 instructions); eager (a prefill), compiled for a fixed
-    number of rows (the fused loop of a decode or verify step) and compiled for a dynamic number: each within the
-    activation dtype's rounding of the float64 matmul."""
+def test_the_blocked_cpu_int8_layout_computes_the_dequantized_matmul(dtype, native):
+    """The codes re-laid in blocks of output channels (the state dict keeps them as stored), for native_kernels' C
+    kernel or, without it, for a compiled step (prepare(compiled=True)), with bf16 activations or float32 ones (a CPU
+    without bf16 instructions); eager (the C kernel's few rows; a prefill), compiled for a fixed number of rows (the
+    fused loop of a decode or verify step) and compiled for a dynamic number: each within the activation dtype's
+    rounding of the float64 matmul."""
     layer = linear(bias=True)
     module = QuantizedLinear.from_linear(layer, "int8", None)
     stored = module.state_dict()["codes"].clone()
-    assert module.prepare(dtype, compiled=True) == "cpu_int8_blocked"
+    assert module.prepare(dtype, compiled=True, native=native) == ("cpu_int8_native" if native else "cpu_int8_blocked")
     assert module.codes.shape == (3, 256, 32) and torch.equal(module.state_dict()["codes"], stored)
     x = torch.randn(12, 256).to(dtype)
     expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double()
     tolerance = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
     torch._dynamo.reset()
     fixed, dynamic = torch.compile(module, dynamic=False), torch.compile(module, dynamic=True)
-    for forward, rows in ((module, 1), (module, 12), (fixed, 1), (fixed, 5), (dynamic, 3)):
+    for forward, rows in ((module, 1), (module, 5), (module, 12), (fixed, 1), (fixed, 5), (dynamic, 3)):
         got = forward(x[:rows])
         assert got.dtype == dtype
         error = (got.double() - expected[:rows]).abs()
@@ -98,17 +102,18 @@ def test_the_compiled_cpu_int8_layout_computes_the_dequantized_matmul(dtype):
 
 
 @needs_bf16
-def test_a_compiled_decode_re_lays_the_cpu_int8_layers_it_can(monkeypatch):
-    """generate(compiled=True) prepares the model for its compiled step: the int8 layers whose output width is a
-    multiple of the block take the blocked layout, the others keep their kernel. Eagerly, an input width aten's int8
-    kernel cannot take (not a multiple of 16: it crashes) is dequantized; the blocked layout takes it. The numbers
-    stay those of the float64 twin."""
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False])
+def test_a_decode_runs_each_cpu_int8_layer_on_the_kernel_it_can(monkeypatch, native):
+    """The int8 layers whose output width is a multiple of the block run native_kernels' C kernel on the blocked
+    layout; without it, generate(compiled=True) prepares them for its compiled step in that layout; the others keep
+    aten's kernel. Eagerly, an input width aten's int8 kernel cannot take (not a multiple of 16: it crashes) is
+    dequantized; the blocked layout takes it. The numbers stay those of the float64 twin."""
     import generation
 
     monkeypatch.setattr(generation, "compiled_step", lambda step, device: step)  # the wiring, without a compile
     torch.manual_seed(0)
     config = Config.from_name("micro", intermediate_size=200)  # fc_1, fc_2: 200 outputs; mlp.proj: 200 inputs
-    model = quantize_for_inference(GPT(config), Quantization("int8"), torch.bfloat16)
+    model = quantize_for_inference(GPT(config), Quantization("int8"), torch.bfloat16, native=native)
     twin = float_twin(model)
     idx = torch.randint(0, 256, (1, 12))
 
@@ -117,9 +122,9 @@ def test_a_compiled_decode_re_lays_the_cpu_int8_layers_it_can(monkeypatch):
 
     for compiled in (False, True):
         generation.generate(model, idx[0, :4], 3, temperature=0.0, compiled=compiled)
-        expected = {"fc_1": "cpu_int8pack", "fc_2": "cpu_int8pack",
-                    "mlp.proj": "cpu_int8_blocked" if compiled else "dequantized",
-                    "": "cpu_int8_blocked" if compiled else "cpu_int8pack"}
+        blocked = "cpu_int8_native" if native else "cpu_int8_blocked" if compiled else None
+        expected = {"fc_1": "cpu_int8pack", "fc_2": "cpu_int8pack", "mlp.proj": blocked or "dequantized",
+                    "": blocked or "cpu_int8pack"}
         for name, kernel in kernels().items():
             assert kernel == next(expected[end] for end in expected if name.endswith(end)), name
         with torch.no_grad():
@@ -157,13 +162,16 @@ def test_a_quantized_model_is_the_float_model_of_its_dequantized_weights(mode):
     assert logits.dtype == torch.float32  # the head returns float32 logits
 
 
-def test_without_bf16_instructions_the_weights_are_dequantized_with_the_same_numbers(trained, monkeypatch, capsys):
+def test_without_bf16_instructions_or_the_native_kernel_the_weights_are_dequantized_with_the_same_numbers(
+        trained, monkeypatch, capsys):
     import quantize
     from generation import load_inference_model
 
     monkeypatch.setattr(quantize, "bf16_instructions", lambda: False)
+    monkeypatch.setattr(native_kernels, "load", lambda: (None, "no C compiler: 'cc' is not on PATH"))
     model = load_inference_model(trained.checkpoint_dir, torch.device("cpu"), quantize="int8")
-    assert "dequantized" in capsys.readouterr().err  # said, in one line
+    said = capsys.readouterr().err
+    assert "dequantized" in said and "the native int8 kernel could not be built: no C compiler" in said  # one line
     twin = float_twin(model).float()
     idx = torch.randint(0, 4096, (1, 16))
     with torch.no_grad():
@@ -266,7 +274,7 @@ def test_the_cuda_int8_forward_computes_the_dequantized_matmul_eager_and_compile
     a sum), run here on the CPU in float32 so that a machine without a GPU checks it."""
     layer = linear(bias=True)
     module = QuantizedLinear.from_linear(layer, "int8", None)
-    module.prepare(torch.float32)
+    module.prepare(torch.float32, native=False)  # the codes as stored, (N, K)
     module.kernel = "cuda_int8"
     x = torch.randn(5, 256)
     expected = x.double() @ dequantize(module, torch.float64).T + layer.bias.double()

@@ -1,0 +1,100 @@
+"""The CPU's native int8 kernel (native_kernels.c), built on first use with the machine's C compiler and called
+through ctypes by quantize.py's int8 layers for steps of up to 8 rows (decode, speculative verify) outside a
+compiled step.
+
+Why: a decode step's speed is the rate its codes are read at. On 2 cores this kernel reads the blocked layout
+(quantize.py: blocks of 32 output channels) 1.6-1.9x as fast as inductor's loop over it, and aten's
+`_weight_int8pack_mm` reads its (N, K) rows slower still (bench/RESULTS.md). A compiled step keeps inductor's loop:
+called from a compiled graph (a torch custom op), each call cost ~15 us of dispatch and split inductor's one fused
+step into a piece per layer, which measured no faster end to end.
+
+The build: `cc -O3 -march=native -fopenmp -shared -fPIC` ($CC for another compiler) into $XDG_CACHE_HOME/small-llama
+(default ~/.cache/small-llama), under a name hashing the source, the compiler's version, the flags and this CPU's
+model and flags (the build is for the CPU it runs on); written atomically, so a killed build leaves nothing a later
+run would load. Where it is not built (a CPU without AVX-512, no compiler, a failed build), `load` says why and
+quantize.py keeps aten's kernel: the same numbers, slower. OpenMP: the kernel runs on the runtime torch already
+loaded (libgomp, the same soname), so its threads are torch's.
+"""
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from utils import atomic_write
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+BLOCK = 32  # output channels per block of the codes' layout (quantize.INT8_BLOCK)
+MAX_ROWS = 8
+
+
+class BuildFailed(Exception):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "small-llama"
+
+
+def cpu_signature() -> str:
+    """This CPU's model and flags (Linux's cpuinfo; elsewhere the platform's name): -march=native builds for them."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    return "\n".join(re.findall(r"^(?:model name|flags)\s*:.*$", cpuinfo, re.M)[:2])
+
+
+@lru_cache(maxsize=None)
+def load() -> Tuple[Optional[ctypes.CDLL], str]:
+    """(the built library, "") or (None, why it is not built: no AVX-512, no compiler, a failed build)."""
+    if not re.search(r"\bavx512f\b", cpu_signature()):
+        return None, "this CPU has no AVX-512F (Linux's cpuinfo flags), which the kernel is written for"
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        return None, f"no C compiler: {compiler!r} is not on PATH (set CC to one)"
+    flags = list(FLAGS)
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), cpu_signature()]).encode())
+    path = cache_dir() / f"native_kernels-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        try:
+            with atomic_write(path) as tmp:
+                result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True,
+                                        text=True)
+                if result.returncode:
+                    raise BuildFailed(f"{compiler} {' '.join(flags)} {SOURCE.name} failed: "
+                                      + (result.stderr.strip().splitlines() or ["no message"])[-1])
+        except BuildFailed as error:
+            return None, str(error)
+    library = ctypes.CDLL(str(path))
+    library.int8_blocked_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    library.int8_blocked_matmul.restype = None
+    return library, ""
+
+
+def run(library: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 with M <= 8, codes (N / 32, K, 32) int8, scales (N,) float32 -> (M, N) float32, on torch's
+    threads."""
+    x, scales = x.contiguous(), scales.contiguous()  # named: the library reads their memory
+    M, K = x.shape
+    if not 1 <= M <= MAX_ROWS or x.dtype != torch.float32 or scales.dtype != torch.float32:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype}, scales {scales.dtype}: expected 1 to {MAX_ROWS} float32 rows "
+                         "and float32 scales")
+    if codes.shape[1:] != (K, BLOCK) or codes.dtype != torch.int8 or not codes.is_contiguous():
+        raise ValueError(f"codes {tuple(codes.shape)} {codes.dtype}: expected contiguous int8 (N / {BLOCK}, {K}, "
+                         f"{BLOCK})")
+    y = torch.empty(M, codes.size(0) * BLOCK)
+    library.int8_blocked_matmul(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), M, y.size(1), K,
+                                torch.get_num_threads())
+    return y

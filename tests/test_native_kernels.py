@@ -1,0 +1,57 @@
+"""native_kernels: the C int8 kernel against a float64 matmul of the weights its codes stand for, for 1 to 8 rows
+and an input width its 4-wide loop does not divide; its build cached by content and written atomically; a missing or
+failing compiler said in one line, never a half-written library."""
+
+import pytest
+import torch
+
+import native_kernels
+from quantize import QuantizedLinear, dequantize
+
+needs_avx512 = pytest.mark.skipif(native_kernels.load()[0] is None and "AVX-512" in native_kernels.load()[1],
+                                  reason="this CPU has no AVX-512F, which the kernel is written for")
+
+
+@pytest.fixture
+def fresh_builds(tmp_path, monkeypatch):
+    """An empty build cache and no remembered build, before and after."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native_kernels.load.cache_clear()
+    yield tmp_path / "small-llama"
+    native_kernels.load.cache_clear()
+
+
+@needs_avx512
+def test_the_kernel_computes_the_matmul_of_the_dequantized_weights():
+    library, why = native_kernels.load()
+    assert library is not None, why  # a CPU with AVX-512 and a C compiler builds it
+    torch.manual_seed(0)
+    module = QuantizedLinear.from_linear(torch.nn.Linear(70, 96, bias=False), "int8", None)  # K = 70: a 4-wide tail
+    weight = dequantize(module, torch.float64)
+    assert module.prepare(torch.float32) == "cpu_int8_native" and module.codes.shape == (3, 70, 32)
+    for rows in range(1, native_kernels.MAX_ROWS + 1):  # one row's loop, then each row count's
+        x = torch.randn(rows, 70)
+        expected = x.double() @ weight.T
+        got = native_kernels.run(library, x, module.codes, module.scales)
+        assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-6, rows
+    with pytest.raises(ValueError, match="expected 1 to 8 float32 rows"):
+        native_kernels.run(library, torch.randn(9, 70), module.codes, module.scales)
+
+
+@needs_avx512
+def test_a_build_is_cached_by_content_and_a_failed_one_leaves_nothing(fresh_builds, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    library, why = native_kernels.load()
+    assert library is None and why.startswith("false -O3 -march=native") and "native_kernels.c failed" in why
+    assert not fresh_builds.exists() or not any(fresh_builds.iterdir())  # no library, no temporary file
+    native_kernels.load.cache_clear()
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert native_kernels.load() == (None, "no C compiler: 'no-such-compiler' is not on PATH (set CC to one)")
+    native_kernels.load.cache_clear()
+    monkeypatch.delenv("CC")
+    assert native_kernels.load()[0] is not None
+    [built] = fresh_builds.iterdir()
+    stamp = built.stat().st_mtime_ns
+    native_kernels.load.cache_clear()  # a new process, as far as the cache goes: the same file, not rebuilt
+    assert native_kernels.load()[0] is not None and [built] == list(fresh_builds.iterdir())
+    assert built.stat().st_mtime_ns == stamp
