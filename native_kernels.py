@@ -67,17 +67,19 @@ def load() -> Tuple[Optional[ctypes.CDLL], str]:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), cpu_signature()]).encode())
     path = cache_dir() / f"native_kernels-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        try:
+    try:
+        if not path.exists():
             with atomic_write(path) as tmp:
                 result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True,
                                         text=True)
                 if result.returncode:
                     raise BuildFailed(f"{compiler} {' '.join(flags)} {SOURCE.name} failed: "
                                       + (result.stderr.strip().splitlines() or ["no message"])[-1])
-        except BuildFailed as error:
-            return None, str(error)
-    library = ctypes.CDLL(str(path))
+        library = ctypes.CDLL(str(path))
+    except BuildFailed as error:
+        return None, str(error)
+    except OSError as error:  # an unwritable cache, a library the system will not load (a noexec mount)
+        return None, f"{path}: {error}"
     library.int8_blocked_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     library.int8_blocked_matmul.restype = None
     return library, ""

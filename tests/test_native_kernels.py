@@ -1,6 +1,6 @@
 """native_kernels: the C int8 kernel against a float64 matmul of the weights its codes stand for, for 1 to 8 rows
 and an input width its 4-wide loop does not divide; its build cached by content and written atomically; a missing or
-failing compiler said in one line, never a half-written library."""
+failing compiler, or a cache it cannot write, said in one line, never a half-written library."""
 
 import pytest
 import torch
@@ -55,3 +55,11 @@ def test_a_build_is_cached_by_content_and_a_failed_one_leaves_nothing(fresh_buil
     native_kernels.load.cache_clear()  # a new process, as far as the cache goes: the same file, not rebuilt
     assert native_kernels.load()[0] is not None and [built] == list(fresh_builds.iterdir())
     assert built.stat().st_mtime_ns == stamp
+
+
+@needs_avx512
+def test_a_cache_that_cannot_be_written_is_said_not_raised(fresh_builds, monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))  # its small-llama folder cannot be made
+    library, why = native_kernels.load()
+    assert library is None and why.startswith(str(tmp_path / "a_file" / "small-llama"))
