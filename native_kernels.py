@@ -19,6 +19,7 @@ loaded (libgomp, the same soname), so its threads are torch's.
 import ctypes
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ from utils import atomic_write
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-BLOCK = 32  # output channels per block of the codes' layout (quantize.INT8_BLOCK)
+BLOCK = 32  # output channels per block of the codes' layout
 MAX_ROWS = 8
 
 
@@ -49,8 +50,6 @@ def cpu_signature() -> str:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        import platform
-
         return platform.processor() or platform.machine()
     return "\n".join(re.findall(r"^(?:model name|flags)\s*:.*$", cpuinfo, re.M)[:2])
 
@@ -63,17 +62,16 @@ def load() -> Tuple[Optional[ctypes.CDLL], str]:
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         return None, f"no C compiler: {compiler!r} is not on PATH (set CC to one)"
-    flags = list(FLAGS)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), cpu_signature()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), cpu_signature()]).encode())
     path = cache_dir() / f"native_kernels-{key.hexdigest()[:16]}.so"
     try:
         if not path.exists():
             with atomic_write(path) as tmp:
-                result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True,
+                result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True,
                                         text=True)
                 if result.returncode:
-                    raise BuildFailed(f"{compiler} {' '.join(flags)} {SOURCE.name} failed: "
+                    raise BuildFailed(f"{compiler} {' '.join(FLAGS)} {SOURCE.name} failed: "
                                       + (result.stderr.strip().splitlines() or ["no message"])[-1])
         library = ctypes.CDLL(str(path))
     except BuildFailed as error:
@@ -96,6 +94,8 @@ def run(library: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, scales: torc
     if codes.shape[1:] != (K, BLOCK) or codes.dtype != torch.int8 or not codes.is_contiguous():
         raise ValueError(f"codes {tuple(codes.shape)} {codes.dtype}: expected contiguous int8 (N / {BLOCK}, {K}, "
                          f"{BLOCK})")
+    if scales.numel() != codes.size(0) * BLOCK:
+        raise ValueError(f"{scales.numel()} scales for {codes.size(0) * BLOCK} output channels")
     y = torch.empty(M, codes.size(0) * BLOCK)
     library.int8_blocked_matmul(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), M, y.size(1), K,
                                 torch.get_num_threads())

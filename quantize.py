@@ -44,7 +44,7 @@ from model import GPT
 QuantizeMode = Literal["int8", "int4"]
 MODES = typing.get_args(QuantizeMode)
 GROUP_SIZES = (32, 64, 128)
-INT8_BLOCK = 32  # output channels per block of the CPU int8 layout a compiled decode reads
+INT8_BLOCK = native_kernels.BLOCK  # output channels per block of the CPU int8 layout (the C kernel's, compiled steps')
 INT8PACK_WIDTH = 16  # aten's CPU _weight_int8pack_mm takes input widths that are multiples of this (others crash it)
 FUSED_ROWS = 8  # compiled steps of at most this many rows (decode, speculative verify) take the fused loops
 QUANTIZATION_FILE = "quantization.json"
@@ -226,11 +226,11 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "cpu_int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x, self.packed, self.packed_scales)
         elif self.kernel in ("cpu_int8_native", "cpu_int8_blocked"):
-            rows = x.size(0)
-            if not torch.compiler.is_compiling() and self.kernel == "cpu_int8_native" and rows <= FUSED_ROWS:
+            rows, compiling = x.size(0), torch.compiler.is_compiling()
+            if not compiling and self.kernel == "cpu_int8_native" and rows <= native_kernels.MAX_ROWS:
                 y = native_kernels.run(self.native_library, x.float(), self.codes, self.scales.float())
                 y = y if self.float_output else y.to(x.dtype)  # the head's logits in float32 as summed
-            elif torch.compiler.is_compiling() and rows <= FUSED_ROWS:
+            elif compiling and rows <= FUSED_ROWS:
                 weight = self.codes.float()
                 if isinstance(rows, int):
                     # one product-and-sum per row over the same converted codes: inductor fuses them into one loop
