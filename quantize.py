@@ -12,19 +12,21 @@ and float32 scales. `prepare` packs them for the device and picks the computatio
   a packed int4 copy replaces the stored codes;
 - CPU, int8, bf16 or float32 activations (so a CPU without bf16 instructions too), output widths a multiple of 32:
   the codes re-laid in blocks of 32 output channels, (N / 32, K, 32), each block one stream. Steps of up to 8 rows
-  run native_kernels' C kernel (built on first use with the machine's C compiler; 1.2-1.5x the eager decode on aten's
-  kernel), a compiled step inductor's loop over the same layout, converting each code once for all rows of the step
-  (1.5x the compiled decode on aten's kernel, which streams its (N, K) rows slower). Larger calls (the prefill)
-  convert the codes into a (K, N) matrix of the activation dtype and multiply. Without a C compiler, eager steps run
-  aten's `_weight_int8pack_mm` (bf16 activations) and a compiled decode re-lays the codes (`prepare_compiled_decode`);
+  run native_kernels' C kernel (AVX-512, built on first use with the machine's C compiler; 1.3-1.8x the eager decode
+  on aten's kernel), a compiled step inductor's loop over the same layout, converting each code once for all rows of
+  the step (1.5x the compiled decode on aten's kernel, which streams its (N, K) rows slower). Larger calls (the
+  prefill) convert the codes into a (K, N) matrix of the activation dtype and multiply. Where the C kernel is not
+  built (no AVX-512, no C compiler), eager steps run aten's `_weight_int8pack_mm` (bf16 activations) and a compiled
+  decode re-lays the codes (`prepare_compiled_decode`);
 - CUDA: int8 through quantized_kernels' Triton kernel (bf16 or fp16 activations; Triton comes with torch's CUDA wheels
   for Linux), which reads the stored codes as they are; without Triton, a matmul of the codes with the scales applied
   to its output, where a compiled step of a few rows runs a product-and-sum that inductor fuses into one kernel
   reading each code once (a 7B decode: 0.78x bf16, against the Triton kernel's 1.33x); int4 through the tinygemm kernel
   (`_weight_int4pack_mm`), which reads the 7B layers faster than the Triton int4 kernels we wrote;
-- elsewhere (eagerly on a CPU without bf16 instructions, another device; eagerly on the CPU, an int8 layer whose
-  input width aten's kernel cannot take, not a multiple of 16): the weights dequantized once into the activation dtype
-  and F.linear: the same numbers, float memory, no speedup; `describe` says so in one line.
+- elsewhere (eagerly on a CPU without bf16 instructions, except int8 layers on the C kernel; another device; eagerly
+  on the CPU, an int8 layer aten's kernel runs whose input width it cannot take, not a multiple of 16): the weights
+  dequantized once into the activation dtype and F.linear: the same numbers, float memory, no speedup; `describe`
+  says so in one line.
 The head returns float32 logits whatever the activation dtype.
 """
 
