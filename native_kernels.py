@@ -3,7 +3,7 @@ through ctypes by quantize.py's int8 layers for steps of up to 8 rows (decode, s
 compiled step.
 
 Why: a decode step's speed is the rate its codes are read at. On 2 cores this kernel reads the blocked layout
-(quantize.py: blocks of 32 output channels) 1.6-1.9x as fast as inductor's loop over it, and aten's
+(quantize.py: blocks of 32 output channels) 1.6-1.85x as fast as inductor's loop over it, and aten's
 `_weight_int8pack_mm` reads its (N, K) rows slower still (bench/RESULTS.md). A compiled step keeps inductor's loop:
 called from a compiled graph (a torch custom op), each call cost ~15 us of dispatch and split inductor's one fused
 step into a piece per layer, which measured no faster end to end.

@@ -176,14 +176,15 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"this layer is packed for {self.kernel} already: prepare it once")
         device = self.codes.device
         self.activation_dtype = activation_dtype
-        library, self.native_missing = (native_kernels.load() if native and device.type == "cpu"
-                                        and self.mode == "int8" else (None, ""))
-        if (device.type == "cpu" and self.mode == "int8" and self.out_features % INT8_BLOCK == 0
-                and activation_dtype in (torch.bfloat16, torch.float32) and (compiled or library is not None)):
+        cpu_int8 = device.type == "cpu" and self.mode == "int8"
+        library, self.native_missing = native_kernels.load() if native and cpu_int8 else (None, "")
+        if (cpu_int8 and self.out_features % INT8_BLOCK == 0 and activation_dtype in (torch.bfloat16, torch.float32)
+                and (compiled or library is not None)):
             # the stored codes themselves change layout: one copy of the weights in memory, not two
             self.codes = int8_blocks(int8_rows(self.codes))
             self.packed, self.packed_scales = self.codes, self.scales.to(activation_dtype)
-            self.native_library = library
+            # the C kernel's float32 scales, converted once here rather than at every step
+            self.native_library, self.native_scales = library, self.scales.float()
             self.kernel = "cpu_int8_blocked" if library is None else "cpu_int8_native"
         elif (device.type == "cpu" and activation_dtype == torch.bfloat16 and self.mode == "int8"
                 and self.in_features % INT8PACK_WIDTH == 0):
@@ -230,7 +231,7 @@ class QuantizedLinear(nn.Module):
         elif self.kernel in ("cpu_int8_native", "cpu_int8_blocked"):
             rows, compiling = x.size(0), torch.compiler.is_compiling()
             if not compiling and self.kernel == "cpu_int8_native" and rows <= native_kernels.MAX_ROWS:
-                y = native_kernels.run(self.native_library, x.float(), self.codes, self.scales.float())
+                y = native_kernels.run(self.native_library, x.float(), self.codes, self.native_scales)
                 y = y if self.float_output else y.to(x.dtype)  # the head's logits in float32 as summed
             elif compiling and rows <= FUSED_ROWS:
                 weight = self.codes.float()
