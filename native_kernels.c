@@ -1,16 +1,20 @@
-/* The CPU's int8 kernel for steps of a few rows (native_kernels.py builds and loads it; quantize.py calls it).
+/* The CPU's int8 kernel for calls of a few rows (native_kernels.py builds and loads it; quantize.py calls it).
 
-   y[m, n] = scales[n] * sum_k x[m, k] * code[n, k] for up to 8 rows m (a decode step, a speculative verify), with
-   the codes in blocks of 32 output channels, (N / 32, K, 32): one block's codes for input k are 32 contiguous bytes,
-   so each block is one stream. Per 16 codes: a sign-extending load, one conversion to float, and a fused
-   multiply-add into each row (AVX-512), where aten's _weight_int8pack_mm streams its (N, K) rows at half this
-   kernel's rate on 2 cores (bench/RESULTS.md). One row takes four inputs per iteration, each into its own
-   accumulators, so that the multiply-adds do not wait on each other; more rows convert each code once for all of
-   them. AVX-512 only (native_kernels.py builds it where the CPU has it). The blocks are shared among OpenMP threads
-   (torch's own runtime, already loaded). */
+   y[m, n] = scales[n] * sum_k x[m, k] * code[n, k] for a few rows m (a decode step, a speculative verify, a short
+   prompt), x float32 or bf16, with the codes in blocks of 32 output channels, (N / 32, K, 32): one block's codes for
+   input k are 32 contiguous bytes, so each block is one stream. One row: per 16 codes a sign-extending load, one
+   conversion to float and a fused multiply-add (AVX-512), four inputs per iteration into separate accumulators so
+   that the multiply-adds do not wait on each other; it reads the codes about as fast as a loop that only reads them,
+   where aten's _weight_int8pack_mm streams its (N, K) rows at half that rate on 2 cores (bench/RESULTS.md). More
+   rows, up to 8 at a time, convert each code once for all of them; with bf16 rows on a CPU with AVX512_BF16, the
+   codes of inputs k and k + 1 are interleaved, converted to bf16 (exact: |code| <= 127) and multiplied into each row
+   two inputs per instruction (vdpbf16ps: 1.6-1.9x the float32 multiply-adds at 5-8 rows, measured). The blocks are
+   shared among OpenMP threads (torch's own runtime, already loaded). */
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #ifndef __AVX512F__
 #error "native_kernels.c needs AVX-512F (-march=native on a CPU that has it)"
@@ -19,24 +23,37 @@
 #define BLOCK 32
 #define MAX_ROWS 8
 
+static inline float bf16_value(uint16_t bits) {
+    uint32_t word = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &word, sizeof value);
+    return value;
+}
+
 static inline __m512 codes16(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
-static void one_row(const float *x, const int8_t *codes, const float *scales, float *y, int64_t K) {
+/* x is float32 (xf) or bf16 (xb), the other NULL: inlined with a constant NULL, the test leaves the loop */
+static inline __attribute__((always_inline)) float x_at(const float *xf, const uint16_t *xb, int64_t i) {
+    return xb ? bf16_value(xb[i]) : xf[i];
+}
+
+static inline __attribute__((always_inline)) void one_row(const float *xf, const uint16_t *xb, const int8_t *codes,
+                                                          const float *scales, float *y, int64_t K) {
     __m512 acc[8];
     for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {
         const int8_t *p = codes + k * BLOCK;
         for (int i = 0; i < 4; i++) {
-            __m512 xk = _mm512_set1_ps(x[k + i]);
+            __m512 xk = _mm512_set1_ps(x_at(xf, xb, k + i));
             acc[2 * i] = _mm512_fmadd_ps(codes16(p + i * BLOCK), xk, acc[2 * i]);
             acc[2 * i + 1] = _mm512_fmadd_ps(codes16(p + i * BLOCK + 16), xk, acc[2 * i + 1]);
         }
     }
     for (; k < K; k++) {
-        __m512 xk = _mm512_set1_ps(x[k]);
+        __m512 xk = _mm512_set1_ps(x_at(xf, xb, k));
         acc[0] = _mm512_fmadd_ps(codes16(codes + k * BLOCK), xk, acc[0]);
         acc[1] = _mm512_fmadd_ps(codes16(codes + k * BLOCK + 16), xk, acc[1]);
     }
@@ -46,7 +63,14 @@ static void one_row(const float *x, const int8_t *codes, const float *scales, fl
     _mm512_storeu_ps(y + 16, _mm512_mul_ps(high, _mm512_loadu_ps(scales + 16)));
 }
 
-/* M rows, M a constant where it is inlined: the accumulators stay in registers */
+static inline void store_rows(int M, __m512 acc[][2], const float *scales, float *y, int64_t N) {
+    for (int m = 0; m < M; m++) {
+        _mm512_storeu_ps(y + m * N, _mm512_mul_ps(acc[m][0], _mm512_loadu_ps(scales)));
+        _mm512_storeu_ps(y + m * N + 16, _mm512_mul_ps(acc[m][1], _mm512_loadu_ps(scales + 16)));
+    }
+}
+
+/* M float32 rows, M a constant where it is inlined: the accumulators stay in registers */
 static inline __attribute__((always_inline)) void rows_of(int M, const float *x, const int8_t *codes,
                                                           const float *scales, float *y, int64_t N, int64_t K) {
     __m512 acc[MAX_ROWS][2];
@@ -59,33 +83,107 @@ static inline __attribute__((always_inline)) void rows_of(int M, const float *x,
             acc[m][1] = _mm512_fmadd_ps(high, xk, acc[m][1]);
         }
     }
-    for (int m = 0; m < M; m++) {
-        _mm512_storeu_ps(y + m * N, _mm512_mul_ps(acc[m][0], _mm512_loadu_ps(scales)));
-        _mm512_storeu_ps(y + m * N + 16, _mm512_mul_ps(acc[m][1], _mm512_loadu_ps(scales + 16)));
-    }
+    store_rows(M, acc, scales, y, N);
 }
 
+#ifdef __AVX512BF16__
+/* 16 output channels' codes for inputs k (a) and k + 1 (b) as bf16 pairs (k, k + 1) per channel */
+static inline __m512bh code_pairs(__m128i a, __m128i b) {
+    __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi8(a, b)));   /* channels 0-7 */
+    __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpackhi_epi8(a, b)));  /* channels 8-15 */
+    return _mm512_cvtne2ps_pbh(high, low);
+}
+
+/* M bf16 rows, two inputs per vdpbf16ps; an odd K's last input is paired with a zero */
+static inline __attribute__((always_inline)) void bf16_rows_of(int M, const uint16_t *x, const int8_t *codes,
+                                                               const float *scales, float *y, int64_t N, int64_t K) {
+    __m512 acc[MAX_ROWS][2];
+    for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 2) {
+        const int8_t *p = codes + k * BLOCK;
+        int pair = k + 1 < K;
+        __m128i zero = _mm_setzero_si128();
+        __m128i next_low = pair ? _mm_loadu_si128((const __m128i *)(p + BLOCK)) : zero;
+        __m128i next_high = pair ? _mm_loadu_si128((const __m128i *)(p + BLOCK + 16)) : zero;
+        __m512bh low = code_pairs(_mm_loadu_si128((const __m128i *)p), next_low);
+        __m512bh high = code_pairs(_mm_loadu_si128((const __m128i *)(p + 16)), next_high);
+        for (int m = 0; m < M; m++) {
+            uint32_t inputs = x[m * K + k] | (pair ? (uint32_t)x[m * K + k + 1] << 16 : 0);
+            __m512bh xk = (__m512bh)_mm512_set1_epi32((int32_t)inputs);
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], low, xk);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], high, xk);
+        }
+    }
+    store_rows(M, acc, scales, y, N);
+}
+#endif
+
+typedef void (*float_rows)(const float *, const int8_t *, const float *, float *, int64_t, int64_t);
+typedef void (*bf16_rows)(const uint16_t *, const int8_t *, const float *, float *, int64_t, int64_t);
 #define ROWS(M) \
     static void rows_##M(const float *x, const int8_t *c, const float *s, float *y, int64_t N, int64_t K) { \
         rows_of(M, x, c, s, y, N, K); \
     }
 ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
-typedef void (*rows_kernel)(const float *, const int8_t *, const float *, float *, int64_t, int64_t);
-static const rows_kernel ROWS_KERNELS[MAX_ROWS + 1] = {0, 0, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
+static const float_rows FLOAT_ROWS[MAX_ROWS + 1] = {0, 0, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
+#ifdef __AVX512BF16__
+#define BF16_ROWS(M) \
+    static void bf16_rows_##M(const uint16_t *x, const int8_t *c, const float *s, float *y, int64_t N, int64_t K) { \
+        bf16_rows_of(M, x, c, s, y, N, K); \
+    }
+BF16_ROWS(2) BF16_ROWS(3) BF16_ROWS(4) BF16_ROWS(5) BF16_ROWS(6) BF16_ROWS(7) BF16_ROWS(8)
+static const bf16_rows BF16_ROWS_KERNELS[MAX_ROWS + 1] = {
+    0, 0, bf16_rows_2, bf16_rows_3, bf16_rows_4, bf16_rows_5, bf16_rows_6, bf16_rows_7, bf16_rows_8};
+#endif
 
-static void block(const float *x, const int8_t *codes, const float *scales, float *y, int64_t M, int64_t N,
-                  int64_t K) {
-    if (M == 1)
-        one_row(x, codes, scales, y, K);
-    else
-        ROWS_KERNELS[M](x, codes, scales, y, N, K);
+/* One block of 32 output channels for all M rows, 8 at a time: the block's codes (K x 32 bytes) are read from memory
+   for the first 8 rows and from the cache for the others. x is float32 (xf) or bf16 (xb). */
+static void block(const float *xf, const uint16_t *xb, const int8_t *codes, const float *scales, float *y, int64_t M,
+                  int64_t N, int64_t K) {
+    for (int64_t m = 0; m < M; m += MAX_ROWS) {
+        int64_t rows = M - m < MAX_ROWS ? M - m : MAX_ROWS;
+        if (rows == 1 && xb)
+            one_row(NULL, xb + m * K, codes, scales, y + m * N, K);
+        else if (rows == 1)
+            one_row(xf + m * K, NULL, codes, scales, y + m * N, K);
+#ifdef __AVX512BF16__
+        else if (xb)
+            BF16_ROWS_KERNELS[rows](xb + m * K, codes, scales, y + m * N, N, K);
+#endif
+        else
+            FLOAT_ROWS[rows](xf + m * K, codes, scales, y + m * N, N, K);
+    }
 }
 
-/* x (M, K) float32 with 1 <= M <= 8, codes (N / 32, K, 32) int8, scales (N,) float32 -> y (M, N) float32; all
-   contiguous. */
-void int8_blocked_matmul(const float *x, const int8_t *codes, const float *scales, float *y, int64_t M, int64_t N,
-                         int64_t K, int threads) {
+static void blocks(const float *xf, const uint16_t *xb, const int8_t *codes, const float *scales, float *y,
+                   int64_t M, int64_t N, int64_t K, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < N / BLOCK; b++)
-        block(x, codes + b * K * BLOCK, scales + b * BLOCK, y + b * BLOCK, M, N, K);
+        block(xf, xb, codes + b * K * BLOCK, scales + b * BLOCK, y + b * BLOCK, M, N, K);
+}
+
+/* x (M, K) float32, codes (N / 32, K, 32) int8, scales (N,) float32 -> y (M, N) float32; all contiguous. */
+void int8_blocked_matmul(const float *x, const int8_t *codes, const float *scales, float *y, int64_t M, int64_t N,
+                         int64_t K, int threads) {
+    blocks(x, NULL, codes, scales, y, M, N, K, threads);
+}
+
+/* The same with x (M, K) bf16 (its bits as uint16). Without AVX512_BF16, rows of more than one are widened to
+   float32 first. Returns 0, or -1 where that copy could not be allocated. */
+int int8_blocked_matmul_bf16(const uint16_t *x, const int8_t *codes, const float *scales, float *y, int64_t M,
+                             int64_t N, int64_t K, int threads) {
+#ifdef __AVX512BF16__
+    blocks(NULL, x, codes, scales, y, M, N, K, threads);
+#else
+    if (M == 1) {
+        blocks(NULL, x, codes, scales, y, M, N, K, threads);
+        return 0;
+    }
+    float *wide = malloc((size_t)(M * K) * sizeof *wide);
+    if (!wide) return -1;
+    for (int64_t i = 0; i < M * K; i++) wide[i] = bf16_value(x[i]);
+    blocks(wide, NULL, codes, scales, y, M, N, K, threads);
+    free(wide);
+#endif
+    return 0;
 }

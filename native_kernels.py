@@ -1,12 +1,14 @@
-"""The CPU's native int8 kernel (native_kernels.c), built on first use with the machine's C compiler and called
-through ctypes by quantize.py's int8 layers for steps of up to 8 rows (decode, speculative verify) outside a
-compiled step.
+"""The CPU's native int8 kernel (native_kernels.c), built on first use with the machine's C compiler and called by
+quantize.py's int8 layers for calls of a few rows (decode and verify steps, short prompts) as the torch operator
+`torch.ops.small_llama.int8_blocked_matmul`, eager and compiled steps alike; its CPU kernel calls the library through
+ctypes.
 
 Why: a decode step's speed is the rate its codes are read at. On 2 cores this kernel reads the blocked layout
-(quantize.py: blocks of 32 output channels) 1.6-1.85x as fast as inductor's loop over it, and aten's
-`_weight_int8pack_mm` reads its (N, K) rows slower still (bench/RESULTS.md). A compiled step keeps inductor's loop:
-called from a compiled graph (a torch custom op), each call cost ~15 us of dispatch and split inductor's one fused
-step into a piece per layer, which measured no faster end to end.
+(quantize.py: blocks of 32 output channels) 1.6-1.85x as fast as inductor's loop over it, about as fast as a loop
+that only reads the bytes, and aten's `_weight_int8pack_mm` reads its (N, K) rows slower still (bench/RESULTS.md).
+Registered at torch.library's low level, a call costs ~2.5 us more than the bare ctypes call (a
+`torch.library.custom_op` cost ~15 us, more than the kernel saved in a compiled step); a compiled step calls it
+between inductor's fused pieces.
 
 The build: `cc -O3 -march=native -fopenmp -shared -fPIC` ($CC for another compiler) into $XDG_CACHE_HOME/small-llama
 (default ~/.cache/small-llama), under a name hashing the source, the compiler's version, the flags and this CPU's
@@ -34,7 +36,6 @@ from utils import atomic_write
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BLOCK = 32  # output channels per block of the codes' layout
-MAX_ROWS = 8
 
 
 class BuildFailed(Exception):
@@ -80,23 +81,51 @@ def load() -> Tuple[Optional[ctypes.CDLL], str]:
         return None, f"{path}: {error}"
     library.int8_blocked_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     library.int8_blocked_matmul.restype = None
+    library.int8_blocked_matmul_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    library.int8_blocked_matmul_bf16.restype = ctypes.c_int
     return library, ""
 
 
 def run(library: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 with M <= 8, codes (N / 32, K, 32) int8, scales (N,) float32 -> (M, N) float32, on torch's
+    """x (M, K) float32 or bf16, codes (N / 32, K, 32) int8, scales (N,) float32 -> (M, N) float32, on torch's
     threads."""
     x, scales = x.contiguous(), scales.contiguous()  # named: the library reads their memory
     M, K = x.shape
-    if not 1 <= M <= MAX_ROWS or x.dtype != torch.float32 or scales.dtype != torch.float32:
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype}, scales {scales.dtype}: expected 1 to {MAX_ROWS} float32 rows "
-                         "and float32 scales")
+    if M < 1 or x.dtype not in (torch.float32, torch.bfloat16) or scales.dtype != torch.float32:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype}, scales {scales.dtype}: expected float32 or bf16 rows and "
+                         "float32 scales")
     if codes.shape[1:] != (K, BLOCK) or codes.dtype != torch.int8 or not codes.is_contiguous():
         raise ValueError(f"codes {tuple(codes.shape)} {codes.dtype}: expected contiguous int8 (N / {BLOCK}, {K}, "
                          f"{BLOCK})")
     if scales.numel() != codes.size(0) * BLOCK:
         raise ValueError(f"{scales.numel()} scales for {codes.size(0) * BLOCK} output channels")
     y = torch.empty(M, codes.size(0) * BLOCK)
-    library.int8_blocked_matmul(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), M, y.size(1), K,
-                                torch.get_num_threads())
+    arguments = (x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), M, y.size(1), K,
+                 torch.get_num_threads())
+    if x.dtype == torch.float32:
+        library.int8_blocked_matmul(*arguments)
+    elif library.int8_blocked_matmul_bf16(*arguments):
+        raise MemoryError(f"native_kernels: no memory to widen {M} x {K} bf16 rows to float32")
     return y
+
+
+def int8_blocked_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The operator's CPU kernel: `run` on the built library."""
+    library, missing = load()
+    if library is None:
+        raise RuntimeError(f"small_llama::int8_blocked_matmul: the native int8 kernel is not built: {missing}")
+    return run(library, x, codes, scales)
+
+
+def int8_blocked_matmul_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The operator's result as a compiler traces it: (M, N) float32."""
+    return x.new_empty(x.size(0), scales.size(0), dtype=torch.float32)
+
+
+# `run` as a torch operator, torch.ops.small_llama.int8_blocked_matmul(x, codes, scales), so that a compiled step
+# calls the C kernel too: registered at this low level, a call costs ~2.5 us over the bare ctypes call (a
+# torch.library.custom_op cost ~15 us, more than the kernel saved: bench/RESULTS.md)
+OPERATORS = torch.library.Library("small_llama", "DEF")
+OPERATORS.define("int8_blocked_matmul(Tensor x, Tensor codes, Tensor scales) -> Tensor")
+OPERATORS.impl("int8_blocked_matmul", int8_blocked_matmul, "CPU")
+OPERATORS.impl("int8_blocked_matmul", int8_blocked_matmul_shape, "Meta")

@@ -11,13 +11,14 @@ and float32 scales. `prepare` packs them for the device and picks the computatio
   `_weight_int4pack_mm_for_cpu` (with fp32 activations these kernels take a path ~5-25x slower than fp32 F.linear);
   a packed int4 copy replaces the stored codes;
 - CPU, int8, bf16 or float32 activations (so a CPU without bf16 instructions too), output widths a multiple of 32:
-  the codes re-laid in blocks of 32 output channels, (N / 32, K, 32), each block one stream. Steps of up to 8 rows
-  run native_kernels' C kernel (AVX-512, built on first use with the machine's C compiler; 1.3-1.8x the eager decode
-  on aten's kernel), a compiled step inductor's loop over the same layout, converting each code once for all rows of
-  the step (1.5x the compiled decode on aten's kernel, which streams its (N, K) rows slower). Larger calls (the
-  prefill) convert the codes into a (K, N) matrix of the activation dtype and multiply. Where the C kernel is not
-  built (no AVX-512, no C compiler), eager steps run aten's `_weight_int8pack_mm` (bf16 activations) and a compiled
-  decode re-lays the codes (`prepare_compiled_decode`);
+  the codes re-laid in blocks of 32 output channels, (N / 32, K, 32), each block one stream. Calls of up to 32 rows
+  (decode and verify steps, short prompts) run native_kernels' C kernel (AVX-512, built on first use with the
+  machine's C compiler; 1.3-1.8x the eager decode on aten's kernel), eager or compiled (a torch operator). Larger
+  calls (long prompts) convert the codes into a (K, N) matrix of the activation dtype and multiply. Where the C
+  kernel is not built (no AVX-512, no C compiler), eager steps run aten's `_weight_int8pack_mm` (bf16 activations)
+  and a compiled decode re-lays the codes (`prepare_compiled_decode`) for inductor's loop over the same layout,
+  converting each code once for all rows of the step (1.5x the compiled decode on aten's kernel, which streams its
+  (N, K) rows slower);
 - CUDA: int8 through quantized_kernels' Triton kernel (bf16 or fp16 activations; Triton comes with torch's CUDA wheels
   for Linux), which reads the stored codes as they are; without Triton, a matmul of the codes with the scales applied
   to its output, where a compiled step of a few rows runs a product-and-sum that inductor fuses into one kernel
@@ -49,6 +50,9 @@ GROUP_SIZES = (32, 64, 128)
 INT8_BLOCK = native_kernels.BLOCK  # output channels per block of the CPU int8 layout (the C kernel's, compiled steps')
 INT8PACK_WIDTH = 16  # aten's CPU _weight_int8pack_mm takes input widths that are multiples of this (others crash it)
 FUSED_ROWS = 8  # compiled steps of at most this many rows (decode, speculative verify) take the fused loops
+# calls of at most this many rows run native_kernels' C kernel (beyond, converting the codes into a matrix for a
+# matmul is faster: bench/RESULTS.md)
+NATIVE_ROWS = 32
 QUANTIZATION_FILE = "quantization.json"
 FORMAT = 1  # of QUANTIZATION_FILE and the stored codes
 
@@ -184,7 +188,7 @@ class QuantizedLinear(nn.Module):
             self.codes = int8_blocks(int8_rows(self.codes))
             self.packed, self.packed_scales = self.codes, self.scales.to(activation_dtype)
             # the C kernel's float32 scales, converted once here rather than at every step
-            self.native_library, self.native_scales = library, self.scales.float()
+            self.native_scales = self.scales.float()
             self.kernel = "cpu_int8_blocked" if library is None else "cpu_int8_native"
         elif (device.type == "cpu" and activation_dtype == torch.bfloat16 and self.mode == "int8"
                 and self.in_features % INT8PACK_WIDTH == 0):
@@ -229,11 +233,11 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "cpu_int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x, self.packed, self.packed_scales)
         elif self.kernel in ("cpu_int8_native", "cpu_int8_blocked"):
-            rows, compiling = x.size(0), torch.compiler.is_compiling()
-            if not compiling and self.kernel == "cpu_int8_native" and rows <= native_kernels.MAX_ROWS:
-                y = native_kernels.run(self.native_library, x.float(), self.codes, self.native_scales)
+            rows = x.size(0)
+            if self.kernel == "cpu_int8_native" and rows <= NATIVE_ROWS:  # eager or compiled
+                y = torch.ops.small_llama.int8_blocked_matmul(x, self.codes, self.native_scales)
                 y = y if self.float_output else y.to(x.dtype)  # the head's logits in float32 as summed
-            elif compiling and rows <= FUSED_ROWS:
+            elif torch.compiler.is_compiling() and rows <= FUSED_ROWS:
                 weight = self.codes.float()
                 if isinstance(rows, int):
                     # one product-and-sum per row over the same converted codes: inductor fuses them into one loop

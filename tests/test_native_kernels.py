@@ -1,5 +1,6 @@
-"""native_kernels: the C int8 kernel against a float64 matmul of the weights its codes stand for, for 1 to 8 rows
-and an input width its 4-wide loop does not divide; its build cached by content and written atomically; a missing or
+"""native_kernels: the C int8 kernel against a float64 matmul of the weights its codes stand for, for float32 and bf16
+rows (1 to 21 of them: each row count's loop, then 8 at a time), input widths its 4-wide and 2-wide loops do not
+divide, and a build without bf16 instructions; its build cached by content and written atomically; a missing or
 failing compiler, or a cache it cannot write, said in one line, never a half-written library."""
 
 import pytest
@@ -26,16 +27,38 @@ def test_the_kernel_computes_the_matmul_of_the_dequantized_weights():
     library, why = native_kernels.load()
     assert library is not None, why  # a CPU with AVX-512 and a C compiler builds it
     torch.manual_seed(0)
-    module = QuantizedLinear.from_linear(torch.nn.Linear(70, 96, bias=False), "int8", None)  # K = 70: a 4-wide tail
+    # K = 69: tails for the 4-wide loop of one row and the 2-wide loop of bf16 pairs
+    module = QuantizedLinear.from_linear(torch.nn.Linear(69, 96, bias=False), "int8", None)
     weight = dequantize(module, torch.float64)
-    assert module.prepare(torch.float32) == "cpu_int8_native" and module.codes.shape == (3, 70, 32)
-    for rows in range(1, native_kernels.MAX_ROWS + 1):  # one row's loop, then each row count's
-        x = torch.randn(rows, 70)
-        expected = x.double() @ weight.T
-        got = native_kernels.run(library, x, module.codes, module.scales)
-        assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-6, rows
-    with pytest.raises(ValueError, match="expected 1 to 8 float32 rows"):
-        native_kernels.run(library, torch.randn(9, 70), module.codes, module.scales)
+    assert module.prepare(torch.float32) == "cpu_int8_native" and module.codes.shape == (3, 69, 32)
+    check_rows(library, module, weight, K=69)
+    with pytest.raises(ValueError, match="expected float32 or bf16 rows"):
+        native_kernels.run(library, torch.randn(2, 69).double(), module.codes, module.scales)
+
+
+def check_rows(library, module: QuantizedLinear, weight: torch.Tensor, K: int) -> None:
+    """float32 and bf16 rows: one row's loop, each row count's up to 8, then 8 at a time and what is left (17 = 8 + 8
+    + 1, 21 = 8 + 8 + 5), through `run` and the torch operator, against float64 on the same (bf16-rounded) inputs."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in [*range(1, 10), 17, 21]:
+            x = torch.randn(rows, K).to(dtype)
+            expected = x.double() @ weight.T
+            for got in (native_kernels.run(library, x, module.codes, module.scales),
+                        torch.ops.small_llama.int8_blocked_matmul(x, module.codes, module.scales)):
+                assert got.dtype == torch.float32
+                assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-6, (dtype, rows)
+
+
+@needs_avx512
+def test_built_for_a_cpu_without_bf16_instructions_bf16_rows_are_widened_to_float32(fresh_builds, monkeypatch):
+    """Without AVX512_BF16 (here: compiled without it) the bf16 rows take the float32 loops, with the same results."""
+    monkeypatch.setattr(native_kernels, "FLAGS", (*native_kernels.FLAGS, "-mno-avx512bf16"))
+    library, why = native_kernels.load()
+    assert library is not None, why
+    torch.manual_seed(0)
+    module = QuantizedLinear.from_linear(torch.nn.Linear(65, 64, bias=False), "int8", None)  # odd K: a lone input
+    module.prepare(torch.float32)
+    check_rows(library, module, dequantize(module, torch.float64), K=65)
 
 
 @needs_avx512
