@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from checkpoint import load_model, quantization_of
-from model import GPT
+from model import GPT, find_multiple
 from quantize import Quantization, activation_dtype, describe, prepare_compiled_decode, quantize_for_inference
 from tokenizer import Tokenizer
 from utils import UserError
@@ -26,6 +26,8 @@ PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": 
 # step's kernels while the device works. Checking for a stop id every few tokens costs at most this many - 1 wasted
 # steps (with `on_token`, streaming needs the sync anyway and each token is checked).
 STOP_CHECK_INTERVAL = 8
+# a compiled decode's KV cache length is rounded up to a multiple of this (compiled_cache_length)
+CACHE_LENGTH_MULTIPLE = 256
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> None:
@@ -89,6 +91,14 @@ def last_logits(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor,
 def next_token(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor, **sampling) -> torch.Tensor:
     """Feed idx (1, T) at positions input_pos (T,) through the KV cache and sample the token that follows: (1,)."""
     return sample(last_logits(model, idx, input_pos), **sampling)
+
+
+def compiled_cache_length(prompt_length: int, max_new_tokens: int, block_size: int) -> int:
+    """The KV cache length of a compiled decode of one prompt: the prompt plus max_new_tokens, rounded up to a
+    multiple of CACHE_LENGTH_MULTIPLE so that runs of similar lengths share the compiled step (inductor's on-disk
+    cache), at most the block size. Not the block size itself: every step reads every slot of the cache, which on the
+    CPU doubled AMD-Llama-135m's compiled int8 step at 2,048 slots (docs/generation.md)."""
+    return min(block_size, find_multiple(prompt_length + max_new_tokens, CACHE_LENGTH_MULTIPLE))
 
 
 def ensure_kv_cache(model: GPT, batch_size: int, max_seq_length: int) -> None:

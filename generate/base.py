@@ -4,8 +4,8 @@ generation.py (the prompt prefilled into a static KV cache, then one token at a 
     python generate/base.py --checkpoint_dir out/demo/final --prompt "def fibonacci(n):" --max_new_tokens 100
     python generate/base.py --checkpoint_dir out/demo/final --prompt "def fibonacci(n):" --compile
 
-With --compile the KV cache has one length for every prompt (--max_seq_length, default the block size), so a prompt
-of another length reuses the compiled step; the prefill stays eager (one call per prompt, of the prompt's shape).
+With --compile the KV cache's length is the prompt plus --max_new_tokens rounded up to a multiple of 256 (or
+--max_seq_length), so that runs of similar lengths reuse the compiled step; the prefill stays eager.
 """
 
 import sys
@@ -17,7 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generation import check_generation_args, encode_prompt, generate, load_for_generation, synchronize
+from generation import (
+    check_generation_args, compiled_cache_length, encode_prompt, generate, load_for_generation, synchronize,
+)
 from quantize import QuantizeMode
 from utils import cli
 
@@ -48,17 +50,18 @@ def main(
         seed: random seed for sampling
         precision: 32-true, bf16-true or 16-true; default bf16-true on CUDA, 32-true on CPU
         compile: compile the one-token decode step (CUDA graphs on CUDA); a warm-up run compiles it before timing
-        max_seq_length: KV cache length, fixed so that prompts of any length reuse one compiled step; default the
-            block size with --compile, else the prompt plus max_new_tokens
+        max_seq_length: KV cache length; default the prompt plus max_new_tokens, with --compile rounded up to a
+            multiple of 256 (every step reads every slot: docs/generation.md)
         quantize: int8 or int4 weight-only quantization of the linear layers at load (quantize.py); none: as stored
         group_size: int4's group of input channels: 32, 64 or 128
     """
     check_generation_args(max_new_tokens, temperature, top_k, top_p)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_generation(checkpoint_dir, device, precision, quantize, group_size)
-    if compile:
-        max_seq_length = max_seq_length or model.config.block_size
     prompt_ids = encode_prompt(tokenizer, prompt, device)
+    if compile:
+        max_seq_length = max_seq_length or compiled_cache_length(len(prompt_ids), max_new_tokens,
+                                                                 model.config.block_size)
     room = min(max_seq_length or model.config.block_size, model.config.block_size) - len(prompt_ids)
     if 0 < room < max_new_tokens:
         print(f"Only {room} new tokens fit after the {len(prompt_ids)}-token prompt", file=sys.stderr)

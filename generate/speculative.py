@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generation import check_generation_args, encode_prompt, load_for_generation
+from generation import check_generation_args, compiled_cache_length, encode_prompt, load_for_generation
 from quantize import QuantizeMode
 from speculative import SpeculativeStats, check_tokenizers_agree, fit_prompt, load_prompts, speculative_generate
 from utils import UserError, cli
@@ -92,7 +92,8 @@ def main(
     settings = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, compiled=compile,
         stop_ids=[] if tokenizer.eos_id is None else [tokenizer.eos_id],
-        max_seq_length=block_size if compile else None,
+        max_seq_length=(compiled_cache_length(max(map(len, prompt_ids)), max_new_tokens, block_size) if compile
+                        else None),
     )
     batches = [prompt_ids[i : i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
     if compile:  # a warm-up compiles the steps, for every batch shape

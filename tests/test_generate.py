@@ -13,7 +13,7 @@ import torch
 
 import generate.base as generate_base
 from checkpoint import save_model_dir
-from generation import generate, logits_to_probs, sample
+from generation import compiled_cache_length, generate, logits_to_probs, sample
 from model import GPT, Config
 from tokenizer import Tokenizer
 
@@ -299,6 +299,36 @@ def test_main_greedy_output(checkpoint_dir, capsys):
     assert out == tokenizer.decode(expected) + "\n"
     assert out.startswith(prompt)
     assert "tokens/s on cpu" in err
+
+
+def test_a_compiled_decode_cache_is_the_run_rounded_up_not_the_block_size():
+    assert compiled_cache_length(10, 20, 2048) == 256
+    assert compiled_cache_length(250, 6, 2048) == 256 and compiled_cache_length(250, 7, 2048) == 512
+    assert compiled_cache_length(2000, 100, 2048) == 2048  # never past the block size
+
+
+def test_main_compiled_sizes_the_cache_to_the_run(checkpoint_dir, monkeypatch, capsys):
+    """With --compile the warm-up and the run share one cache length: the prompt plus max_new_tokens rounded up
+    (here to a multiple of 16, under the micro model's block size of 64); --max_seq_length overrides it."""
+    import generation
+
+    lengths = []
+    real_generate = generate_base.generate
+
+    def eager_generate(model, prompt_ids, max_new_tokens, **settings):  # the wiring, without a compile
+        lengths.append((len(prompt_ids), settings["max_seq_length"]))
+        return real_generate(model, prompt_ids, max_new_tokens, **{**settings, "compiled": False})
+
+    monkeypatch.setattr(generate_base, "generate", eager_generate)
+    monkeypatch.setattr(generation, "CACHE_LENGTH_MULTIPLE", 16)
+    generate_base.main(checkpoint_dir, prompt="import sys", max_new_tokens=25, temperature=0.0, compile=True)
+    prompt_length = lengths[0][0]
+    assert [length for _, length in lengths] == [-(-(prompt_length + 25) // 16) * 16] * 2 and lengths[0][1] < 64
+    lengths.clear()
+    generate_base.main(checkpoint_dir, prompt="import sys", max_new_tokens=25, temperature=0.0, compile=True,
+                       max_seq_length=40)
+    assert [length for _, length in lengths] == [40, 40]
+    capsys.readouterr()
 
 
 def test_main_bf16_on_cpu(checkpoint_dir, capsys):
