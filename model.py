@@ -222,8 +222,9 @@ class GPT(nn.Module):
 
         input_pos: (T,) positions shared by all rows or (B, T) per row (int64). They give the RoPE angles and
             causality: a query attends only keys at positions <= its own. With a KV cache (set_kv_cache), each row
-            writes its T keys and values at its own positions and attends the whole cache (S = max_seq_length slots,
-            a key's position being its slot), so rows may sit at different lengths. Without a cache, input_pos
+            writes its T keys and values at its own positions and attends the cache (S = max_seq_length slots, a
+            key's position being its slot; eagerly on the CPU only the first max(input_pos) + 1, the others being
+            masked for every query), so rows may sit at different lengths. Without a cache, input_pos
             needs an attention_mask and positions the T tokens only (packed documents restart at 0).
         attention_mask: bool (B, T, S) or (B, 1, S), True where a query may attend a key; S = T without a cache,
             the cache length with one. It is AND-ed with causality, and a query always attends itself, so padding
@@ -262,6 +263,12 @@ class GPT(nn.Module):
                 input_pos = torch.arange(T, device=idx.device)
             cos, sin = self.cos[input_pos], self.sin[input_pos]
             mask = self.sdpa_mask(B, input_pos, attention_mask, cached)
+            if cached and idx.device.type == "cpu" and not torch.compiler.is_compiling():
+                # attend the cache's slots up to the last position fed, not all of them: the others are masked for
+                # every query, and reading them is most of a small model's step at long caches (bench/RESULTS.md).
+                # On the CPU only: elsewhere reading a position would make the host wait for the device, and a
+                # compiled step keeps one shape
+                mask = mask[..., : int(input_pos.max()) + 1]
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos if cached else None, rows)
@@ -326,8 +333,8 @@ class CausalSelfAttention(nn.Module):
             y = flash_attn_func(q, k, v, causal=True, softmax_scale=1.0 / math.sqrt(cfg.head_size))
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if input_pos is not None:
-                k, v = self.kv_cache.update(input_pos, k, v, rows)
+            if input_pos is not None:  # the slots the mask covers (GPT.hidden_states: all, or those written so far)
+                k, v = self.kv_cache.update(input_pos, k, v, rows, slots=mask.size(-1))
             gqa = cfg.n_query_groups != cfg.n_head
             scale = 1.0 / math.sqrt(cfg.head_size)
             if T == 1 and mask is not None and x.device.type == "cpu" and q.dtype == torch.bfloat16:
@@ -387,9 +394,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None):
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None,
+               slots: Optional[int] = None):
         """Write k, v (B, groups, T, hs) in place at input_pos, (T,) for every row or (B, T) per row, into the
-        cache rows `rows` (B,), default the first B; return those rows of the whole cache (fixed shape)."""
+        cache rows `rows` (B,), default the first B; return those rows of the cache's first `slots` slots (default
+        all: a fixed shape)."""
         B = k.size(0)
         for cache, new in ((self.k, k), (self.v, v)):
             if input_pos.dim() == 1 and rows is None:
@@ -398,7 +407,9 @@ class KVCache(nn.Module):
                 # indices on dims 0 and 2 around a slice: the indexed cache is (B, T, groups, hs)
                 row_index = (torch.arange(B, device=cache.device) if rows is None else rows)[:, None]
                 cache[row_index, :, input_pos] = new.transpose(1, 2).to(cache.dtype)
-        return (self.k[:B], self.v[:B]) if rows is None else (self.k[rows], self.v[rows])
+        if rows is None:
+            return self.k[:B, :, :slots], self.v[:B, :, :slots]
+        return self.k[rows, :, :slots], self.v[rows, :, :slots]
 
 
 def build_rope_cache(config: Config, device: Optional[torch.device] = None):

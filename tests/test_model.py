@@ -300,6 +300,37 @@ def test_kv_cache_matches_full_forward(n_query_groups):
                                    rtol=1e-5)
 
 
+def test_on_the_cpu_a_cached_forward_attends_the_slots_up_to_its_last_position(monkeypatch):
+    """Eagerly on the CPU the attention reads the cache's first max(input_pos) + 1 slots, not all of them (the
+    others are masked for every query), per row of the batch as well: the logits are those of the whole cache's."""
+    attended = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kwargs):
+        attended.append(k.size(2))
+        return sdpa(q, k, v, **kwargs)
+
+    model = micro_model(2).double()
+    idx = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        model.set_kv_cache(batch_size=2, max_seq_length=48)
+        # rows at different positions (written again with the same values: the cache ends as it was); the window is
+        # the furthest row's
+        rows, positions = torch.tensor([1, 0]), torch.tensor([[3, 4], [10, 11]])
+        # the whole cache, as a compiled step reads it
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        whole = cached_logits(model, idx, n_prefill=9)
+        whole_rows = model(idx[:, :2], positions, rows=rows)
+        monkeypatch.undo()
+        monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+        windowed = cached_logits(model, idx, n_prefill=9)
+        windowed_rows = model(idx[:, :2], positions, rows=rows)
+    layers = model.config.n_layer
+    assert attended == [9] * layers + [10] * layers + [11] * layers + [12] * layers + [12] * layers
+    torch.testing.assert_close(windowed, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(windowed_rows, whole_rows, rtol=1e-12, atol=1e-12)
+
+
 def test_kv_cache_full_block_size():
     model = micro_model(2)
     T = model.config.block_size
