@@ -35,8 +35,9 @@ target step) and t_v(k) (a (k+1)-token target verify):
 - time-based: tokens per round (1 - a^(k+1)) / (1 - a) over the round's time t_d2 + (k - 1) t_d + t_v(k), times t_t.
 The goal: measured >= 90% of the time-based prediction at the best k (the rest is the loop's own overhead).
 
-With --compile the decoders run compiled (generate's step, the draft step and the verify; KV caches of the block
-size). Where a GPU is lent, the step times alone of model shapes on random weights, and the speedups they predict
+With --compile the decoders run compiled (generate's step, the draft step and the verify; KV caches of the longest
+prompt plus max_new_tokens, rounded up to 256; the step times are taken halfway through a cache of the block size).
+Where a GPU is lent, the step times alone of model shapes on random weights, and the speedups they predict
 at a given alpha (AMD reports acceptance rates, accepted / drafted, of 0.65-0.74 for AMD-Llama-135m-code drafting
 for CodeLlama-7b; alpha is at least that):
 
@@ -64,7 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import report_header  # noqa: E402
 from checkpoint import named_config  # noqa: E402
 from generation import (  # noqa: E402
-    PRECISIONS, compiled_step, default_precision, generate, last_logits, load_for_generation, synchronize,
+    PRECISIONS, compiled_cache_length, compiled_step, default_precision, generate, last_logits, load_for_generation,
+    synchronize,
 )
 from speculative import (  # noqa: E402
     SpeculativeStats, check_tokenizers_agree, fit_prompt, load_prompts, speculative_generate, verify_logits,
@@ -146,7 +148,8 @@ def main(
     steps = report["step_seconds"]
     print(f"{report['device']}; torch {torch.__version__}. {len(prompt_ids)} {prompts} prompts, {max_new_tokens} new "
           f"tokens each{', compiled' if compile else ''}. " + describe_steps(steps, ks))
-    max_seq_length = block_size if compile else None  # one cache length: no recompilation per prompt
+    # one cache length for every prompt (no recompilation), sized to the longest run: every compiled step reads it all
+    max_seq_length = compiled_cache_length(max(map(len, prompt_ids)), max_new_tokens, block_size) if compile else None
     print(f"{'T':>4} {'k':>2} {'alpha':>6} {'accept':>6} {'tok/fwd':>7} {'tok/s':>7} {'speedup':>7} "
           f"{'textbook':>8} {'time-based':>10} {'measured/time-based':>19}")
     # float32 weights, none quantized (--quantize or a quantized checkpoint): greedy output must be the target's own
