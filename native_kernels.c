@@ -3,7 +3,8 @@
    y[m, n] = scales[n] * sum_k x[m, k] * code[n, k] for a few rows m (a decode step, a speculative verify, a short
    prompt), x float32 or bf16, with the codes in blocks of 32 output channels, (N / 32, K, 32): one block's codes for
    input k are 32 contiguous bytes, so each block is one stream. One row: per 16 codes a sign-extending load, one
-   conversion to float and a fused multiply-add (AVX-512), four inputs per iteration into separate accumulators so
+   conversion to float and a fused multiply-add (AVX-512; on a CPU without it, AVX2 and FMA: the same loops on two
+   8-wide registers for each 16-wide one), four inputs per iteration into separate accumulators so
    that the multiply-adds do not wait on each other; it reads the codes about as fast as a loop that only reads them,
    where aten's _weight_int8pack_mm streams its (N, K) rows at half that rate on 2 cores (bench/RESULTS.md). More
    rows, up to 8 at a time, convert each code once for all of them; with bf16 rows on a CPU with AVX512_BF16, the
@@ -16,22 +17,50 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef __AVX512F__
-#error "native_kernels.c needs AVX-512F (-march=native on a CPU that has it)"
-#endif
-
 #define BLOCK 32
 #define MAX_ROWS 8
+
+/* 16 floats: one AVX-512 register, or two AVX2 ones (a CPU without AVX-512: the same loops, twice the instructions) */
+#if defined(__AVX512F__)
+typedef __m512 vec16;
+static inline vec16 vzero(void) { return _mm512_setzero_ps(); }
+static inline vec16 vset1(float value) { return _mm512_set1_ps(value); }
+static inline vec16 vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vec16 v) { _mm512_storeu_ps(p, v); }
+static inline vec16 vadd(vec16 a, vec16 b) { return _mm512_add_ps(a, b); }
+static inline vec16 vmul(vec16 a, vec16 b) { return _mm512_mul_ps(a, b); }
+static inline vec16 vfmadd(vec16 a, vec16 b, vec16 c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec16 codes16(const int8_t *p) {  /* 16 codes: a sign-extending load, one conversion */
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef struct { __m256 low, high; } vec16;
+static inline vec16 vzero(void) { return (vec16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline vec16 vset1(float value) { return (vec16){_mm256_set1_ps(value), _mm256_set1_ps(value)}; }
+static inline vec16 vload(const float *p) { return (vec16){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline void vstore(float *p, vec16 v) { _mm256_storeu_ps(p, v.low); _mm256_storeu_ps(p + 8, v.high); }
+static inline vec16 vadd(vec16 a, vec16 b) {
+    return (vec16){_mm256_add_ps(a.low, b.low), _mm256_add_ps(a.high, b.high)};
+}
+static inline vec16 vmul(vec16 a, vec16 b) {
+    return (vec16){_mm256_mul_ps(a.low, b.low), _mm256_mul_ps(a.high, b.high)};
+}
+static inline vec16 vfmadd(vec16 a, vec16 b, vec16 c) {
+    return (vec16){_mm256_fmadd_ps(a.low, b.low, c.low), _mm256_fmadd_ps(a.high, b.high, c.high)};
+}
+static inline __m256 codes8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline vec16 codes16(const int8_t *p) { return (vec16){codes8(p), codes8(p + 8)}; }
+#else
+#error "native_kernels.c needs AVX-512F, or AVX2 and FMA (-march=native on a CPU that has them)"
+#endif
 
 static inline float bf16_value(uint16_t bits) {
     uint32_t word = (uint32_t)bits << 16;
     float value;
     memcpy(&value, &word, sizeof value);
     return value;
-}
-
-static inline __m512 codes16(const int8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
 /* x is float32 (xf) or bf16 (xb), the other NULL: inlined with a constant NULL, the test leaves the loop */
@@ -41,46 +70,46 @@ static inline __attribute__((always_inline)) float x_at(const float *xf, const u
 
 static inline __attribute__((always_inline)) void one_row(const float *xf, const uint16_t *xb, const int8_t *codes,
                                                           const float *scales, float *y, int64_t K) {
-    __m512 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+    vec16 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = vzero();
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {
         const int8_t *p = codes + k * BLOCK;
         for (int i = 0; i < 4; i++) {
-            __m512 xk = _mm512_set1_ps(x_at(xf, xb, k + i));
-            acc[2 * i] = _mm512_fmadd_ps(codes16(p + i * BLOCK), xk, acc[2 * i]);
-            acc[2 * i + 1] = _mm512_fmadd_ps(codes16(p + i * BLOCK + 16), xk, acc[2 * i + 1]);
+            vec16 xk = vset1(x_at(xf, xb, k + i));
+            acc[2 * i] = vfmadd(codes16(p + i * BLOCK), xk, acc[2 * i]);
+            acc[2 * i + 1] = vfmadd(codes16(p + i * BLOCK + 16), xk, acc[2 * i + 1]);
         }
     }
     for (; k < K; k++) {
-        __m512 xk = _mm512_set1_ps(x_at(xf, xb, k));
-        acc[0] = _mm512_fmadd_ps(codes16(codes + k * BLOCK), xk, acc[0]);
-        acc[1] = _mm512_fmadd_ps(codes16(codes + k * BLOCK + 16), xk, acc[1]);
+        vec16 xk = vset1(x_at(xf, xb, k));
+        acc[0] = vfmadd(codes16(codes + k * BLOCK), xk, acc[0]);
+        acc[1] = vfmadd(codes16(codes + k * BLOCK + 16), xk, acc[1]);
     }
-    __m512 low = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[4], acc[6]));
-    __m512 high = _mm512_add_ps(_mm512_add_ps(acc[1], acc[3]), _mm512_add_ps(acc[5], acc[7]));
-    _mm512_storeu_ps(y, _mm512_mul_ps(low, _mm512_loadu_ps(scales)));
-    _mm512_storeu_ps(y + 16, _mm512_mul_ps(high, _mm512_loadu_ps(scales + 16)));
+    vec16 low = vadd(vadd(acc[0], acc[2]), vadd(acc[4], acc[6]));
+    vec16 high = vadd(vadd(acc[1], acc[3]), vadd(acc[5], acc[7]));
+    vstore(y, vmul(low, vload(scales)));
+    vstore(y + 16, vmul(high, vload(scales + 16)));
 }
 
-static inline void store_rows(int M, __m512 acc[][2], const float *scales, float *y, int64_t N) {
+static inline void store_rows(int M, vec16 acc[][2], const float *scales, float *y, int64_t N) {
     for (int m = 0; m < M; m++) {
-        _mm512_storeu_ps(y + m * N, _mm512_mul_ps(acc[m][0], _mm512_loadu_ps(scales)));
-        _mm512_storeu_ps(y + m * N + 16, _mm512_mul_ps(acc[m][1], _mm512_loadu_ps(scales + 16)));
+        vstore(y + m * N, vmul(acc[m][0], vload(scales)));
+        vstore(y + m * N + 16, vmul(acc[m][1], vload(scales + 16)));
     }
 }
 
 /* M float32 rows, M a constant where it is inlined: the accumulators stay in registers */
 static inline __attribute__((always_inline)) void rows_of(int M, const float *x, const int8_t *codes,
                                                           const float *scales, float *y, int64_t N, int64_t K) {
-    __m512 acc[MAX_ROWS][2];
-    for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    vec16 acc[MAX_ROWS][2];
+    for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = vzero();
     for (int64_t k = 0; k < K; k++) {
-        __m512 low = codes16(codes + k * BLOCK), high = codes16(codes + k * BLOCK + 16);
+        vec16 low = codes16(codes + k * BLOCK), high = codes16(codes + k * BLOCK + 16);
         for (int m = 0; m < M; m++) {
-            __m512 xk = _mm512_set1_ps(x[m * K + k]);
-            acc[m][0] = _mm512_fmadd_ps(low, xk, acc[m][0]);
-            acc[m][1] = _mm512_fmadd_ps(high, xk, acc[m][1]);
+            vec16 xk = vset1(x[m * K + k]);
+            acc[m][0] = vfmadd(low, xk, acc[m][0]);
+            acc[m][1] = vfmadd(high, xk, acc[m][1]);
         }
     }
     store_rows(M, acc, scales, y, N);

@@ -13,7 +13,7 @@ between inductor's fused pieces.
 The build: `cc -O3 -march=native -fopenmp -shared -fPIC` ($CC for another compiler) into $XDG_CACHE_HOME/small-llama
 (default ~/.cache/small-llama), under a name hashing the source, the compiler's version, the flags and this CPU's
 model and flags (the build is for the CPU it runs on); written atomically, so a killed build leaves nothing a later
-run would load. Where it is not built (a CPU without AVX-512, no compiler, a failed build), `load` says why and
+run would load. Where it is not built (a CPU without AVX-512 or AVX2, no compiler, a failed build), `load` says why and
 quantize.py keeps aten's kernel: the same numbers, slower. OpenMP: the kernel runs on the runtime torch already
 loaded (libgomp, the same soname), so its threads are torch's.
 """
@@ -57,9 +57,10 @@ def cpu_signature() -> str:
 
 @lru_cache(maxsize=None)
 def load() -> Tuple[Optional[ctypes.CDLL], str]:
-    """(the built library, "") or (None, why it is not built: no AVX-512, no compiler, a failed build)."""
-    if not re.search(r"\bavx512f\b", cpu_signature()):
-        return None, "this CPU has no AVX-512F (Linux's cpuinfo flags), which the kernel is written for"
+    """(the built library, "") or (None, why it is not built: no AVX-512 or AVX2, no compiler, a failed build)."""
+    flags = set(cpu_signature().split())
+    if "avx512f" not in flags and not {"avx2", "fma"} <= flags:
+        return None, "this CPU has neither AVX-512F nor AVX2 and FMA (Linux's cpuinfo flags): the kernel needs one"
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         return None, f"no C compiler: {compiler!r} is not on PATH (set CC to one)"

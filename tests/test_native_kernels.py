@@ -1,7 +1,8 @@
 """native_kernels: the C int8 kernel against a float64 matmul of the weights its codes stand for, for float32 and bf16
 rows (1 to 21 of them: each row count's loop, then 8 at a time), input widths its 4-wide and 2-wide loops do not
-divide, and a build without bf16 instructions; its build cached by content and written atomically; a missing or
-failing compiler, or a cache it cannot write, said in one line, never a half-written library."""
+divide, and builds without bf16 instructions and without AVX-512 (AVX2); a CPU with neither said; its build cached by
+content and written atomically; a missing or failing compiler, or a cache it cannot write, said in one line, never a
+half-written library."""
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ import torch
 import native_kernels
 from quantize import QuantizedLinear, dequantize
 
-needs_avx512 = pytest.mark.skipif(native_kernels.load()[0] is None and "AVX-512" in native_kernels.load()[1],
-                                  reason="this CPU has no AVX-512F, which the kernel is written for")
+needs_simd = pytest.mark.skipif(native_kernels.load()[0] is None and "AVX2" in native_kernels.load()[1],
+                                reason="this CPU has neither AVX-512F nor AVX2 and FMA, which the kernel needs")
 
 
 @pytest.fixture
@@ -22,10 +23,10 @@ def fresh_builds(tmp_path, monkeypatch):
     native_kernels.load.cache_clear()
 
 
-@needs_avx512
+@needs_simd
 def test_the_kernel_computes_the_matmul_of_the_dequantized_weights():
     library, why = native_kernels.load()
-    assert library is not None, why  # a CPU with AVX-512 and a C compiler builds it
+    assert library is not None, why  # a CPU with AVX-512 or AVX2 and a C compiler builds it
     torch.manual_seed(0)
     # K = 69: tails for the 4-wide loop of one row and the 2-wide loop of bf16 pairs
     module = QuantizedLinear.from_linear(torch.nn.Linear(69, 96, bias=False), "int8", None)
@@ -49,7 +50,7 @@ def check_rows(library, module: QuantizedLinear, weight: torch.Tensor, K: int) -
                 assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-6, (dtype, rows)
 
 
-@needs_avx512
+@needs_simd
 def test_built_for_a_cpu_without_bf16_instructions_bf16_rows_are_widened_to_float32(fresh_builds, monkeypatch):
     """Without AVX512_BF16 (here: compiled without it) the bf16 rows take the float32 loops, with the same results."""
     monkeypatch.setattr(native_kernels, "FLAGS", (*native_kernels.FLAGS, "-mno-avx512bf16"))
@@ -61,7 +62,27 @@ def test_built_for_a_cpu_without_bf16_instructions_bf16_rows_are_widened_to_floa
     check_rows(library, module, dequantize(module, torch.float64), K=65)
 
 
-@needs_avx512
+@needs_simd
+def test_built_for_a_cpu_with_avx2_only_the_8_wide_loops_compute_the_same(fresh_builds, monkeypatch):
+    """Without AVX-512 (here: compiled without it) the same loops run on pairs of AVX2 registers."""
+    monkeypatch.setattr(native_kernels, "FLAGS", (*native_kernels.FLAGS, "-mno-avx512f"))
+    monkeypatch.setattr(native_kernels, "cpu_signature", lambda: "flags\t\t: fpu sse2 avx avx2 fma")
+    library, why = native_kernels.load()
+    assert library is not None, why
+    torch.manual_seed(0)
+    module = QuantizedLinear.from_linear(torch.nn.Linear(65, 64, bias=False), "int8", None)
+    module.prepare(torch.float32)
+    check_rows(library, module, dequantize(module, torch.float64), K=65)
+
+
+def test_a_cpu_without_avx2_gets_no_build_and_says_why(fresh_builds, monkeypatch):
+    monkeypatch.setattr(native_kernels, "cpu_signature", lambda: "flags\t\t: fpu sse2 avx")
+    library, why = native_kernels.load()
+    assert library is None and why.startswith("this CPU has neither AVX-512F nor AVX2 and FMA")
+    assert not fresh_builds.exists()
+
+
+@needs_simd
 def test_a_build_is_cached_by_content_and_a_failed_one_leaves_nothing(fresh_builds, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a compiler that fails
     library, why = native_kernels.load()
@@ -80,7 +101,7 @@ def test_a_build_is_cached_by_content_and_a_failed_one_leaves_nothing(fresh_buil
     assert built.stat().st_mtime_ns == stamp
 
 
-@needs_avx512
+@needs_simd
 def test_a_cache_that_cannot_be_written_is_said_not_raised(fresh_builds, monkeypatch, tmp_path):
     (tmp_path / "a_file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))  # its small-llama folder cannot be made
