@@ -58,14 +58,15 @@ def cpu_signature() -> str:
 @lru_cache(maxsize=None)
 def load() -> Tuple[Optional[ctypes.CDLL], str]:
     """(the built library, "") or (None, why it is not built: no AVX-512 or AVX2, no compiler, a failed build)."""
-    flags = set(cpu_signature().split())
+    signature = cpu_signature()
+    flags = set(signature.split())
     if "avx512f" not in flags and not {"avx2", "fma"} <= flags:
         return None, "this CPU has neither AVX-512F nor AVX2 and FMA (Linux's cpuinfo flags): the kernel needs one"
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         return None, f"no C compiler: {compiler!r} is not on PATH (set CC to one)"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), cpu_signature()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), signature]).encode())
     path = cache_dir() / f"native_kernels-{key.hexdigest()[:16]}.so"
     try:
         if not path.exists():
