@@ -1,8 +1,8 @@
-"""native_kernels: the C int8 kernel against a float64 matmul of the weights its codes stand for, for float32 and bf16
-rows (1 to 21 of them: each row count's loop, then 8 at a time), input widths its 4-wide and 2-wide loops do not
-divide, and builds without bf16 instructions and without AVX-512 (AVX2); a CPU with neither said; its build cached by
-content and written atomically; a missing or failing compiler, or a cache it cannot write, said in one line, never a
-half-written library."""
+"""native_kernels: the C int8 kernel, through its C++ torch operator, against a float64 matmul of the weights its
+codes stand for, for float32 and bf16 rows (1 to 21 of them: each row count's loop, then 8 at a time), input widths
+its 4-wide and 2-wide loops do not divide, and builds without bf16 instructions and without AVX-512 (AVX2); bad
+tensors refused by name; a CPU with neither said; the builds cached by content and written atomically; a missing or
+failing compiler (C or C++), or a cache it cannot write, said in one line, never a half-written library."""
 
 import pytest
 import torch
@@ -32,22 +32,27 @@ def test_the_kernel_computes_the_matmul_of_the_dequantized_weights():
     module = QuantizedLinear.from_linear(torch.nn.Linear(69, 96, bias=False), "int8", None)
     weight = dequantize(module, torch.float64)
     assert module.prepare(torch.float32) == "cpu_int8_native" and module.codes.shape == (3, 69, 32)
-    check_rows(library, module, weight, K=69)
-    with pytest.raises(ValueError, match="expected float32 or bf16 rows"):
-        native_kernels.run(library, torch.randn(2, 69).double(), module.codes, module.scales)
+    check_rows(module, weight, K=69)
+    x = torch.randn(2, 69)
+    matmul = torch.ops.small_llama.int8_blocked_matmul
+    for bad, message in (((x.double(), module.codes, module.scales), "x \\[2, 69\\] Double: expected float32 or bf16"),
+                         ((x[:, :68], module.codes, module.scales), "codes \\[3, 69, 32\\] Char: expected contiguous"),
+                         ((x, module.codes, module.scales[:64]), "scales \\[64\\] Float: expected float32 \\(96,\\)")):
+        with pytest.raises(RuntimeError, match=message):
+            matmul(*bad)
 
 
-def check_rows(library, module: QuantizedLinear, weight: torch.Tensor, K: int) -> None:
-    """float32 and bf16 rows: one row's loop, each row count's up to 8, then 8 at a time and what is left (17 = 8 + 8
-    + 1, 21 = 8 + 8 + 5), through `run` and the torch operator, against float64 on the same (bf16-rounded) inputs."""
+def check_rows(module: QuantizedLinear, weight: torch.Tensor, K: int) -> None:
+    """float32 and bf16 rows through the torch operator: one row's loop, each row count's up to 8, then 8 at a time
+    and what is left (17 = 8 + 8 + 1, 21 = 8 + 8 + 5), against float64 on the same (bf16-rounded) inputs; a
+    non-contiguous x (a column slice) too."""
     for dtype in (torch.float32, torch.bfloat16):
         for rows in [*range(1, 10), 17, 21]:
-            x = torch.randn(rows, K).to(dtype)
+            x = torch.randn(rows, K + 3)[:, 3:].to(dtype)
             expected = x.double() @ weight.T
-            for got in (native_kernels.run(library, x, module.codes, module.scales),
-                        torch.ops.small_llama.int8_blocked_matmul(x, module.codes, module.scales)):
-                assert got.dtype == torch.float32
-                assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-6, (dtype, rows)
+            got = torch.ops.small_llama.int8_blocked_matmul(x, module.codes, module.scales)
+            assert got.dtype == torch.float32
+            assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-6, (dtype, rows)
 
 
 @needs_simd
@@ -59,7 +64,7 @@ def test_built_for_a_cpu_without_bf16_instructions_bf16_rows_are_widened_to_floa
     torch.manual_seed(0)
     module = QuantizedLinear.from_linear(torch.nn.Linear(65, 64, bias=False), "int8", None)  # odd K: a lone input
     module.prepare(torch.float32)
-    check_rows(library, module, dequantize(module, torch.float64), K=65)
+    check_rows(module, dequantize(module, torch.float64), K=65)
 
 
 @needs_simd
@@ -72,7 +77,7 @@ def test_built_for_a_cpu_with_avx2_only_the_8_wide_loops_compute_the_same(fresh_
     torch.manual_seed(0)
     module = QuantizedLinear.from_linear(torch.nn.Linear(65, 64, bias=False), "int8", None)
     module.prepare(torch.float32)
-    check_rows(library, module, dequantize(module, torch.float64), K=65)
+    check_rows(module, dequantize(module, torch.float64), K=65)
 
 
 def test_a_cpu_without_avx2_gets_no_build_and_says_why(fresh_builds, monkeypatch):
@@ -94,11 +99,34 @@ def test_a_build_is_cached_by_content_and_a_failed_one_leaves_nothing(fresh_buil
     native_kernels.load.cache_clear()
     monkeypatch.delenv("CC")
     assert native_kernels.load()[0] is not None
-    [built] = fresh_builds.iterdir()
+    [built] = fresh_builds.glob("native_kernels-*.so")  # the operator's library loads once per process (not here)
     stamp = built.stat().st_mtime_ns
     native_kernels.load.cache_clear()  # a new process, as far as the cache goes: the same file, not rebuilt
-    assert native_kernels.load()[0] is not None and [built] == list(fresh_builds.iterdir())
+    assert native_kernels.load()[0] is not None and [built] == list(fresh_builds.glob("native_kernels-*.so"))
     assert built.stat().st_mtime_ns == stamp
+
+
+@needs_simd
+def test_a_missing_or_failing_cpp_compiler_is_said_and_keeps_the_kernel_unused(fresh_builds, monkeypatch):
+    """The operator's C++ build fails as the kernel's does (the operator builds once per process, so its build is
+    called directly here); `load` passes the reason on."""
+    def build_operator():
+        native_kernels.build(native_kernels.OPERATOR_SOURCE, "C++", "CXX", "c++", native_kernels.OPERATOR_FLAGS)
+
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(native_kernels.BuildFailed, match=r"^false -O2 -std=c\+\+20 .* native_kernels_op.cpp failed"):
+        build_operator()
+    assert not fresh_builds.exists() or not any(fresh_builds.iterdir())
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(native_kernels.BuildFailed, match=r"^no C\+\+ compiler: 'no-such-compiler' is not on PATH "
+                                                        r"\(set CXX to one\)$"):
+        build_operator()
+
+    def failed():
+        raise native_kernels.BuildFailed("no C++ compiler: 'no-such-compiler' is not on PATH (set CXX to one)")
+
+    monkeypatch.setattr(native_kernels, "load_operator", failed)
+    assert native_kernels.load() == (None, "no C++ compiler: 'no-such-compiler' is not on PATH (set CXX to one)")
 
 
 @needs_simd
