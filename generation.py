@@ -96,8 +96,8 @@ def next_token(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor, **samplin
 def compiled_cache_length(prompt_length: int, max_new_tokens: int, block_size: int) -> int:
     """The KV cache length of a compiled decode of one prompt: the prompt plus max_new_tokens, rounded up to a
     multiple of CACHE_LENGTH_MULTIPLE so that runs of similar lengths share the compiled step (inductor's on-disk
-    cache), at most the block size. Not the block size itself: every step reads every slot of the cache, which on the
-    CPU doubled AMD-Llama-135m's compiled int8 step at 2,048 slots (docs/generation.md)."""
+    cache), at most the block size. Not the block size itself: a step on a GPU reads every slot of the cache (on the
+    CPU a step attends the slots up to its position only: docs/generation.md)."""
     return min(block_size, find_multiple(prompt_length + max_new_tokens, CACHE_LENGTH_MULTIPLE))
 
 
@@ -190,7 +190,15 @@ def compiled_step(step: Callable, device: torch.device) -> Callable:
         if device.type == "cuda":
             _COMPILED[key] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
         else:
-            _COMPILED[key] = torch.compile(step, fullgraph=True, options={"size_asserts": False})
+            compiled = torch.compile(step, fullgraph=True, options={"size_asserts": False})
+
+            def windowed_step(*args, **kwargs):
+                # the furthest position fed read as a size inside the graph: the step attends the cache's slots up to
+                # it (model.GPT.hidden_states), one graph for every window
+                with torch._dynamo.config.patch(capture_scalar_outputs=True):
+                    return compiled(*args, **kwargs)
+
+            _COMPILED[key] = windowed_step
     return _COMPILED[key]
 
 

@@ -263,12 +263,17 @@ class GPT(nn.Module):
                 input_pos = torch.arange(T, device=idx.device)
             cos, sin = self.cos[input_pos], self.sin[input_pos]
             mask = self.sdpa_mask(B, input_pos, attention_mask, cached)
-            if cached and idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            if cached and idx.device.type == "cpu" and (not torch.compiler.is_compiling()
+                                                         or torch._dynamo.config.capture_scalar_outputs):
                 # attend the cache's slots up to the last position fed, not all of them: the others are masked for
                 # every query, and reading them cost a quarter of AMD-Llama-135m's step at 2,048 slots (RESULTS).
-                # On the CPU only: elsewhere reading a position would make the host wait for the device, and a
-                # compiled step keeps one shape
-                mask = mask[..., : int(input_pos.max()) + 1]
+                # On the CPU only, where reading a position does not make the host wait for a device; compiled, where
+                # the compile captures that read as a size (generation.compiled_step), so one graph serves every
+                # window; other compiles keep the whole cache's shape
+                window = int(input_pos.max()) + 1
+                torch._check(window >= 1)  # what a compile needs told of a size read from a tensor
+                torch._check(window <= mask.size(-1))
+                mask = mask.narrow(-1, 0, window)
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos if cached else None, rows)
@@ -407,8 +412,9 @@ class KVCache(nn.Module):
                 # indices on dims 0 and 2 around a slice: the indexed cache is (B, T, groups, hs)
                 row_index = (torch.arange(B, device=cache.device) if rows is None else rows)[:, None]
                 cache[row_index, :, input_pos] = new.transpose(1, 2).to(cache.dtype)
-        if rows is None:
-            return self.k[:B, :, :slots], self.v[:B, :, :slots]
+        if rows is None:  # narrow: a compiled step's window is a size only known when it runs
+            slots = self.k.size(2) if slots is None else slots
+            return self.k[:B].narrow(2, 0, slots), self.v[:B].narrow(2, 0, slots)
         return self.k[rows, :, :slots], self.v[rows, :, :slots]
 
 

@@ -6,6 +6,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+import generation
 import speculative
 from generation import generate
 from model import GPT, Config
@@ -61,3 +62,22 @@ def test_compiled_speculative_steps_match_eager_without_recompiling(monkeypatch)
     alone = speculative.speculative_generate(target, None, prompts, 15, temperature=0.0, max_seq_length=48,
                                              compiled=True)  # no draft: the target alone, through the same loop
     assert [o.tolist() for o in alone] == [generate(target, p, 15, temperature=0.0).tolist() for p in prompts]
+
+
+def test_a_compiled_cpu_step_attends_the_cache_up_to_its_position_only():
+    """generation.compiled_step's CPU step reads the cache's first max(input_pos) + 1 slots, one graph for every
+    position: the slots past it hold NaN values here, which a step reading the whole cache turns into NaN logits (a
+    zero weight times NaN)."""
+    model = tiny_model()
+    idx = torch.randint(0, 48, (1, 9))
+    step = generation.compiled_step(generation.last_logits, torch.device("cpu"))
+    with torch.inference_mode():
+        model.set_kv_cache(batch_size=1, max_seq_length=64)
+        expected = model(idx, torch.arange(9))[0, :, :48]
+        model(idx[:, :5], torch.arange(5))
+        for position in range(5, 9):
+            model.transformer.h[0].attn.kv_cache.v[:, :, position + 1:] = float("nan")
+            with torch.compiler.set_stance("fail_on_recompile" if position > 5 else "default"):
+                logits = step(model, idx[:, position:position + 1], torch.tensor([position]))
+            torch.testing.assert_close(logits[0], expected[position], rtol=1e-10, atol=1e-10)
+    assert counters["stats"]["unique_graphs"] == 1
