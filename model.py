@@ -223,9 +223,10 @@ class GPT(nn.Module):
         input_pos: (T,) positions shared by all rows or (B, T) per row (int64). They give the RoPE angles and
             causality: a query attends only keys at positions <= its own. With a KV cache (set_kv_cache), each row
             writes its T keys and values at its own positions and attends the cache (S = max_seq_length slots, a
-            key's position being its slot; eagerly on the CPU only the first max(input_pos) + 1, the others being
-            masked for every query), so rows may sit at different lengths. Without a cache, input_pos
-            needs an attention_mask and positions the T tokens only (packed documents restart at 0).
+            key's position being its slot; on the CPU only the first max(input_pos) + 1, the others being masked
+            for every query: eagerly, and in generation.compiled_step's compiled steps), so rows may sit at
+            different lengths. Without a cache, input_pos needs an attention_mask and positions the T tokens only
+            (packed documents restart at 0).
         attention_mask: bool (B, T, S) or (B, 1, S), True where a query may attend a key; S = T without a cache,
             the cache length with one. It is AND-ed with causality, and a query always attends itself, so padding
             queries get finite (meaningless) outputs. The batch layouts that need one build it:
@@ -399,11 +400,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None,
-               slots: Optional[int] = None):
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor],
+               slots: int):
         """Write k, v (B, groups, T, hs) in place at input_pos, (T,) for every row or (B, T) per row, into the
-        cache rows `rows` (B,), default the first B; return those rows of the cache's first `slots` slots (default
-        all: a fixed shape)."""
+        cache rows `rows` (B,), None for the first B; return those rows of the cache's first `slots` slots."""
         B = k.size(0)
         for cache, new in ((self.k, k), (self.v, v)):
             if input_pos.dim() == 1 and rows is None:
@@ -413,7 +413,6 @@ class KVCache(nn.Module):
                 row_index = (torch.arange(B, device=cache.device) if rows is None else rows)[:, None]
                 cache[row_index, :, input_pos] = new.transpose(1, 2).to(cache.dtype)
         if rows is None:  # narrow: a compiled step's window is a size only known when it runs
-            slots = self.k.size(2) if slots is None else slots
             return self.k[:B].narrow(2, 0, slots), self.v[:B].narrow(2, 0, slots)
         return self.k[rows, :, :slots], self.v[rows, :, :slots]
 

@@ -1,4 +1,5 @@
-/* The CPU's int8 kernel for calls of a few rows (native_kernels.py builds and loads it; quantize.py calls it).
+/* The CPU's int8 kernel for calls of a few rows (native_kernels.py builds and loads it; the torch operator of
+   native_kernels_op.cpp calls it).
 
    y[m, n] = scales[n] * sum_k x[m, k] * code[n, k] for a few rows m (a decode step, a speculative verify, a short
    prompt), x float32 or bf16, with the codes in blocks of 32 output channels, (N / 32, K, 32): one block's codes for

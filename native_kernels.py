@@ -84,6 +84,13 @@ def build(source: Path, language: str, variable: str, default: str, flags: Seque
     return path
 
 
+def open_library(path: Path) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as error:  # a library the system will not load (a noexec mount)
+        raise BuildFailed(f"{path}: {error}") from error
+
+
 @lru_cache(maxsize=None)
 def load_operator() -> ctypes.CDLL:
     """Build and load native_kernels_op.cpp (once per process: a second library would register the operator
@@ -93,11 +100,8 @@ def load_operator() -> ctypes.CDLL:
              f"-I{torch_dir / 'include'}")
     libraries = (f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu")
     path = build(OPERATOR_SOURCE, "C++", "CXX", "c++", flags, libraries, built_for=torch.__version__)
-    try:
-        torch.ops.load_library(path)
-        library = ctypes.CDLL(str(path))  # the same library: for its entry point that takes the kernels
-    except OSError as error:  # a library the system will not load (a noexec mount)
-        raise BuildFailed(f"{path}: {error}") from error
+    library = open_library(path)  # loading it registers the operator; torch.ops records it as loaded, the same library
+    torch.ops.load_library(path)
     library.small_llama_use_kernels.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     library.small_llama_use_kernels.restype = None
     return library
@@ -112,11 +116,7 @@ def load() -> Tuple[Optional[ctypes.CDLL], str]:
     if "avx512f" not in flags and not {"avx2", "fma"} <= flags:
         return None, "this CPU has neither AVX-512F nor AVX2 and FMA (Linux's cpuinfo flags): the kernel needs one"
     try:
-        path = build(SOURCE, "C", "CC", "cc", FLAGS, built_for=signature)
-        try:
-            kernels = ctypes.CDLL(str(path))
-        except OSError as error:
-            raise BuildFailed(f"{path}: {error}") from error
+        kernels = open_library(build(SOURCE, "C", "CC", "cc", FLAGS, built_for=signature))
         operator = load_operator()
     except BuildFailed as error:
         return None, str(error)

@@ -13,9 +13,9 @@ and float32 scales. `prepare` packs them for the device and picks the computatio
 - CPU, int8, bf16 or float32 activations (so a CPU without bf16 instructions too), output widths a multiple of 32:
   the codes re-laid in blocks of 32 output channels, (N / 32, K, 32), each block one stream. Calls of up to 32 rows
   (decode and verify steps, short prompts) run native_kernels' C kernel (AVX-512 or AVX2, built on first use with the
-  machine's C compiler; 1.3-1.8x the eager decode on aten's kernel), eager or compiled (a torch operator). Larger
-  calls (long prompts) convert the codes into a (K, N) matrix of the activation dtype and multiply. Where the C
-  kernel is not built (no AVX-512 nor AVX2, no C compiler), eager steps run aten's `_weight_int8pack_mm` (bf16
+  machine's C and C++ compilers; 1.3-1.8x the eager decode on aten's kernel), eager or compiled (a torch operator).
+  Larger calls (long prompts) convert the codes into a (K, N) matrix of the activation dtype and multiply. Where the C
+  kernel is not built (no AVX-512 nor AVX2, no C or C++ compiler), eager steps run aten's `_weight_int8pack_mm` (bf16
   activations) and a compiled decode re-lays the codes (`prepare_compiled_decode`) for inductor's loop over the same
   layout, converting each code once for all rows of the step (1.5x the compiled decode on aten's kernel, which
   streams its (N, K) rows slower);

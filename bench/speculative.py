@@ -148,7 +148,7 @@ def main(
     steps = report["step_seconds"]
     print(f"{report['device']}; torch {torch.__version__}. {len(prompt_ids)} {prompts} prompts, {max_new_tokens} new "
           f"tokens each{', compiled' if compile else ''}. " + describe_steps(steps, ks))
-    # one cache length for every prompt (no recompilation), sized to the longest run: every compiled step reads it all
+    # one cache length for every prompt (no recompilation), sized to the longest run: a GPU step reads it all
     max_seq_length = compiled_cache_length(max(map(len, prompt_ids)), max_new_tokens, block_size) if compile else None
     print(f"{'T':>4} {'k':>2} {'alpha':>6} {'accept':>6} {'tok/fwd':>7} {'tok/s':>7} {'speedup':>7} "
           f"{'textbook':>8} {'time-based':>10} {'measured/time-based':>19}")

@@ -51,7 +51,7 @@ def main(
         precision: 32-true, bf16-true or 16-true; default bf16-true on CUDA, 32-true on CPU
         compile: compile the one-token decode step (CUDA graphs on CUDA); a warm-up run compiles it before timing
         max_seq_length: KV cache length; default the prompt plus max_new_tokens, with --compile rounded up to a
-            multiple of 256 (every step reads every slot: docs/generation.md)
+            multiple of 256 (a step on a GPU reads every slot: docs/generation.md)
         quantize: int8 or int4 weight-only quantization of the linear layers at load (quantize.py); none: as stored
         group_size: int4's group of input channels: 32, 64 or 128
     """

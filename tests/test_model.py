@@ -301,7 +301,7 @@ def test_kv_cache_matches_full_forward(n_query_groups):
 
 
 def test_on_the_cpu_a_cached_forward_attends_the_slots_up_to_its_last_position(monkeypatch):
-    """Eagerly on the CPU the attention reads the cache's first max(input_pos) + 1 slots, not all of them (the
+    """On the CPU the attention reads the cache's first max(input_pos) + 1 slots, not all of them (the
     others are masked for every query), per row of the batch as well: the logits are those of the whole cache's."""
     attended = []
     sdpa = F.scaled_dot_product_attention
@@ -317,7 +317,7 @@ def test_on_the_cpu_a_cached_forward_attends_the_slots_up_to_its_last_position(m
         # rows at different positions (written again with the same values: the cache ends as it was); the window is
         # the furthest row's
         rows, positions = torch.tensor([1, 0]), torch.tensor([[3, 4], [10, 11]])
-        # the whole cache, as a compiled step reads it
+        # the whole cache, as a compile that does not capture the position as a size reads it
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         whole = cached_logits(model, idx, n_prefill=9)
         whole_rows = model(idx[:, :2], positions, rows=rows)
