@@ -89,8 +89,9 @@ def best_seconds(operation, device, repeats: int = 5) -> float:
     return min(times)
 
 
-def time_decoding(decode, prompt, device, repeats: int):
-    """Seconds of each of `repeats` runs after an untimed warm-up, and the token ids of the last run."""
+def time_decoding(decode, prompt, device, repeats: int, after_each=None):
+    """Seconds of each of `repeats` runs after an untimed warm-up, and the token ids of the last run. after_each, if
+    given, is called untimed after each timed run (a reading paired with that run)."""
     import torch
 
     from generation import synchronize
@@ -104,4 +105,6 @@ def time_decoding(decode, prompt, device, repeats: int):
             ids = decode(prompt)
             synchronize(device)
             seconds.append(time.perf_counter() - start)
+            if after_each is not None:
+                after_each()
     return seconds, ids.tolist()

@@ -1,8 +1,8 @@
 """Batch-1 greedy decoding with quantized weights (quantize.py) against float weights, side by side in one run on the
 same random weights: decode tokens/s (the prefill timed apart and taken out), bytes of weights read per token, the
-fraction of the memory-bandwidth bound (the rate a reduction reads memory at, the higher of a reading before and one
-after each mode's runs: a decode step streams its weights once), and the cost of a speculative verify of k + 1 tokens
-relative to one decode step.
+fraction of the memory-bandwidth bound (the rate a reduction reads memory at, read right after each timed run and
+paired with it: a decode step streams its weights once; the median of the runs' fractions and their range), and the
+cost of a speculative verify of k + 1 tokens relative to one decode step.
 
 On the CPU (2 cores; run it alone: a second torch process slows both several times):
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import copy_bandwidth, read_bandwidth, report_header, time_decoding  # noqa: E402
 from checkpoint import named_config  # noqa: E402
-from generation import generate, synchronize  # noqa: E402
+from generation import compiled_step, generate, synchronize  # noqa: E402
 from model import GPT  # noqa: E402
 from quantize import Quantization, describe, quantize_for_inference, weight_bytes  # noqa: E402
 from speculative import verify_logits  # noqa: E402
@@ -81,7 +81,8 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
               "read_bandwidth_gb_per_s": bandwidth / 1e9, "copy_bandwidth_gb_per_s": copy / 1e9, "results": {}}
     print(f"{report['device']}; torch {torch.__version__}. {model_name}, read bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(a copy: {copy / 1e9:.1f} GB/s read plus written)")
-    print(f"{'mode':>16} {'MB/token':>9} {'tokens/s':>9} {'prefill':>8} {'vs fp32':>8} {'of bound':>9} {'(GB/s)':>7}  "
+    print(f"{'mode':>16} {'MB/token':>9} {'tokens/s':>9} {'prefill':>8} {'vs fp32':>8} {'of bound':>9} {'(GB/s)':>7} "
+          f"{'range':>8}  "
           + (f"verify k+1 = 2..{max_k + 1} (decode steps); " if max_k else "") + "prefill in ms")
     max_seq_length = prompt_length + max_new_tokens + max_k + 1
     for mode in [m for m in MODES if m in modes]:
@@ -108,26 +109,29 @@ def main(model_name: str = "AMD-Llama-135m", max_new_tokens: int = 64, prompt_le
                 return generate(model, ids, new_tokens, temperature=0.0, max_seq_length=max_seq_length,
                                 compiled=compiled)
 
-            # the bound of this mode's own minutes, the higher of a reading before and one after its runs: on a shared
-            # VM the rate memory is read at moves by 2x from minute to minute (one figure taken at the start made
-            # later modes' fractions a matter of luck), and a momentary low reading would flatter the fraction
-            before = read_bandwidth(device)
-            seconds, _ = time_decoding(decode, prompt, device, repeats)
+            # each run's bound read right after it: on a shared VM the rate memory is read at moves by 2x from minute
+            # to minute, so one reading for the bench (or for a mode's minutes) made the fractions a matter of luck
+            readings = []
+            seconds, _ = time_decoding(decode, prompt, device, repeats,
+                                       after_each=lambda: readings.append(read_bandwidth(device)))
             # the prefill (eager, compiled or not) timed alone and taken out: the rate is the decode steps'
             prefill_seconds, _ = time_decoding(lambda ids: decode(ids, 1), prompt, device, repeats)
-            bandwidth = max(before, read_bandwidth(device))
-            tokens_per_s = (max_new_tokens - 1) / (statistics.median(seconds) - statistics.median(prefill_seconds))
+            prefill = statistics.median(prefill_seconds)
+            tokens_per_s = (max_new_tokens - 1) / (statistics.median(seconds) - prefill)
+            fractions = [(max_new_tokens - 1) / (run - prefill) * read / bandwidth
+                         for run, bandwidth in zip(seconds, readings)]
+            fraction, bandwidth = statistics.median(fractions), statistics.median(readings)
             verify = verify_costs(model, prompt, max_k, max_seq_length, compiled) if max_k else []
             fp32 = report["results"].get("fp32", {}).get("tokens_per_s")
             report["results"][name] = dict(kernels=describe(model) if mode.startswith("int") else "F.linear",
                                            weight_bytes_per_token=read, tokens_per_s=tokens_per_s, seconds=seconds,
                                            prefill_seconds=prefill_seconds,
-                                           read_bandwidth_gb_per_s=bandwidth / 1e9,
-                                           fraction_of_bandwidth_bound=tokens_per_s * read / bandwidth,
-                                           verify_steps=verify)
-            print(f"{name:>16} {read / 1e6:9.1f} {tokens_per_s:9.1f} {statistics.median(prefill_seconds) * 1e3:8.1f} "
+                                           read_bandwidth_gb_per_s=[reading / 1e9 for reading in readings],
+                                           fraction_of_bandwidth_bound=fraction,
+                                           fractions_of_bandwidth_bound=fractions, verify_steps=verify)
+            print(f"{name:>16} {read / 1e6:9.1f} {tokens_per_s:9.1f} {prefill * 1e3:8.1f} "
                   f"{(f'{tokens_per_s / fp32:7.2f}x' if fp32 else '        ')} "
-                  f"{tokens_per_s * read / bandwidth:8.1%} {bandwidth / 1e9:7.1f}  "
+                  f"{fraction:8.1%} {bandwidth / 1e9:7.1f}  {min(fractions):.0%}-{max(fractions):.0%}  "
                   f"{' '.join(f'{v:.2f}' for v in verify)}")
             if output is not None:
                 write_json(output, report)
@@ -151,8 +155,9 @@ def variant(base: GPT, mode: str) -> GPT:
 def verify_costs(model: GPT, prompt: torch.Tensor, max_k: int, max_seq_length: int, compiled: bool = False,
                  repeats: int = 5) -> list:
     """The time of one forward of k + 1 tokens after the prompt (a speculative verify), k = 1..max_k, in one-token
-    decode steps; the best of `repeats` each. compiled: each length through a step compiled for it alone, as a
-    speculative run with one k compiles its verify (a step compiled for several lengths runs the dynamic-shape code)."""
+    decode steps; the best of `repeats` each. compiled: each length through a step compiled for it alone, the way a
+    speculative run with one k compiles its verify (`generation.compiled_step`; a step compiled for several lengths
+    runs the dynamic-shape code)."""
     T = prompt.numel()
     device = prompt.device
     model.set_kv_cache(batch_size=1, max_seq_length=max_seq_length)
@@ -163,7 +168,7 @@ def verify_costs(model: GPT, prompt: torch.Tensor, max_k: int, max_seq_length: i
         forward = verify_logits
         if compiled:
             torch._dynamo.reset()
-            forward = torch.compile(verify_logits, fullgraph=True, dynamic=False)
+            forward = compiled_step(verify_logits, device)
         forward(model, idx, positions)
         times = []
         for _ in range(repeats):

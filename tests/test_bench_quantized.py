@@ -41,6 +41,10 @@ def test_documented_commands_report_every_mode(tmp_path, capsys):
     assert int4 < int8 < fp32 / 3  # codes and scales instead of float32 weights
     for figures in results.values():
         assert figures["tokens_per_s"] > 0 and len(figures["verify_steps"]) == 2
+        # each timed run paired with a bandwidth reading taken right after it
+        runs, readings = figures["seconds"], figures["read_bandwidth_gb_per_s"]
+        assert len(runs) == len(readings) == len(figures["fractions_of_bandwidth_bound"]) == 1 and readings[0] > 0
+        assert figures["fraction_of_bandwidth_bound"] == figures["fractions_of_bandwidth_bound"][0] > 0
     # float32 activations: the native kernel where it builds, else the dequantized fallback; int8_no_native: aten's
     native = native_kernels.load()[0] is not None
     assert ("cpu_int8_native" if native else "dequantized") in results["int8_fp32"]["kernels"]
