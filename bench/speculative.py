@@ -220,13 +220,16 @@ def predict_from_shapes(report: dict, target_model_name: str, draft_model_name: 
                      ((target, quantize, "--quantize"), (draft, draft_quantize, "--draft_quantize")))
     block_size = min(target.config.block_size, draft.config.block_size, 2048)
     steps = step_times(target, draft, max(ks), block_size, step_repeats, compile)
+    # the activations' dtype each model runs in (quantized models: the one their kernels are fast in, not --precision)
+    dtypes = [str(model.transformer.wte.weight.dtype) for model in (target, draft)]
     report.update(arguments=dict(target_model_name=target_model_name, draft_model_name=draft_model_name, alpha=alpha,
-                                 ks=list(ks), step_repeats=step_repeats, compile=compile, dtype=str(dtype),
-                                 quantize=quantize, draft_quantize=draft_quantize, group_size=group_size),
+                                 ks=list(ks), step_repeats=step_repeats, compile=compile, dtype=dtypes[0],
+                                 draft_dtype=dtypes[1], quantize=quantize, draft_quantize=draft_quantize,
+                                 group_size=group_size),
                   step_seconds=steps,
                   predictions=[dict(k=k, **dict(zip(("textbook", "time_based"), predicted_speedups(alpha, k, steps))))
                                for k in ks])
-    print(f"{report['device']}: {target_model_name} / {draft_model_name}, {dtype}"
+    print(f"{report['device']}: {target_model_name} / {draft_model_name}, {' / '.join(dtypes)}"
           f"{', compiled' if compile else ''}. " + describe_steps(steps, ks))
     for row in report["predictions"]:
         print(f"k={row['k']}: predicted speedup at alpha {alpha}: textbook {row['textbook']:.2f}, "

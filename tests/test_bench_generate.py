@@ -4,7 +4,9 @@ commands of their docstrings, for the lead to time alone on the machine)."""
 import json
 
 import pytest
+import torch
 
+import quantize
 from bench import generate_throughput, speculative
 from test_speculative import checkpoint_pair  # noqa: F401 (a fixture)
 
@@ -57,6 +59,9 @@ def test_speculative_bench_times_quantized_shapes(capsys):
     report = speculative.main(target_model_name="demo", draft_model_name="demo", alpha=0.7, ks=[1], step_repeats=1,
                               quantize="int8", draft_quantize="int4", group_size=32)
     assert (report["arguments"]["quantize"], report["arguments"]["draft_quantize"]) == ("int8", "int4")
+    # the dtype the quantized models run their activations in, not --precision's float32
+    expected = str(quantize.activation_dtype(torch.device("cpu")))
+    assert (report["arguments"]["dtype"], report["arguments"]["draft_dtype"]) == (expected, expected)
     err_and_out = capsys.readouterr()
     assert "int8 linear layers run" in err_and_out.out and "int4 linear layers run" in err_and_out.out
     assert report["step_seconds"]["verify"]["1"] > 0
