@@ -593,7 +593,8 @@ def test_an_interrupted_run_removes_its_shards_and_stops_its_processes(tmp_path,
     script = Path(__file__).resolve().parent.parent / "prepare_data" / "prepare_text.py"
     run = subprocess.Popen([sys.executable, str(script), "--source_path", str(source), "--tokenizer_path",
                             str(tokenizer_dir), "--destination_path", str(out), "--chunk_size", "8",
-                            "--num_processes", str(processes)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            "--num_processes", str(processes)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           preexec_fn=default_sigint)
     workers = []
     try:
         deadline = time.monotonic() + 60
@@ -618,6 +619,12 @@ def test_an_interrupted_run_removes_its_shards_and_stops_its_processes(tmp_path,
         running = [pid for pid in running if proc_stat(pid)[:1] not in ([], ["Z"])]
     kill(running)
     assert not running, f"processes {running} of the interrupted run still run"
+
+
+def default_sigint():
+    """SIGINT back to its default in the child: a suite started in the background by a non-interactive shell runs with
+    SIGINT ignored, which the run would inherit (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def kill(pids):
