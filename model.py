@@ -362,7 +362,7 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     one query over 2048 slots of TinyLlama's 32 heads (1.1 ms for two queries, 0.24 ms as two matmuls;
     bench/RESULTS.md). Eagerly two small matmuls; compiled, products and sums in fp32, which inductor fuses into loops
     reading the cache where it lies, where the matmuls of grouped heads compile to bmm calls on copies of the cache's
-    window (a compiled step of the 4-layer demo model 0.61 -> 0.33 ms, TinyLlama-1.1B's 1.09x, at 70 positions)."""
+    window (a compiled step of the 4-layer demo model 0.58 -> 0.32 ms, TinyLlama-1.1B's 1.09x, at 70 positions)."""
     B, H, _, hs = q.shape
     G = k.size(1)
     grouped = q.reshape(B, G, H // G, hs)  # query head h reads group h // (H/G)
