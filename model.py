@@ -357,20 +357,25 @@ class CausalSelfAttention(nn.Module):
 
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                         scale: float) -> torch.Tensor:
-    """SDPA's result for one query per row (a decode step), q (B, heads, 1, hs), k and v (B, groups, S, hs), mask
-    (B or 1, 1, 1, S) bool, with the softmax in fp32: for bf16 on the CPU, where SDPA's flash kernel takes 3.5 ms for
-    one query over 2048 slots of TinyLlama's 32 heads (1.1 ms for two queries, 0.24 ms as two matmuls;
-    bench/RESULTS.md). Eagerly two small matmuls; compiled, products and sums in fp32, which inductor fuses into loops
-    reading the cache where it lies, where the matmuls of grouped heads compile to bmm calls on copies of the cache's
-    window (a compiled step of the 4-layer demo model 0.58 -> 0.32 ms, TinyLlama-1.1B's 1.09x, at 70 positions)."""
+    """SDPA's result for one query per row (a decode step), q (B, heads, 1, hs), k and v (B, groups, S, hs), mask (B or
+    1, 1, 1, S) bool, with the softmax in fp32: for bf16 on the CPU, where SDPA's flash kernel takes 3.5 ms for one
+    query over 2048 slots of TinyLlama's 32 heads (1.1 ms for two queries, 0.24 ms as two matmuls; bench/RESULTS.md).
+    Eagerly two small matmuls, the keys first where they are the window of a longer cache: aten's CPU bmm copies such a
+    window where it reads it transposed (an eager AMD-Llama-135m int8 step 1.26x / 1.41x faster at 1,000 / 2,000 of
+    2,048 slots), while over a whole cache the keys first are slower (0.89x). Compiled, products and sums in fp32, which
+    inductor fuses into loops reading the cache where it lies, where the matmuls of grouped heads compile to bmm calls
+    on copies of the cache's window (a compiled step of the 4-layer demo model 0.58 -> 0.32 ms, TinyLlama-1.1B's 1.09x,
+    at 70 positions)."""
     B, H, _, hs = q.shape
     G = k.size(1)
     grouped = q.reshape(B, G, H // G, hs)  # query head h reads group h // (H/G)
     compiling = torch.compiler.is_compiling()
     if compiling:
         scores = (grouped[..., None, :].float() * k[:, :, None].float()).sum(-1)
-    else:
+    elif k.is_contiguous():
         scores = (grouped @ k.transpose(-1, -2)).float()
+    else:
+        scores = (k @ grouped.transpose(-1, -2)).transpose(-1, -2).float()
     weights = (scores * scale).masked_fill(~mask.reshape(mask.size(0), 1, 1, -1), float("-inf")).softmax(-1)
     if compiling:
         return (weights[..., None] * v[:, :, None].float()).sum(-2).to(v.dtype).reshape(B, H, 1, hs)

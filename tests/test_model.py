@@ -402,22 +402,26 @@ def test_mlp_matches_reference():
 
 @pytest.mark.parametrize("heads, groups", [(8, 2), (4, 4)])
 def test_one_query_attention_is_sdpa_for_a_decode_step(heads, groups, monkeypatch):
-    """bf16 decode steps on the CPU take one_query_attention instead of SDPA: the same attention (float64 SDPA on
-    the same bf16 inputs as the reference), eager (matmuls) and compiled (products and sums), for per-row masks (rows
-    at different positions) and for one shared mask; and a bf16 model's cached one-token step reaches it, giving the
-    float64 model's logits within bf16's precision."""
+    """bf16 decode steps on the CPU take one_query_attention instead of SDPA: the same attention (float64 SDPA on the
+    same bf16 inputs as the reference), eager (matmuls, over a whole cache and over the window of a longer one) and
+    compiled (products and sums), for per-row masks (rows at different positions) and for one shared mask; and a bf16
+    model's cached one-token step reaches it, giving the float64 model's logits within bf16's precision."""
     torch.manual_seed(0)
     B, S, hs = 3, 40, 16
     q = torch.randn(B, heads, 1, hs).bfloat16()
     k, v = torch.randn(B, groups, S, hs).bfloat16(), torch.randn(B, groups, S, hs).bfloat16()
+    cache = torch.randn(2, B, groups, S + 8, hs).bfloat16()
+    cache[..., :S, :] = torch.stack([k, v])  # the same keys and values as the window of a longer cache
+    window = cache.narrow(-2, 0, S)
     positions = torch.tensor([5, 17, 39])
     torch._dynamo.reset()
     compiled = torch.compile(model_module.one_query_attention, fullgraph=True, dynamic=False)
     for mask in ((torch.arange(S) <= positions[:, None]).view(B, 1, 1, S), (torch.arange(S) <= 9).view(1, 1, 1, S)):
         expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=0.25,
                                                   enable_gqa=heads != groups)
-        for attention in (model_module.one_query_attention, compiled):
-            got = attention(q, k, v, mask, 0.25)
+        for attention, keys, values in ((model_module.one_query_attention, k, v),
+                                        (model_module.one_query_attention, *window), (compiled, k, v)):
+            got = attention(q, keys, values, mask, 0.25)
             assert got.dtype == torch.bfloat16
             torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=2e-2)
     torch._dynamo.reset()
